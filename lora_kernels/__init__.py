@@ -1,0 +1,14 @@
+"""lora_kernels: fused LoRA for PyTorch.
+
+    y = x @ W.T + b + scale * (dropout(x) @ A.T) @ B.T    x [..., K], W [N, K], A [r, K], B [N, r]
+
+`lora_linear` is the fused op (Triton on CUDA, PyTorch elsewhere; LORA_KERNELS_BACKEND=torch|triton
+forces one). `dropout_mask` / `dropout_seed` reproduce the in-kernel dropout mask for checks.
+"""
+from .ops.dropout import dropout_mask
+from .ops.dropout import draw_seed as dropout_seed
+from .ops.lora_linear import dispatch_reason, lora_linear
+
+__version__ = "0.1.0"
+
+__all__ = ["lora_linear", "dropout_mask", "dropout_seed", "dispatch_reason", "__version__"]

@@ -1,0 +1,1 @@
+"""Registered torch ops (one file per op): the fused LoRA linear and the multi-adapter LoRA."""

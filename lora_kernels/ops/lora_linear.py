@@ -1,0 +1,572 @@
+"""Fused LoRA linear: forward and backward with the dropout mask regenerated, never stored.
+
+    y = x @ W.T + b + s * (drop(x) @ A.T) @ B.T
+        x [M, K] (leading dims flattened), W [N, K] frozen, b [N] or None, A [r, K], B [N, r], s = scale
+
+Forward (three launches, one pass over x, no [M, K] intermediate):
+    S = drop(x) @ A.T                 [M, r] fp32    shrink kernel: reads x once, dropout in registers
+    y = s * S @ B.T + b               [M, N]         expand kernel: writes y once
+    y += x @ W.T                                     cuBLAS GEMM with beta = 1 (accumulates into y)
+Forward keeps for backward: x (a reference, no copy), S [M, r] fp32 and the seed: M * r * 4 bytes.
+
+Backward, with mask = keep / (1 - p) regenerated from the seed (see dropout.py):
+    G  = dy @ B                                       [M, r]  fp32   \\ one pass over dy (dy-pass kernel)
+    dB = s * dy.T @ S                                 [N, r]         /
+    dA = s * G.T @ drop(x)                            [r, K]         \\ one pass over x  (x-pass kernel),
+    dx = s * (G @ A) * mask   (+)   dy @ W            [M, K]         / then cuBLAS dy @ W with beta = 1
+    dW = dy.T @ x (cuBLAS, only if W requires grad)   db = dy.sum(0) (only if b requires grad)
+
+Why cuBLAS keeps the base GEMM: the GEMM is ~98% of the FLOPs (r / K = 0.4% extra at r = 16,
+K = 4096) and cuBLAS runs it at ~800 TFLOP/s on an H100, where a plain Triton bf16 GEMM reached
+~580 (72%). Everything else rides on passes over memory that the LoRA term needs anyway.
+
+Precision: the LoRA products use tensor-core dots in the adapter dtype (bf16/fp16 operands, fp32
+accumulation); with fp32 adapters on 16-bit activations they run as TF32, with fp32 activations as
+full fp32 (`input_precision="ieee"`). S and G are kept in fp32. The base GEMM follows torch's own
+matmul settings (TF32 for fp32 only if torch.backends.cuda.matmul allows it).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .. import _backend
+from .dropout import PHILOX_ROUNDS, draw_seed, dropout_mask, keep_threshold
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except Exception:  # no triton: the PyTorch path serves every call
+    HAS_TRITON = False
+
+MAX_TRITON_RANK = 256  # BLOCK_R = 256 keeps the [BLOCK_M, BLOCK_R] fp32 accumulators in registers
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ================================================================================================
+# configs
+# ================================================================================================
+@dataclass(frozen=True)
+class _Cfg:
+    block_a: int  # rows (M) of a tile
+    block_b: int  # the streamed dimension's tile (K or N)
+    num_warps: int
+    num_stages: int
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _block_r(r: int) -> int:
+    return max(16, _next_pow2(r))  # tl.dot needs every dimension >= 16
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _programs_wanted(device: torch.device) -> int:
+    """Programs that fill the GPU for a memory-bound pass: ~4 per SM (132 SMs on an H100)."""
+    if device.type != "cuda":
+        return 4  # interpreter: as few programs as possible, it runs them one by one
+    return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _split(n_blocks_other: int, n_blocks_streamed: int, device: torch.device) -> int:
+    """How many pieces to cut the streamed dimension into so that the grid fills the GPU."""
+    want = math.ceil(_programs_wanted(device) / max(1, n_blocks_other))
+    return max(1, min(n_blocks_streamed, want))
+
+
+def _shrink_cfg(M: int, R: int) -> _Cfg:
+    # [BM, BR] fp32 accumulator + a [BM, BK] x tile: BM=64, BK=128 at r <= 64; halve BK past that.
+    block_k = 128 if R <= 64 else 64
+    block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
+    return _Cfg(block_m, block_k, num_warps=4, num_stages=3)
+
+
+def _expand_cfg(M: int, R: int) -> _Cfg:
+    block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
+    return _Cfg(block_m, 128, num_warps=4, num_stages=2)
+
+
+def _dy_cfg(M: int, R: int) -> _Cfg:
+    block_n = 128 if R <= 64 else 64
+    block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
+    return _Cfg(block_m, block_n, num_warps=4, num_stages=3)
+
+
+def _x_cfg(M: int, R: int) -> _Cfg:
+    block_k = 128 if R <= 64 else 64
+    block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
+    return _Cfg(block_m, block_k, num_warps=4, num_stages=3)
+
+
+def _dot_precision(x_dtype: torch.dtype, adapter_dtype: torch.dtype) -> str:
+    # fp32 activations: full fp32 FMA dots (what an fp32 user expects); fp32 adapters on 16-bit
+    # activations: TF32 (exact for the bf16/fp16 x operand, 10-bit mantissa for A and B).
+    if adapter_dtype != torch.float32:
+        return "tf32"  # unused for 16-bit operands
+    return "ieee" if x_dtype == torch.float32 else "tf32"
+
+
+# ================================================================================================
+# kernels
+# ================================================================================================
+if HAS_TRITON:
+
+    @triton.jit
+    def _keep_mask(seed, rows, k0, keep_thr, BLOCK_K: tl.constexpr):
+        """keep[BM, BLOCK_K] for int64 `rows` and columns k0 .. k0 + BLOCK_K - 1 (k0 % 4 == 0)."""
+        groups = (k0 // 4 + tl.arange(0, BLOCK_K // 4)).to(tl.uint32)  # [BK/4]
+        c0 = groups[None, :] + tl.zeros_like(rows)[:, None].to(tl.uint32)  # [BM, BK/4]
+        c1 = (rows & 0xFFFFFFFF).to(tl.uint32)[:, None]  # [BM, 1]: broadcast by Philox's rounds
+        c2 = (rows >> 32).to(tl.uint32)[:, None]
+        c3 = tl.zeros_like(c1)
+        r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c3, PHILOX_ROUNDS)
+        bits = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))  # column 4 g + j <- r_j
+        return (bits >> 1).to(tl.int32) >= keep_thr
+
+    @triton.jit
+    def _lora_shrink_kernel(
+        x_ptr, a_ptr, s_ptr, seed_ptr,  # x [M, K], A [R, K], S partials [SPLIT, M, R] fp32, seed [1]
+        M, K, R, K_PER_SPLIT,
+        stride_xm, stride_xk, stride_ar, stride_ak,
+        keep_thr, inv_keep,
+        HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        """S[split] = drop(x[:, k-range]) @ A[:, k-range].T; one [BLOCK_M, R] tile per program."""
+        pid_m = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_r = tl.arange(0, BLOCK_R)
+        row_ok = rows < M
+        r_ok = offs_r < R
+        if HAS_DROPOUT:
+            seed = tl.load(seed_ptr)
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        # K_PER_SPLIT is a multiple of BLOCK_K; only the last split's blocks run past K (masked)
+        for i in range(0, K_PER_SPLIT // BLOCK_K):
+            k0 = pid_s * K_PER_SPLIT + i * BLOCK_K
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < K
+            x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk,
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            if HAS_DROPOUT:
+                x = tl.where(_keep_mask(seed, rows, k0, keep_thr, BLOCK_K), x, 0.0)
+            a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :].to(tl.int64) * stride_ak,
+                        mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+            acc = tl.dot(x.to(a.dtype), tl.trans(a), acc, input_precision=DOT_PRECISION)
+        if HAS_DROPOUT:
+            acc = acc * inv_keep
+        s_ptrs = s_ptr + pid_s.to(tl.int64) * M * R + rows[:, None] * R + offs_r[None, :]
+        tl.store(s_ptrs, acc, mask=row_ok[:, None] & r_ok[None, :])
+
+    @triton.jit
+    def _lora_expand_kernel(
+        s_ptr, b_ptr, bias_ptr, y_ptr,  # S [M, R] fp32, B [N, R], bias [N], y [M, N]
+        M, N, R,
+        stride_bn, stride_br, stride_ym, stride_yn,
+        scale,
+        HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        """y[tile] = scale * S[rows] @ B[cols].T + bias[cols], written once in y's dtype."""
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_r = tl.arange(0, BLOCK_R)
+        row_ok = rows < M
+        col_ok = cols < N
+        r_ok = offs_r < R
+        s = tl.load(s_ptr + rows[:, None] * R + offs_r[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+        b = tl.load(b_ptr + cols[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                    mask=col_ok[:, None] & r_ok[None, :], other=0.0)
+        acc = tl.dot(s.to(b.dtype), tl.trans(b), input_precision=DOT_PRECISION) * scale
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn,
+                 acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+    @triton.jit
+    def _lora_bwd_dy_kernel(
+        dy_ptr, b_ptr, s_ptr, g_ptr, db_ptr,  # dy [M, N], B [N, R], S [M, R] f32, G parts [SPLIT, M, R] f32, dB [N, R] f32
+        M, N, R, N_PER_SPLIT,
+        stride_dym, stride_dyn, stride_bn, stride_br,
+        scale,
+        COMPUTE_DB: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        """One pass over dy: G[split] = dy[:, n-range] @ B[n-range]; dB[n-range] += s * dy.T @ S.
+
+        dB is a sum over every row block, so programs add into it atomically (fp32); each program
+        starts its sweep over N at a different block so that concurrent adds land on different rows.
+        """
+        pid_m = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_r = tl.arange(0, BLOCK_R)
+        row_ok = rows < M
+        r_ok = offs_r < R
+        if COMPUTE_DB:
+            s = tl.load(s_ptr + rows[:, None] * R + offs_r[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+            s = s.to(b_ptr.dtype.element_ty)
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        n_begin = pid_s * N_PER_SPLIT  # N_PER_SPLIT is a multiple of BLOCK_N; only the last split runs past N
+        n_blocks = N_PER_SPLIT // BLOCK_N
+        for i in range(0, n_blocks):
+            cols = n_begin + ((i + pid_m) % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+            cols = cols.to(tl.int64)
+            col_ok = cols < N
+            dy = tl.load(dy_ptr + rows[:, None] * stride_dym + cols[None, :] * stride_dyn,
+                         mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            dy = dy.to(b_ptr.dtype.element_ty)
+            b = tl.load(b_ptr + cols[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                        mask=col_ok[:, None] & r_ok[None, :], other=0.0)
+            acc = tl.dot(dy, b, acc, input_precision=DOT_PRECISION)
+            if COMPUTE_DB:
+                db = tl.dot(tl.trans(dy), s, input_precision=DOT_PRECISION) * scale  # [BN, BR]
+                tl.atomic_add(db_ptr + cols[:, None] * R + offs_r[None, :], db,
+                              mask=col_ok[:, None] & r_ok[None, :], sem="relaxed")
+        g_ptrs = g_ptr + pid_s.to(tl.int64) * M * R + rows[:, None] * R + offs_r[None, :]
+        tl.store(g_ptrs, acc, mask=row_ok[:, None] & r_ok[None, :])
+
+    @triton.jit
+    def _lora_bwd_x_kernel(
+        x_ptr, a_ptr, g_ptr, seed_ptr, dx_ptr, da_ptr,  # x [M, K], A [R, K], G [M, R] f32, dx [M, K], dA parts [SPLIT, R, K] f32
+        M, K, R, M_PER_SPLIT,
+        stride_xm, stride_xk, stride_ar, stride_ak, stride_dxm, stride_dxk,
+        keep_thr, coef,  # coef = s / (1 - p)
+        HAS_DROPOUT: tl.constexpr, WRITE_DX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        """One pass over x for a [M-range, BLOCK_K] strip:
+        dA[split][:, cols] = coef * G.T @ (x * keep);   dx[:, cols] = coef * (G @ A[:, cols]) * keep.
+        """
+        pid_k = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        k0 = pid_k * BLOCK_K
+        cols = k0 + tl.arange(0, BLOCK_K)
+        offs_r = tl.arange(0, BLOCK_R)
+        col_ok = cols < K
+        r_ok = offs_r < R
+        a = tl.load(a_ptr + offs_r[:, None] * stride_ar + cols[None, :].to(tl.int64) * stride_ak,
+                    mask=r_ok[:, None] & col_ok[None, :], other=0.0)
+        if HAS_DROPOUT:
+            seed = tl.load(seed_ptr)
+        da = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+        # M_PER_SPLIT is a multiple of BLOCK_M; only the last split's blocks run past M (masked)
+        for i in range(0, M_PER_SPLIT // BLOCK_M):
+            rows = pid_s.to(tl.int64) * M_PER_SPLIT + i * BLOCK_M + tl.arange(0, BLOCK_M)
+            row_ok = rows < M
+            g = tl.load(g_ptr + rows[:, None] * R + offs_r[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+            g = g.to(a.dtype)
+            x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :].to(tl.int64) * stride_xk,
+                        mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            if HAS_DROPOUT:
+                keep = _keep_mask(seed, rows, k0, keep_thr, BLOCK_K)
+                x = tl.where(keep, x, 0.0)
+            da = tl.dot(tl.trans(g), x.to(a.dtype), da, input_precision=DOT_PRECISION)
+            if WRITE_DX:
+                dx = tl.dot(g, a, input_precision=DOT_PRECISION) * coef
+                if HAS_DROPOUT:
+                    dx = tl.where(keep, dx, 0.0)
+                tl.store(dx_ptr + rows[:, None] * stride_dxm + cols[None, :].to(tl.int64) * stride_dxk,
+                         dx.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+        da_ptrs = da_ptr + pid_s.to(tl.int64) * R * K + offs_r[:, None] * K + cols[None, :]
+        tl.store(da_ptrs, da * coef, mask=r_ok[:, None] & col_ok[None, :])
+
+
+# ================================================================================================
+# launchers
+# ================================================================================================
+def _launch(kernel, grid, *args, **meta):
+    """Launch through torch.library.wrap_triton so torch.compile sees the kernel."""
+    if grid[0] == 0 or grid[1] == 0:
+        return
+    torch.library.wrap_triton(kernel)[grid](*args, **meta)
+
+
+def _shrink(x: torch.Tensor, A: torch.Tensor, p: float, seed: torch.Tensor | None) -> torch.Tensor:
+    """S = drop(x) @ A.T -> [M, R] fp32."""
+    M, K = x.shape
+    R = A.shape[0]
+    cfg = _shrink_cfg(M, R)
+    n_m = triton.cdiv(M, cfg.block_a)
+    split = _split(n_m, triton.cdiv(K, cfg.block_b), x.device)  # decode: few rows, cut K instead
+    k_per_split = triton.cdiv(triton.cdiv(K, split), cfg.block_b) * cfg.block_b
+    split = triton.cdiv(K, k_per_split)
+    parts = torch.empty((split, M, R), dtype=torch.float32, device=x.device)
+    _launch(_lora_shrink_kernel, (n_m, split),
+            x, A, parts, seed if seed is not None else parts,
+            M, K, R, k_per_split,
+            x.stride(0), x.stride(1), A.stride(0), A.stride(1),
+            keep_threshold(p), 1.0 / (1.0 - p),
+            HAS_DROPOUT=p > 0, DOT_PRECISION=_dot_precision(x.dtype, A.dtype),
+            BLOCK_M=cfg.block_a, BLOCK_K=cfg.block_b, BLOCK_R=_block_r(R),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return parts[0] if split == 1 else parts.sum(0)
+
+
+def _fwd_triton(x, weight, A, B, scale, bias, p, seed):
+    M, K = x.shape
+    N, R = weight.shape[0], A.shape[0]
+    S = _shrink(x, A, p, seed)
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    cfg = _expand_cfg(M, R)
+    _launch(_lora_expand_kernel, (triton.cdiv(M, cfg.block_a), triton.cdiv(N, cfg.block_b)),
+            S, B, bias if bias is not None else y, y,
+            M, N, R,
+            B.stride(0), B.stride(1), y.stride(0), y.stride(1),
+            scale,
+            HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(x.dtype, B.dtype),
+            BLOCK_M=cfg.block_a, BLOCK_N=cfg.block_b, BLOCK_R=_block_r(R),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    y.addmm_(x, weight.t())  # cuBLAS with beta = 1: y = x @ W.T + (s * S @ B.T + b)
+    return y, S
+
+
+def _bwd_triton(dy, x, weight, A, B, S, seed, scale, p, need_dx):
+    M, K = x.shape
+    N, R = weight.shape[0], A.shape[0]
+    BR = _block_r(R)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    prec = _dot_precision(x.dtype, A.dtype)
+
+    # pass over dy: G = dy @ B, and dB = s * dy.T @ S by fp32 atomics (or by cuBLAS, deterministic)
+    cfg = _dy_cfg(M, R)
+    n_m = triton.cdiv(M, cfg.block_a)
+    split = _split(n_m, triton.cdiv(N, cfg.block_b), dy.device)
+    n_per_split = triton.cdiv(triton.cdiv(N, split), cfg.block_b) * cfg.block_b
+    split = triton.cdiv(N, n_per_split)
+    g_parts = torch.empty((split, M, R), dtype=torch.float32, device=dy.device)
+    db = torch.zeros((N, R), dtype=torch.float32, device=dy.device) if not deterministic else g_parts
+    _launch(_lora_bwd_dy_kernel, (n_m, split),
+            dy, B, S, g_parts, db,
+            M, N, R, n_per_split,
+            dy.stride(0), dy.stride(1), B.stride(0), B.stride(1),
+            scale,
+            COMPUTE_DB=not deterministic, DOT_PRECISION=prec,
+            BLOCK_M=cfg.block_a, BLOCK_N=cfg.block_b, BLOCK_R=BR,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    G = g_parts[0] if split == 1 else g_parts.sum(0)
+    if deterministic:
+        db = torch.mm(dy.t().to(torch.float32), S).mul_(scale)
+
+    # pass over x: dA = s/(1-p) * G.T @ (x * keep), dx_lora = s/(1-p) * (G @ A) * keep
+    cfg = _x_cfg(M, R)
+    n_k = triton.cdiv(K, cfg.block_b)
+    split = _split(n_k, triton.cdiv(M, cfg.block_a), x.device)
+    m_per_split = triton.cdiv(triton.cdiv(max(M, 1), split), cfg.block_a) * cfg.block_a
+    split = max(1, triton.cdiv(M, m_per_split))
+    da_parts = torch.zeros((split, R, K), dtype=torch.float32, device=x.device) if M == 0 else \
+        torch.empty((split, R, K), dtype=torch.float32, device=x.device)
+    dx = torch.empty((M, K), dtype=x.dtype, device=x.device) if need_dx else da_parts
+    _launch(_lora_bwd_x_kernel, (n_k, split if M > 0 else 0),
+            x, A, G, seed if seed is not None else G, dx, da_parts,
+            M, K, R, m_per_split,
+            x.stride(0), x.stride(1), A.stride(0), A.stride(1), dx.stride(0), dx.stride(1),
+            keep_threshold(p), scale / (1.0 - p),
+            HAS_DROPOUT=p > 0, WRITE_DX=need_dx, DOT_PRECISION=prec,
+            BLOCK_M=cfg.block_a, BLOCK_K=cfg.block_b, BLOCK_R=BR,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    dA = (da_parts[0] if split == 1 else da_parts.sum(0)).to(A.dtype)
+    if need_dx:
+        dx.addmm_(dy, weight)  # cuBLAS with beta = 1: dx = dy @ W + dx_lora
+    else:
+        dx = x.new_empty(0)
+    return dx, dA, db.to(B.dtype)
+
+
+def _masked_x(x, p, seed):
+    """drop(x) in fp32, with the kernels' mask (PyTorch path)."""
+    xf = x.to(torch.float32)
+    if p > 0:
+        xf = xf * dropout_mask(seed, x.shape[0], x.shape[1], p, device=x.device) * (1.0 / (1.0 - p))
+    return xf
+
+
+def _fwd_torch(x, weight, A, B, scale, bias, p, seed):
+    S = _masked_x(x, p, seed) @ A.to(torch.float32).t()  # [M, r] fp32
+    lora = (S @ B.to(torch.float32).t()) * scale
+    y = torch.nn.functional.linear(x, weight, bias) + lora.to(x.dtype)
+    return y, S
+
+
+def _bwd_torch(dy, x, weight, A, B, S, seed, scale, p, need_dx):
+    dyf = dy.to(torch.float32)
+    G = dyf @ B.to(torch.float32)  # [M, r]
+    dB = (dyf.t() @ S) * scale
+    dA = (G.t() @ _masked_x(x, p, seed)) * scale
+    if need_dx:
+        lora = (G @ A.to(torch.float32)) * scale
+        if p > 0:
+            lora = lora * dropout_mask(seed, x.shape[0], x.shape[1], p, device=x.device) * (1.0 / (1.0 - p))
+        dx = (dy @ weight + lora.to(dy.dtype)).to(x.dtype)
+    else:
+        dx = x.new_empty(0)
+    return dx, dA.to(A.dtype), dB.to(B.dtype)
+
+
+def _use_triton(x: torch.Tensor, K: int, N: int, R: int) -> bool:
+    backend, _ = _backend.choose(x.device)
+    return backend == "triton" and R <= MAX_TRITON_RANK and K > 0 and N > 0
+
+
+# ================================================================================================
+# op registration and autograd
+# ================================================================================================
+_register_op = torch.library.triton_op if HAS_TRITON else torch.library.custom_op
+
+
+@_register_op("lora_kernels::lora_linear", mutates_args=())
+def _lora_linear_op(
+    x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float,
+    bias: torch.Tensor | None, dropout_p: float, seed: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y [M, N], S = drop(x) @ A.T [M, r] fp32) for 2-D x; see the module docstring."""
+    if _use_triton(x, x.shape[1], weight.shape[0], lora_A.shape[0]):
+        return _fwd_triton(x, weight, lora_A, lora_B, scale, bias, dropout_p, seed)
+    return _fwd_torch(x, weight, lora_A, lora_B, scale, bias, dropout_p, seed)
+
+
+@_register_op("lora_kernels::lora_linear_backward", mutates_args=())
+def _lora_linear_backward_op(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+    s_lora: torch.Tensor, seed: torch.Tensor | None, scale: float, dropout_p: float, need_dx: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx [M, K] or empty when not need_dx, dA [r, K], dB [N, r]) of the LoRA linear."""
+    if _use_triton(x, x.shape[1], weight.shape[0], lora_A.shape[0]):
+        return _bwd_triton(dy, x, weight, lora_A, lora_B, s_lora, seed, scale, dropout_p, need_dx)
+    return _bwd_torch(dy, x, weight, lora_A, lora_B, s_lora, seed, scale, dropout_p, need_dx)
+
+
+if not HAS_TRITON:  # custom_op needs its fake kernels spelled out; triton_op traces the function
+    @_lora_linear_op.register_fake
+    def _(x, weight, lora_A, lora_B, scale, bias, dropout_p, seed):
+        return (x.new_empty((x.shape[0], weight.shape[0])),
+                x.new_empty((x.shape[0], lora_A.shape[0]), dtype=torch.float32))
+
+    @_lora_linear_backward_op.register_fake
+    def _(dy, x, weight, lora_A, lora_B, s_lora, seed, scale, dropout_p, need_dx):
+        return (x.new_empty(x.shape if need_dx else (0,)), torch.empty_like(lora_A), torch.empty_like(lora_B))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, lora_A, lora_B, scale, bias, dropout_p, seed = inputs
+    _, s_lora = output
+    ctx.mark_non_differentiable(s_lora)
+    ctx.save_for_backward(x, weight, lora_A, lora_B, s_lora, seed)
+    ctx.scale, ctx.dropout_p = scale, dropout_p
+
+
+def _backward(ctx, dy, _ds_lora):
+    x, weight, lora_A, lora_B, s_lora, seed = ctx.saved_tensors
+    need_x, need_w, need_a, need_b, _, need_bias, _, _ = ctx.needs_input_grad
+    dx = d_a = d_b = d_w = d_bias = None
+    if need_x or need_a or need_b:
+        dx, d_a, d_b = _lora_linear_backward_op(dy, x, weight, lora_A, lora_B, s_lora, seed,
+                                                ctx.scale, ctx.dropout_p, need_x)
+        dx = dx if need_x else None
+    if need_w:
+        d_w = dy.t().mm(x.to(dy.dtype))  # [N, K]
+    if need_bias:
+        d_bias = dy.sum(0)
+    return dx, d_w, d_a if need_a else None, d_b if need_b else None, None, d_bias, None, None
+
+
+_lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ================================================================================================
+# functional API
+# ================================================================================================
+def _check_inputs(x, weight, lora_A, lora_B, scale, bias, dropout_p) -> None:
+    for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"lora_linear: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"lora_linear: bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if isinstance(scale, torch.Tensor) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise TypeError(f"lora_linear: scale must be a finite Python number, got {scale!r}")
+    if isinstance(dropout_p, torch.Tensor) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"lora_linear: dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    if x.dim() < 1:
+        raise ValueError("lora_linear: x must have at least one dimension [..., K], got a scalar")
+    if weight.dim() != 2:
+        raise ValueError(f"lora_linear: weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
+    N, K = weight.shape
+    if x.shape[-1] != K:
+        raise ValueError(f"lora_linear: x has {x.shape[-1]} features (last dim) but weight is [N, K] = "
+                         f"{tuple(weight.shape)}; expected x.shape[-1] == {K}")
+    if lora_A.dim() != 2 or lora_B.dim() != 2:
+        raise ValueError(f"lora_linear: lora_A must be 2-D [r, K] and lora_B 2-D [N, r], got "
+                         f"{tuple(lora_A.shape)} and {tuple(lora_B.shape)}")
+    r = lora_A.shape[0]
+    if r == 0:
+        raise ValueError("lora_linear: rank r = lora_A.shape[0] is 0; LoRA needs r >= 1")
+    if lora_A.shape[1] != K:
+        raise ValueError(f"lora_linear: lora_A is {tuple(lora_A.shape)} but must be [r, K] with K = {K} "
+                         "(the in_features of weight)")
+    if tuple(lora_B.shape) != (N, r):
+        raise ValueError(f"lora_linear: lora_B is {tuple(lora_B.shape)} but must be [N, r] = ({N}, {r}) "
+                         f"(N = out_features of weight, r = lora_A.shape[0])")
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"lora_linear: bias is {tuple(bias.shape)} but must be [N] = ({N},)")
+    devices = {t.device for t in (x, weight, lora_A, lora_B) + ((bias,) if bias is not None else ())}
+    if len(devices) > 1:
+        raise ValueError(f"lora_linear: all tensors must be on one device, got {sorted(map(str, devices))}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"lora_linear: x must be float16, bfloat16 or float32, got {x.dtype}")
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise TypeError(f"lora_linear: weight{' and bias' if bias is not None else ''} must have x's dtype "
+                        f"{x.dtype}, got {weight.dtype}{'' if bias is None else ' and ' + str(bias.dtype)}")
+    if lora_A.dtype != lora_B.dtype or lora_A.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"lora_linear: lora_A and lora_B must share one dtype, either x's ({x.dtype}) or "
+                        f"float32, got {lora_A.dtype} and {lora_B.dtype}")
+
+
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                scale: float, bias: torch.Tensor | None = None, dropout_p: float = 0.0, *,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """y = x @ weight.T + bias + scale * (dropout(x, dropout_p) @ lora_A.T) @ lora_B.T
+
+    x [..., K], weight [N, K], lora_A [r, K], lora_B [N, r], bias [N] or None -> y [..., N].
+    `scale` is alpha / r (or alpha / sqrt(r) for rsLoRA). Dropout touches the LoRA path only, is
+    applied whenever dropout_p > 0 (the caller decides training vs eval), and draws its seed from
+    `generator` or torch's default generator for x's device. Gradients flow to x, lora_A, lora_B,
+    and to weight and bias when they require grad.
+
+    dtypes: x, weight and bias share float16, bfloat16 or float32; lora_A and lora_B are x's dtype or
+    float32 (PEFT's default keeps adapters in float32). Under torch.autocast, x, weight and bias
+    are cast to the autocast dtype first, as F.linear would be.
+    """
+    _check_inputs(x, weight, lora_A, lora_B, scale, bias, dropout_p)
+    if torch.is_autocast_enabled(x.device.type):
+        dt = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dt), weight.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+        if lora_A.dtype != torch.float32:
+            lora_A, lora_B = lora_A.to(dt), lora_B.to(dt)
+        with torch.autocast(x.device.type, enabled=False):
+            return lora_linear(x, weight, lora_A, lora_B, scale, bias, dropout_p, generator=generator)
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, x.shape[-1])
+    seed = draw_seed(x.device, generator) if dropout_p > 0 else None
+    y, _ = _lora_linear_op(x2d, weight, lora_A, lora_B, float(scale), bias, float(dropout_p), seed)
+    return y.reshape(*lead, weight.shape[0])
+
+
+def dispatch_reason(x: torch.Tensor, lora_A: torch.Tensor) -> tuple[str, str]:
+    """(backend, reason) that `lora_linear` would use for these tensors: the visible decision."""
+    backend, reason = _backend.choose(x.device)
+    if backend == "triton" and lora_A.shape[0] > MAX_TRITON_RANK:
+        return "torch", f"rank {lora_A.shape[0]} > {MAX_TRITON_RANK}, the largest the Triton kernels take"
+    return backend, reason
