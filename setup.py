@@ -11,7 +11,7 @@ setup(
     version="0.1.0",
     description="Fused LoRA kernels for PyTorch: one-pass forward/backward with in-kernel dropout, "
     "multi-adapter batches, and a drop-in patch for Hugging Face and PEFT models.",
-    packages=["lora_kernels", "lora_kernels.ops", "lora_kernels._csrc"],
+    packages=["lora_kernels", "lora_kernels.ops", "lora_kernels._bench", "lora_kernels._csrc"],
     package_dir={"lora_kernels._csrc": "csrc"},
     package_data={"lora_kernels._csrc": ["*.cpp", "*.cu", "*.cuh", "*.h"]},
     python_requires=">=3.10",

@@ -8,7 +8,12 @@ forces one). `dropout_mask` / `dropout_seed` reproduce the in-kernel dropout mas
 from .ops.dropout import dropout_mask
 from .ops.dropout import draw_seed as dropout_seed
 from .ops.lora_linear import dispatch_reason, lora_linear
+from .ops.multi_lora import multi_lora, multi_lora_linear
 
 __version__ = "0.1.0"
 
-__all__ = ["lora_linear", "dropout_mask", "dropout_seed", "dispatch_reason", "__version__"]
+__all__ = [
+    "lora_linear", "dropout_mask", "dropout_seed", "dispatch_reason",
+    "multi_lora", "multi_lora_linear",
+    "__version__",
+]

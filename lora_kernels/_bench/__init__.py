@@ -1,0 +1,45 @@
+"""Benchmark report behind `python -m lora_kernels bench`.
+
+Each module here (linear, multi, e2e) exposes `run(quick: bool) -> list[Row]`. Rows carry GPU
+times (median of CUDA-event timings through triton.testing.do_bench) and a ratio to the baseline
+measured in the same run. The pytest-benchmark suite in benchmarks/ times the same callables.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+
+MODULES = ("linear", "multi", "e2e")
+
+
+@dataclass
+class Row:
+    bench: str  # which report: "linear", "multi", "e2e"
+    case: str  # the shape / setting, e.g. "8192x4096->4096 r16 p0.05 fwd"
+    impl: str  # "base", "fused", "naive", "peft", ...
+    ms: float | None  # median GPU time; None when not measured
+    ratio: float | None = None  # ms / baseline ms of the same case in the same run
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def gpu_time_ms(fn, warmup_ms: int = 25, rep_ms: int = 100) -> float:
+    """Median milliseconds of fn() on the current CUDA device (CUDA events, after warm-up)."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def load(name: str):
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def available() -> list[str]:
+    found = []
+    for name in MODULES:
+        try:
+            load(name)
+        except ModuleNotFoundError:
+            continue
+        found.append(name)
+    return found
