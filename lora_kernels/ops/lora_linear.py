@@ -294,11 +294,11 @@ def _launch(kernel, grid, *args, **meta):
     torch.library.wrap_triton(kernel)[grid](*args, **meta)
 
 
-def _shrink(x: torch.Tensor, A: torch.Tensor, p: float, seed: torch.Tensor | None) -> torch.Tensor:
-    """S = drop(x) @ A.T -> [M, R] fp32."""
+def _shrink(x, A, p, seed, cfg: _Cfg | None = None) -> torch.Tensor:
+    """S = drop(x) @ A.T -> [M, R] fp32.   x [M, K], A [R, K]"""
     M, K = x.shape
     R = A.shape[0]
-    cfg = _shrink_cfg(M, R)
+    cfg = cfg or _shrink_cfg(M, R)
     n_m = triton.cdiv(M, cfg.block_a)
     split = _split(n_m, triton.cdiv(K, cfg.block_b), x.device)  # decode: few rows, cut K instead
     k_per_split = triton.cdiv(triton.cdiv(K, split), cfg.block_b) * cfg.block_b
@@ -315,74 +315,87 @@ def _shrink(x: torch.Tensor, A: torch.Tensor, p: float, seed: torch.Tensor | Non
     return parts[0] if split == 1 else parts.sum(0)
 
 
-def _fwd_triton(x, weight, A, B, scale, bias, p, seed):
-    M, K = x.shape
-    N, R = weight.shape[0], A.shape[0]
-    S = _shrink(x, A, p, seed)
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    cfg = _expand_cfg(M, R)
+def _expand(S, B, scale, bias, y, cfg: _Cfg | None = None) -> None:
+    """y = scale * S @ B.T + bias, written into y.   S [M, R] fp32, B [N, R], y [M, N]"""
+    M, N = y.shape
+    R = B.shape[1]
+    cfg = cfg or _expand_cfg(M, R)
     _launch(_lora_expand_kernel, (triton.cdiv(M, cfg.block_a), triton.cdiv(N, cfg.block_b)),
             S, B, bias if bias is not None else y, y,
             M, N, R,
             B.stride(0), B.stride(1), y.stride(0), y.stride(1),
             scale,
-            HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(x.dtype, B.dtype),
+            HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(y.dtype, B.dtype),
             BLOCK_M=cfg.block_a, BLOCK_N=cfg.block_b, BLOCK_R=_block_r(R),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    y.addmm_(x, weight.t())  # cuBLAS with beta = 1: y = x @ W.T + (s * S @ B.T + b)
-    return y, S
 
 
-def _bwd_triton(dy, x, weight, A, B, S, seed, scale, p, need_dx):
-    M, K = x.shape
-    N, R = weight.shape[0], A.shape[0]
-    BR = _block_r(R)
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    prec = _dot_precision(x.dtype, A.dtype)
-
-    # pass over dy: G = dy @ B, and dB = s * dy.T @ S by fp32 atomics (or by cuBLAS, deterministic)
-    cfg = _dy_cfg(M, R)
+def _bwd_dy(dy, B, S, scale, x_dtype, deterministic, cfg: _Cfg | None = None):
+    """One pass over dy -> (G = dy @ B [M, R] fp32, dB = scale * dy.T @ S [N, R] fp32)."""
+    M, N = dy.shape
+    R = B.shape[1]
+    cfg = cfg or _dy_cfg(M, R)
     n_m = triton.cdiv(M, cfg.block_a)
     split = _split(n_m, triton.cdiv(N, cfg.block_b), dy.device)
     n_per_split = triton.cdiv(triton.cdiv(N, split), cfg.block_b) * cfg.block_b
     split = triton.cdiv(N, n_per_split)
     g_parts = torch.empty((split, M, R), dtype=torch.float32, device=dy.device)
-    db = torch.zeros((N, R), dtype=torch.float32, device=dy.device) if not deterministic else g_parts
+    db = g_parts if deterministic else torch.zeros((N, R), dtype=torch.float32, device=dy.device)
     _launch(_lora_bwd_dy_kernel, (n_m, split),
             dy, B, S, g_parts, db,
             M, N, R, n_per_split,
             dy.stride(0), dy.stride(1), B.stride(0), B.stride(1),
             scale,
-            COMPUTE_DB=not deterministic, DOT_PRECISION=prec,
-            BLOCK_M=cfg.block_a, BLOCK_N=cfg.block_b, BLOCK_R=BR,
+            COMPUTE_DB=not deterministic, DOT_PRECISION=_dot_precision(x_dtype, B.dtype),
+            BLOCK_M=cfg.block_a, BLOCK_N=cfg.block_b, BLOCK_R=_block_r(R),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     G = g_parts[0] if split == 1 else g_parts.sum(0)
-    if deterministic:
+    if deterministic:  # no atomics: dB by one more (cuBLAS) read of dy
         db = torch.mm(dy.t().to(torch.float32), S).mul_(scale)
+    return G, db
 
-    # pass over x: dA = s/(1-p) * G.T @ (x * keep), dx_lora = s/(1-p) * (G @ A) * keep
-    cfg = _x_cfg(M, R)
+
+def _bwd_x(x, A, G, seed, scale, p, need_dx, cfg: _Cfg | None = None):
+    """One pass over x -> (dA = s/(1-p) * G.T @ (x*keep) [R, K] fp32,
+    dx_lora = s/(1-p) * (G @ A) * keep [M, K] in x's dtype, or None when not need_dx)."""
+    M, K = x.shape
+    R = A.shape[0]
+    cfg = cfg or _x_cfg(M, R)
     n_k = triton.cdiv(K, cfg.block_b)
     split = _split(n_k, triton.cdiv(M, cfg.block_a), x.device)
     m_per_split = triton.cdiv(triton.cdiv(max(M, 1), split), cfg.block_a) * cfg.block_a
     split = max(1, triton.cdiv(M, m_per_split))
-    da_parts = torch.zeros((split, R, K), dtype=torch.float32, device=x.device) if M == 0 else \
-        torch.empty((split, R, K), dtype=torch.float32, device=x.device)
-    dx = torch.empty((M, K), dtype=x.dtype, device=x.device) if need_dx else da_parts
+    alloc = torch.zeros if M == 0 else torch.empty
+    da_parts = alloc((split, R, K), dtype=torch.float32, device=x.device)
+    dx = torch.empty((M, K), dtype=x.dtype, device=x.device) if need_dx else None
     _launch(_lora_bwd_x_kernel, (n_k, split if M > 0 else 0),
-            x, A, G, seed if seed is not None else G, dx, da_parts,
+            x, A, G, seed if seed is not None else G, dx if need_dx else da_parts, da_parts,
             M, K, R, m_per_split,
-            x.stride(0), x.stride(1), A.stride(0), A.stride(1), dx.stride(0), dx.stride(1),
+            x.stride(0), x.stride(1), A.stride(0), A.stride(1),
+            dx.stride(0) if need_dx else 0, dx.stride(1) if need_dx else 0,
             keep_threshold(p), scale / (1.0 - p),
-            HAS_DROPOUT=p > 0, WRITE_DX=need_dx, DOT_PRECISION=prec,
-            BLOCK_M=cfg.block_a, BLOCK_K=cfg.block_b, BLOCK_R=BR,
+            HAS_DROPOUT=p > 0, WRITE_DX=need_dx, DOT_PRECISION=_dot_precision(x.dtype, A.dtype),
+            BLOCK_M=cfg.block_a, BLOCK_K=cfg.block_b, BLOCK_R=_block_r(R),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    dA = (da_parts[0] if split == 1 else da_parts.sum(0)).to(A.dtype)
+    return (da_parts[0] if split == 1 else da_parts.sum(0)), dx
+
+
+def _fwd_triton(x, weight, A, B, scale, bias, p, seed):
+    S = _shrink(x, A, p, seed)
+    y = torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
+    _expand(S, B, scale, bias, y)
+    y.addmm_(x, weight.t())  # cuBLAS with beta = 1: y = x @ W.T + (s * S @ B.T + b)
+    return y, S
+
+
+def _bwd_triton(dy, x, weight, A, B, S, seed, scale, p, need_dx):
+    G, db = _bwd_dy(dy, B, S, scale, x.dtype, torch.are_deterministic_algorithms_enabled())
+    da, dx = _bwd_x(x, A, G, seed, scale, p, need_dx)
     if need_dx:
         dx.addmm_(dy, weight)  # cuBLAS with beta = 1: dx = dy @ W + dx_lora
     else:
         dx = x.new_empty(0)
-    return dx, dA, db.to(B.dtype)
+    return dx, da.to(A.dtype), db.to(B.dtype)
 
 
 def _masked_x(x, p, seed):
