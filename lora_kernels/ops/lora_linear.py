@@ -85,28 +85,27 @@ def _split(n_blocks_other: int, n_blocks_streamed: int, device: torch.device) ->
     return max(1, min(n_blocks_streamed, want))
 
 
+def _rows_block(M: int) -> int:
+    return 16 if M <= 16 else (32 if M <= 32 else 64)
+
+
+# Starting points, to be replaced by measured winners (benchmarks/tune_lora_linear.py). With
+# dropout, 4 warps on a [64, 128] x tile spill (sm_90 SASS: 255 registers + 408 B of stack for the
+# Philox state); 8 warps fit in 226 registers with no spill.
 def _shrink_cfg(M: int, R: int) -> _Cfg:
-    # [BM, BR] fp32 accumulator + a [BM, BK] x tile: BM=64, BK=128 at r <= 64; halve BK past that.
-    block_k = 128 if R <= 64 else 64
-    block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
-    return _Cfg(block_m, block_k, num_warps=4, num_stages=3)
+    return _Cfg(_rows_block(M), 128 if R <= 64 else 64, num_warps=8, num_stages=3)
 
 
 def _expand_cfg(M: int, R: int) -> _Cfg:
-    block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
-    return _Cfg(block_m, 128, num_warps=4, num_stages=2)
+    return _Cfg(_rows_block(M), 128, num_warps=4, num_stages=2)
 
 
 def _dy_cfg(M: int, R: int) -> _Cfg:
-    block_n = 128 if R <= 64 else 64
-    block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
-    return _Cfg(block_m, block_n, num_warps=4, num_stages=3)
+    return _Cfg(_rows_block(M), 128 if R <= 64 else 64, num_warps=4, num_stages=3)
 
 
 def _x_cfg(M: int, R: int) -> _Cfg:
-    block_k = 128 if R <= 64 else 64
-    block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
-    return _Cfg(block_m, block_k, num_warps=4, num_stages=3)
+    return _Cfg(_rows_block(M), 128 if R <= 64 else 64, num_warps=8, num_stages=3)
 
 
 def _dot_precision(x_dtype: torch.dtype, adapter_dtype: torch.dtype) -> str:
@@ -121,6 +120,7 @@ def _dot_precision(x_dtype: torch.dtype, adapter_dtype: torch.dtype) -> str:
 # kernels
 # ================================================================================================
 if HAS_TRITON:
+    _ROUNDS = tl.constexpr(PHILOX_ROUNDS)  # kernels may only read constexpr globals
 
     @triton.jit
     def _keep_mask(seed, rows, k0, keep_thr, BLOCK_K: tl.constexpr):
@@ -130,7 +130,7 @@ if HAS_TRITON:
         c1 = (rows & 0xFFFFFFFF).to(tl.uint32)[:, None]  # [BM, 1]: broadcast by Philox's rounds
         c2 = (rows >> 32).to(tl.uint32)[:, None]
         c3 = tl.zeros_like(c1)
-        r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c3, PHILOX_ROUNDS)
+        r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c3, _ROUNDS)
         bits = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))  # column 4 g + j <- r_j
         return (bits >> 1).to(tl.int32) >= keep_thr
 
