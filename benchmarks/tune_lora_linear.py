@@ -12,6 +12,7 @@ import argparse
 import json
 
 import torch
+from torch._library.triton import set_wrap_triton_enabled
 
 from lora_kernels._bench import gpu_time_ms
 from lora_kernels.ops import lora_linear as L
@@ -100,6 +101,43 @@ def tune_shape(M, K, N, r, p, copy_gbs):
     return out
 
 
+def host_overhead_us():
+    """Host time per call (us) of small launches: what bounds tiny shapes, where the GPU waits."""
+    import time
+
+    import torch.nn.functional as F
+
+    import lora_kernels as lk
+
+    x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+    W = torch.randn(256, 256, device="cuda", dtype=torch.bfloat16)
+    A = torch.randn(16, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    B = torch.randn(256, 16, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = torch.empty(64, 256, device="cuda", dtype=torch.bfloat16)
+    S = torch.randn(64, 16, device="cuda")
+    xg = x.clone().requires_grad_(True)
+    dy = torch.randn_like(y)
+    cases = {
+        "F.linear": lambda: F.linear(x, W),
+        "triton expand launch": lambda: L._expand(S, B, 2.0, None, y),
+        "lora_linear fwd p=0 (no grad)": lambda: lk.lora_linear(x, W, A.detach(), B.detach(), 2.0),
+        "lora_linear fwd p=0.05 (grad)": lambda: lk.lora_linear(xg, W, A, B, 2.0, None, 0.05),
+        "lora_linear fwd+bwd p=0.05": lambda: torch.autograd.grad(lk.lora_linear(xg, W, A, B, 2.0, None, 0.05), [xg, A, B], dy),
+        "base fwd+bwd": lambda: torch.autograd.grad(F.linear(xg, W), [xg], dy),
+    }
+    out = {}
+    for name, fn in cases.items():
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(200):
+            fn()
+        torch.cuda.synchronize()
+        out[name] = (time.perf_counter() - t0) / 200 * 1e6
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default="")
@@ -107,7 +145,10 @@ def main():
     args = ap.parse_args()
     copy_gbs = ceilings()
     print(f"device copy: {copy_gbs:.0f} GB/s (read + write)")
-    results = [tune_shape(*s, args.p, copy_gbs) for s in SHAPES]
+    with set_wrap_triton_enabled(False):  # launch as the op does in eager: no tracing wrapper
+        for name, us in host_overhead_us().items():
+            print(f"  host us/call  {name:<32} {us:8.1f}")
+        results = [tune_shape(*s, args.p, copy_gbs) for s in SHAPES]
     for res in results:
         print(f"\n== {res['shape']}")
         for name, cfg, ms, note in res["rows"]:
