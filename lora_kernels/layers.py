@@ -53,6 +53,15 @@ def fused_lora_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     """
     if not terms:
         return F.linear(x, weight, bias)
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        # lora_linear validates dtypes before applying autocast, so a bf16 activation meeting an fp32
+        # weight (the usual autocast case) must be cast here first, as F.linear would cast it
+        dt = torch.get_autocast_dtype(dev)
+        x, weight = x.to(dt), weight.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+        terms = [t if t.A.dtype in (torch.float32, dt) else
+                 LoraTerm(t.A.to(dt), t.B.to(dt), t.scale, t.dropout_p) for t in terms]
     if len(terms) == 1:
         t = terms[0]
         return lora_linear(x, weight, t.A, t.B, t.scale, bias, t.dropout_p)
@@ -190,7 +199,8 @@ def check_adapter_args(r, alpha, dropout, in_features: int, out_features: int, w
     if r <= 0:
         raise ValueError(f"LoRA rank r must be >= 1, got r = {r}{at}")
     if r > min(in_features, out_features):
-        raise ValueError(f"LoRA rank r = {r} is larger than the layer{at} ({in_features} -> {out_features}); "
+        raise ValueError(f"LoRA rank r = {r} is larger than {f'layer {where}' if where else 'the layer'} "
+                         f"({in_features} -> {out_features}); "
                          f"expected r <= min(in_features, out_features) = {min(in_features, out_features)}")
     alpha = 2 * r if alpha is None else alpha
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):

@@ -210,10 +210,12 @@ def test_state_dict_round_trip():
     torch.testing.assert_close(m(x), m2(x), atol=0, rtol=0)
 
 
-def test_autocast_bf16():
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_autocast_bf16(x_dtype):
+    """fp32 layer under bf16 autocast; x may already be bf16 (the output of an earlier autocast op)."""
     lin, m = _layer(K=32, N=24, r=4, dropout=0.0)
     m.eval()
-    x = torch.randn(5, 32)
+    x = torch.randn(5, 32).to(x_dtype)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = m(x)
     assert y.dtype == torch.bfloat16
