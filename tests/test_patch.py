@@ -70,8 +70,28 @@ def test_qwen2_qkv_bias_is_kept():
     assert attn.o_proj.bias is None
 
 
+@pytest.mark.parametrize("case", list(CASES))
+def test_training_lowers_a_regression_loss(case):
+    """A few AdamW steps on the adapters alone pull every model's output towards a random target."""
+    c = CASES[case]
+    model = lk.patch(build(case), r=R, dropout=0.05).train()
+    g = torch.Generator().manual_seed(0)
+    inputs = c.inputs(g)
+    with torch.no_grad():
+        target = c.output(model, inputs) + torch.randn(c.output(model, inputs).shape, generator=g)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(5):
+        loss = torch.nn.functional.mse_loss(c.output(model, inputs), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.98 * losses[0], losses
+
+
 @pytest.mark.parametrize("case", ["llama", "llava"])
-def test_training_lowers_loss(case):
+def test_training_lowers_lm_loss(case):
     c = CASES[case]
     model = lk.patch(build(case), r=R, dropout=0.05).train()
     inputs = c.inputs(torch.Generator().manual_seed(0))
@@ -290,6 +310,26 @@ def test_peft_dropout_follows_train_mode_and_matches_mask():
     torch.manual_seed(9)
     mask = lk.dropout_mask(lk.dropout_seed(x.device), 5, 16, p)
     torch.testing.assert_close(y, x @ W.t() + b + 2.0 * ((x * mask / (1 - p)) @ A.t()) @ B.t(), **FP32)
+
+
+def test_layers_the_fused_op_cannot_take_are_skipped_with_a_reason():
+    from peft import LoraConfig, get_peft_model
+
+    def make():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8))
+        model[1].register_forward_hook(lambda m, i, o: o * 2)  # the fused op would skip the hook
+        return model
+
+    plain = make()
+    plain[2].weight = nn.Parameter(torch.zeros(8, 8, dtype=torch.int8), requires_grad=False)  # "quantized"
+    report = lk.patch(plain, r=2, target_modules="all-linear").lora_kernels_report
+    assert report.patched == ["0"]
+    assert "forward hooks" in report.skipped["1"] and "torch.int8" in report.skipped["2"]
+    pm = get_peft_model(make(), LoraConfig(r=2, target_modules=["0", "1"]))
+    report = lk.patch(pm).lora_kernels_report
+    assert [n.rsplit(".", 1)[-1] for n in report.patched] == ["0"]
+    assert "forward hooks" in report.skipped["base_model.model.1"]
 
 
 def test_peft_layers_the_fused_op_cannot_take_are_reported_and_still_right():
