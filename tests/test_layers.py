@@ -267,17 +267,18 @@ def test_compile_fullgraph_matches_eager():
         torch.testing.assert_close(p.grad, g)
 
 
-def test_triton_interpreter_path(backend):
-    """One small fp32 case through both backends (the Triton one under the CPU interpreter)."""
+def test_triton_interpreter_path(backend, device):
+    """One small fp32 case through both backends (on CPU the Triton one runs under the interpreter)."""
     lin, m = _layer(K=24, N=20, r=4, dropout=0.0)
+    lin.to(device), m.to(device)
     m.train()
-    x = torch.randn(9, 24)
+    x = torch.randn(9, 24, device=device)
     y = m(x)
     A, B = m.lora_A["default"], m.lora_B["default"]
     Ar, Br = A.detach().double().requires_grad_(True), B.detach().double().requires_grad_(True)
     ref = _ref(x, lin.weight, lin.bias, [(Ar, Br, 2.0, None, 0.0)])
     _close(y, ref, torch.float32, "fwd")
-    dy = torch.randn(y.shape)
+    dy = torch.randn(y.shape, device=device)
     y.backward(dy)
     ref.backward(dy.double())
     _close(A.grad, Ar.grad, torch.float32, "bwd")

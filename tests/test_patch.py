@@ -438,6 +438,12 @@ def test_autocast_bf16_matches_peft():
     torch.testing.assert_close(y.float(), yt.float(), **BF16)
 
 
+def _close_to_scale(got, want, rel):
+    """max |got - want| <= rel * max |want|: for low-precision gradients whose scale varies by layer."""
+    err, scale = (got.float() - want.float()).abs().max().item(), want.float().abs().max().item()
+    assert scale > 0 and err <= rel * scale, (err, scale)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("peft_first", [False, True])
 def test_compile_fullgraph_on_gpu(peft_first):
@@ -458,9 +464,10 @@ def test_compile_fullgraph_on_gpu(peft_first):
     out_c = compiled(input_ids=ids, labels=ids)
     out_c.loss.backward()
     torch.testing.assert_close(out_c.logits.float(), out.logits.float(), **BF16)
+    assert len(eager) == 28
     for n, p in model.named_parameters():
         if p.requires_grad:
-            torch.testing.assert_close(p.grad.float(), eager[n].float(), atol=5e-2, rtol=5e-2)
+            _close_to_scale(p.grad, eager[n], 2e-2)
 
 
 @pytest.mark.gpu
@@ -475,5 +482,7 @@ def test_bf16_training_step_on_gpu_matches_peft():
     twin(input_ids=ids, labels=ids).loss.backward()
     root = twin.base_model.model
     for n in model.lora_kernels_report.patched:
-        torch.testing.assert_close(model.get_submodule(n).lora_B["default"].grad,
-                                   root.get_submodule(n).lora_B["default"].weight.grad, atol=5e-2, rtol=5e-2)
+        _close_to_scale(model.get_submodule(n).lora_A["default"].grad, root.get_submodule(n).lora_A["default"].weight.grad,
+                        5e-2)
+        _close_to_scale(model.get_submodule(n).lora_B["default"].grad, root.get_submodule(n).lora_B["default"].weight.grad,
+                        5e-2)
