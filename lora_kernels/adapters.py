@@ -108,7 +108,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     root = _root(model)
     found = _gather(root, name)
     if not found:
-        held = sorted({a for _, m in _lora_layers(root) for a in m.adapter_names()})
+        held = sorted({a for _, m in _lora_layers(root) for a in m.held_adapters()})
         raise ValueError(f"save_adapter: no layer holds adapter {name!r}; adapters in the model: {held or 'none'}")
     rslora = {e.use_rslora for e in found.values()}
     if len(rslora) > 1:

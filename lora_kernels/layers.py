@@ -140,7 +140,7 @@ def batch_plan(layer: nn.Module, names: Sequence[str | None]) -> BatchPlan:
     A name this layer does not hold maps to -1 there (that adapter does not target this layer), as
     does None; adapter_batch rejects names that no layer of the model holds.
     """
-    held = set(layer.adapter_names())
+    held = set(layer.held_adapters())
     used = [n for n in dict.fromkeys(names) if n is not None and n in held]
     pos = {n: i for i, n in enumerate(used)}
     dev = layer.weight.device
@@ -387,7 +387,7 @@ class LoRALinear(nn.Module):
         """(A [r, in], B [out, r], scale) of adapter `name` (used by adapter_batch)."""
         return self.lora_A[name], self.lora_B[name], self.adapters[name].scale
 
-    def adapter_names(self) -> list[str]:
+    def held_adapters(self) -> list[str]:
         return list(self.adapters)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -548,7 +548,7 @@ def adapter_batch(model: nn.Module, names: Sequence[str | None]):
         if slow:
             raise ValueError(f"adapter_batch: {len(slow)} PEFT layers run PEFT's own forward and would ignore the "
                              f"batch (e.g. {slow[0]}); see model.lora_kernels_report for why")
-    known = {a for _, m in layers for a in m.adapter_names()}
+    known = {a for _, m in layers for a in m.held_adapters()}
     unknown = sorted({n for n in names if n is not None and n not in known})
     if unknown:
         raise KeyError(f"adapter_batch: unknown adapter(s) {unknown}; the model has {sorted(known)}")

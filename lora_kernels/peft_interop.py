@@ -101,7 +101,7 @@ class FusedPeftLinear(PeftLinear):
     def adapter_tensors(self, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
         return self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
 
-    def adapter_names(self) -> list[str]:
+    def held_adapters(self) -> list[str]:
         return list(self.lora_A.keys())
 
 
