@@ -73,7 +73,8 @@ class PatchReport:
 
     def __str__(self) -> str:
         verb = "LoRALinear in place of nn.Linear" if self.mode == "inject" else "PEFT lora.Linear on the fused op"
-        lines = [f"lora_kernels.patch: {self.architecture}, adapter {self.adapter} ({self.settings})",
+        lines = [f"lora_kernels.patch: {self.architecture}",
+                 f"  adapter {self.adapter}: {self.settings}",
                  f"  patched {len(self.patched)} ({verb}): "
                  + ", ".join(f"{k} x{n}" for k, n in self.kinds.items())]
         if self.skipped:
@@ -397,7 +398,7 @@ def _inject_report(model: nn.Module, patched: list[tuple[str, str, bool]], skipp
     fams = _families_matched(kind for _, kind, _ in patched)
     trainable, total = _count_params(model)
     return PatchReport(
-        mode="inject", architecture=_architecture(model) + (f"; table: {', '.join(fams)}" if fams else ""),
+        mode="inject", architecture=_architecture(model) + (f" [targets: {', '.join(fams)} table]" if fams else ""),
         adapter=repr(adapter), settings=settings, patched=[n for n, _, _ in patched], kinds=dict(kinds),
         skipped=skipped, trainable_params=trainable, all_params=total, notes=notes)
 

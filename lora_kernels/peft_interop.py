@@ -44,7 +44,8 @@ def unsupported_reason(layer: nn.Module) -> str | None:
     if not isinstance(layer, LoraLayer):
         return f"{type(layer).__name__} is not a PEFT LoRA layer"
     if not isinstance(layer, PeftLinear):
-        return f"PEFT layer {type(layer).__module__}.{type(layer).__name__} (quantized or non-Linear base)"
+        return (f"{type(layer).__module__}.{type(layer).__name__}: the fused path takes peft lora.Linear only "
+                "(this base layer is quantized or not a Linear)")
     if isinstance(layer.base_layer, BaseTunerLayer):
         return "nested PEFT layers (a tuner layer inside another)"
     if layer.fan_in_fan_out:
