@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import lora_kernels as lk
-from _models import R, build, randomize_adapters, torch_backend  # noqa: F401
+from ._models import R, build, randomize_adapters, torch_backend  # noqa: F401
 
 FP32 = dict(atol=2e-5, rtol=2e-5)
 FP32_GRAD = dict(atol=5e-5, rtol=5e-5)

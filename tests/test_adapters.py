@@ -9,7 +9,7 @@ from torch import nn
 
 import lora_kernels as lk
 from lora_kernels import LoRALinear
-from _models import CASES, LLAMA_LAYER, R, build, randomize_adapters, torch_backend  # noqa: F401
+from ._models import CASES, LLAMA_LAYER, R, build, randomize_adapters, torch_backend  # noqa: F401
 
 FP32 = dict(atol=2e-5, rtol=2e-5)
 

@@ -7,7 +7,7 @@ from torch import nn
 
 import lora_kernels as lk
 from lora_kernels import LoRALinear
-from _models import torch_backend  # noqa: F401  (autouse: PyTorch path unless a test takes `backend`)
+from ._models import torch_backend  # noqa: F401  (autouse: PyTorch path unless a test takes `backend`)
 
 # (atol, rtol) per dtype of x / W, forward and backward, against float64
 TOL = {

@@ -9,7 +9,7 @@ from torch import nn
 
 import lora_kernels as lk
 from lora_kernels import LoRALinear
-from _models import (CASES, LLAMA_LAYER, R, build, layer_names, loss_of, peft_twin, randomize_adapters,
+from ._models import (CASES, LLAMA_LAYER, R, build, layer_names, loss_of, peft_twin, randomize_adapters,
                      torch_backend)  # noqa: F401  (torch_backend: autouse)
 
 FP32 = dict(atol=2e-5, rtol=2e-5)
