@@ -53,16 +53,7 @@ def fused_lora_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     """
     if not terms:
         return F.linear(x, weight, bias)
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev):
-        # lora_linear validates dtypes before applying autocast, so a bf16 activation meeting an fp32
-        # weight (the usual autocast case) must be cast here first, as F.linear would cast it
-        dt = torch.get_autocast_dtype(dev)
-        x, weight = x.to(dt), weight.to(dt)
-        bias = bias.to(dt) if bias is not None else None
-        terms = [t if t.A.dtype in (torch.float32, dt) else
-                 LoraTerm(t.A.to(dt), t.B.to(dt), t.scale, t.dropout_p) for t in terms]
-    if len(terms) == 1:
+    if len(terms) == 1:  # lora_linear applies autocast itself, as F.linear would
         t = terms[0]
         return lora_linear(x, weight, t.A, t.B, t.scale, bias, t.dropout_p)
     dtype = torch.float32 if any(t.A.dtype == torch.float32 for t in terms) else terms[0].A.dtype

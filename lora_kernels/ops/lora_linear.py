@@ -574,7 +574,7 @@ def _use_eager_path(*tensors) -> bool:
 # ================================================================================================
 # functional API
 # ================================================================================================
-def _check_inputs(x, weight, lora_A, lora_B, scale, bias, dropout_p) -> None:
+def _check_inputs(x, weight, lora_A, lora_B, scale, bias, dropout_p, dtypes: bool = True) -> None:
     for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"lora_linear: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -609,6 +609,11 @@ def _check_inputs(x, weight, lora_A, lora_B, scale, bias, dropout_p) -> None:
     devices = {t.device for t in (x, weight, lora_A, lora_B) + ((bias,) if bias is not None else ())}
     if len(devices) > 1:
         raise ValueError(f"lora_linear: all tensors must be on one device, got {sorted(map(str, devices))}")
+    if dtypes:
+        _check_dtypes(x, weight, lora_A, lora_B, bias)
+
+
+def _check_dtypes(x, weight, lora_A, lora_B, bias) -> None:
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"lora_linear: x must be float16, bfloat16 or float32, got {x.dtype}")
     if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
@@ -634,13 +639,15 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lor
     float32 (PEFT's default keeps adapters in float32). Under torch.autocast, x, weight and bias
     are cast to the autocast dtype first, as F.linear would be.
     """
-    _check_inputs(x, weight, lora_A, lora_B, scale, bias, dropout_p)
-    if torch.is_autocast_enabled(x.device.type):
+    autocast = torch.is_autocast_enabled(x.device.type) if isinstance(x, torch.Tensor) else False
+    _check_inputs(x, weight, lora_A, lora_B, scale, bias, dropout_p, dtypes=not autocast)
+    if autocast:  # cast as autocast casts F.linear's inputs; fp32 adapters stay fp32 (PEFT's default)
         dt = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dt), weight.to(dt)
         bias = bias.to(dt) if bias is not None else None
-        if lora_A.dtype != torch.float32:
+        if lora_A.dtype != torch.float32 or lora_B.dtype != torch.float32:
             lora_A, lora_B = lora_A.to(dt), lora_B.to(dt)
+        _check_dtypes(x, weight, lora_A, lora_B, bias)
         with torch.autocast(x.device.type, enabled=False):
             return lora_linear(x, weight, lora_A, lora_B, scale, bias, dropout_p, generator=generator)
     lead = x.shape[:-1]
