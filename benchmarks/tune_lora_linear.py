@@ -68,8 +68,9 @@ def tune_shape(M, K, N, r, p, copy_gbs):
     flops = 2 * M * N * K
     for k, ms in base.items():
         out["rows"].append((k, "", ms, f"{flops / ms / 1e9:.0f} TFLOP/s"))
-    nbytes = {"shrink": M * K * 2, "expand": M * N * 2, "dy": M * N * 2, "x": 2 * M * K * 2}
-    for kern, cfgs in CFGS.items():
+    nbytes = {"shrink": M * K * 2, "expand": M * N * 2, "dy": M * N * 2, "dy-noDB": M * N * 2, "x": 2 * M * K * 2}
+    cfg_sets = dict(CFGS, **{"dy-noDB": CFGS["dy"]})
+    for kern, cfgs in cfg_sets.items():
         for pp in ((0.0, p) if kern in ("shrink", "x") else (p,)):
             best = None
             for c in cfgs:
@@ -80,6 +81,8 @@ def tune_shape(M, K, N, r, p, copy_gbs):
                     fn = lambda: L._expand(S, B, 2.0, None, y, cfg)  # noqa: E731
                 elif kern == "dy":
                     fn = lambda: L._bwd_dy(dy, B, S, 2.0, dt, False, cfg)  # noqa: E731
+                elif kern == "dy-noDB":  # the same pass without its dB atomics: what they cost
+                    fn = lambda: L._bwd_dy(dy, B, S, 2.0, dt, True, cfg)  # noqa: E731
                 else:
                     fn = lambda: L._bwd_x(x, A, G, seed, 2.0, pp, True, cfg)  # noqa: E731
                 try:
@@ -126,6 +129,19 @@ def host_overhead_us():
         "base fwd+bwd": lambda: torch.autograd.grad(F.linear(xg, W), [xg], dy),
     }
     out = {}
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(100):
+        cases["lora_linear fwd+bwd p=0.05"]()
+    torch.cuda.synchronize()
+    prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(22)
+    print(buf.getvalue())
     for name, fn in cases.items():
         for _ in range(20):
             fn()
@@ -142,13 +158,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default="")
     ap.add_argument("--p", type=float, default=0.05)
+    ap.add_argument("--shapes", type=int, default=len(SHAPES), help="the first N shapes only")
     args = ap.parse_args()
     copy_gbs = ceilings()
     print(f"device copy: {copy_gbs:.0f} GB/s (read + write)")
     with set_wrap_triton_enabled(False):  # launch as the op does in eager: no tracing wrapper
         for name, us in host_overhead_us().items():
             print(f"  host us/call  {name:<32} {us:8.1f}")
-        results = [tune_shape(*s, args.p, copy_gbs) for s in SHAPES]
+        results = [tune_shape(*s, args.p, copy_gbs) for s in SHAPES[: args.shapes]]
     for res in results:
         print(f"\n== {res['shape']}")
         for name, cfg, ms, note in res["rows"]:

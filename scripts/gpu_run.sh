@@ -29,10 +29,10 @@ for s in $stages; do
       python -m lora_kernels info | tee -a "$summary" ;;
     tests)
       run_stage tests 420 python -m pytest tests -q -x -p no:cacheprovider --durations=8
-      grep -E "passed|failed|error" "$OUT/tests.log" | tail -n 3 >> "$summary" ;;
+      grep -E "passed|failed|error|^FAILED|^ERROR" "$OUT/tests.log" | tail -n 30 >> "$summary" ;;
     tune)
       run_stage tune 300 python benchmarks/tune_lora_linear.py --json "$OUT/tune.json"
-      grep -E "BEST|gemm|op |copy" "$OUT/tune.log" >> "$summary" ;;
+      grep -E "BEST|gemm|op |copy|host us" "$OUT/tune.log" >> "$summary" ;;
     bench)
       run_stage bench 540 python -m pytest benchmarks -q -p no:cacheprovider --benchmark-only \
         --benchmark-json="$OUT/bench.json" --benchmark-disable-gc
