@@ -28,24 +28,24 @@ for s in $stages; do
       nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv | tee -a "$summary"
       python -m lora_kernels info | tee -a "$summary" ;;
     tests)
-      run_stage tests 420 python -m pytest tests -q -x -p no:cacheprovider --durations=8
+      run_stage tests ${TESTS_LIMIT:-240} python -m pytest tests -q -p no:cacheprovider --durations=8 -rfE
       grep -E "passed|failed|error|^FAILED|^ERROR" "$OUT/tests.log" | tail -n 30 >> "$summary" ;;
     tune)
-      run_stage tune 300 python benchmarks/tune_lora_linear.py --json "$OUT/tune.json"
+      run_stage tune ${TUNE_LIMIT:-150} python benchmarks/tune_lora_linear.py --shapes ${TUNE_SHAPES:-5} --json "$OUT/tune.json"
       grep -E "BEST|gemm|op |copy|host us" "$OUT/tune.log" >> "$summary" ;;
     bench)
-      run_stage bench 540 python -m pytest benchmarks -q -p no:cacheprovider --benchmark-only \
+      run_stage bench ${BENCH_LIMIT:-400} python -m pytest benchmarks -q -p no:cacheprovider --benchmark-only \
         --benchmark-json="$OUT/bench.json" --benchmark-disable-gc
       python benchmarks/summarize.py "$OUT/bench.json" > "$OUT/bench_table.txt" 2>&1
       cat "$OUT/bench_table.txt" >> "$summary" ;;
     cli)
-      run_stage cli 300 python -m lora_kernels bench --quick --json "$OUT/cli.json"
+      run_stage cli ${CLI_LIMIT:-150} python -m lora_kernels bench --quick --json "$OUT/cli.json"
       sed -n '/^bench /,$p' "$OUT/cli.log" >> "$summary" ;;
     e2e)
-      run_stage e2e 400 python -m lora_kernels bench --only e2e --json "$OUT/e2e.json"
+      run_stage e2e ${E2E_LIMIT:-200} python -m lora_kernels bench --only e2e --json "$OUT/e2e.json"
       sed -n '/^bench /,$p' "$OUT/e2e.log" >> "$summary" ;;
     multi)
-      run_stage multi 400 python -m lora_kernels bench --only multi --json "$OUT/multi.json"
+      run_stage multi ${MULTI_LIMIT:-200} python -m lora_kernels bench --only multi --json "$OUT/multi.json"
       sed -n '/^bench /,$p' "$OUT/multi.log" >> "$summary" ;;
     *) echo "unknown stage $s" ;;
   esac
