@@ -1,0 +1,83 @@
+"""Where the host time of one fused-LoRA training step goes (GPU machine).
+
+    python benchmarks/profile_host.py [M K N r]
+Prints host microseconds per call of each piece (at small shapes the GPU waits on the host, so
+these bound the step), a cProfile of forward + backward, and the CUDA kernels one step launches.
+"""
+import cProfile
+import io
+import pstats
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch._library.triton import set_wrap_triton_enabled
+
+import lora_kernels as lk
+from lora_kernels.ops import lora_linear as L
+
+
+def host_us(fn, n=200):
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+def main():
+    M, K, N, r = (int(v) for v in sys.argv[1:5]) if len(sys.argv) > 4 else (8192, 1024, 1024, 16)
+    dt, dev, p = torch.bfloat16, "cuda", 0.05
+    x = torch.randn(M, K, device=dev, dtype=dt)
+    xg = x.clone().requires_grad_(True)
+    W = torch.randn(N, K, device=dev, dtype=dt) / K**0.5
+    A = (torch.randn(r, K, device=dev, dtype=dt) / K**0.5).requires_grad_(True)
+    B = (torch.randn(N, r, device=dev, dtype=dt) / r**0.5).requires_grad_(True)
+    dy = torch.randn(M, N, device=dev, dtype=dt)
+    seed = lk.dropout_seed(dev)
+    S = torch.randn(M, r, device=dev)
+    y = torch.empty(M, N, device=dev, dtype=dt)
+    step = lambda: torch.autograd.grad(lk.lora_linear(xg, W, A, B, 2.0, None, p), [xg, A, B], dy)  # noqa: E731
+    with set_wrap_triton_enabled(False):
+        G, _ = L._bwd_dy(dy, B, S, 2.0, dt, False)
+        pieces = {
+            "torch.empty": lambda: torch.empty(M, r, device=dev),
+            "torch.zeros": lambda: torch.zeros(N, r, device=dev),
+            "randint seed": lambda: lk.dropout_seed(dev),
+            "addmm_": lambda: y.addmm_(x, W.t()),
+            "F.linear": lambda: F.linear(x, W),
+            "shrink (launch + glue)": lambda: L._shrink(x, A, p, seed),
+            "expand": lambda: L._expand(S, B, 2.0, None, y),
+            "dy pass": lambda: L._bwd_dy(dy, B, S, 2.0, dt, False),
+            "x pass": lambda: L._bwd_x(x, A, G, seed, 2.0, p, True),
+            "_fwd_triton": lambda: L._fwd_triton(x, W, A, B, 2.0, None, p, seed),
+            "_bwd_triton": lambda: L._bwd_triton(dy, x, W, A, B, S, seed, 2.0, p, True),
+        }
+        for name, fn in pieces.items():
+            print(f"host us  {name:<24} {host_us(fn):8.1f}")
+    print(f"host us  {'lora_linear fwd (grad)':<24} {host_us(lambda: lk.lora_linear(xg, W, A, B, 2.0, None, p)):8.1f}")
+    print(f"host us  {'lora_linear fwd+bwd':<24} {host_us(step):8.1f}")
+    print(f"host us  {'base fwd+bwd':<24} {host_us(lambda: torch.autograd.grad(F.linear(xg, W), [xg], dy)):8.1f}")
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(50):
+        step()
+    torch.cuda.synchronize()
+    prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(16)
+    print("\n".join(line[:150] for line in buf.getvalue().splitlines()[6:]))
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as tp:
+        step()
+        torch.cuda.synchronize()
+    print(tp.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
