@@ -76,7 +76,7 @@ def _sm_count(device_index: int) -> int:
 
 def _sm_count_of(device: torch.device) -> int:
     if device.type != "cuda":
-        return 2  # interpreter: few programs, it runs them one by one
+        return 8  # interpreter: small, but small-M cases still take the split paths (tested on CPU)
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
