@@ -122,7 +122,7 @@ std::tuple<Tensor, Tensor> fwd_cuda_impl(const Tensor& x_in, const Tensor& A_in,
                                                 N, static_cast<int>(R), static_cast<int>(L), seg.view, rk,
                                                 scales.data_ptr<float>(), y.data_ptr(), N,
                                                 S.defined() ? S.data_ptr<float>() : nullptr, M},
-                             stream),
+                             sms, stream),
                  "sgmv_expand");
   }
   if (!save_s) return {y, at::empty({0}, f32)};
@@ -173,7 +173,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cuda_impl(const Tensor& dy_in, co
     check_launch(sgmv_expand(dt, SgmvExpandArgs{G.data_ptr<float>(), 1, A.data_ptr(), /*v_c_contiguous=*/false, K, Ri,
                                                 Li, seg.view, rk, scales.data_ptr<float>(), dx.data_ptr(), K, nullptr,
                                                 M},
-                             stream),
+                             sms, stream),
                  "sgmv_expand (G @ A)");
   }
 

@@ -500,9 +500,12 @@ __global__ void __launch_bounds__(kTileThreads) sgmv_shrink_kernel(SgmvShrinkArg
   }
 }
 
-// Expand, block (tile, d block): out[rows, d0:d0+64] = s_l * S[rows, :r] @ V_l[:r, d0:d0+64], with
-// S the sum of the shrink's split partials rounded to T for the tensor cores (what a bf16 matmul
-// chain does too). V_C: V_l(c, d) has c contiguous (B [N, R]); else d contiguous (A [R, K]).
+// Expand, block (tile, d group): for each 64-column block d0 of the group,
+//   out[rows, d0:d0+64] = s_l * S[rows, :r] @ V_l[:r, d0:d0+64]
+// with S the sum of the shrink's split partials rounded to T for the tensor cores (what a bf16
+// matmul chain does too). A block walks several column blocks (strided by gridDim.y) so that the
+// tile lookup and the row gather are paid once per block, not once per 64 columns; its S tile is
+// re-read from L1. V_C: V_l(c, d) has c contiguous (B [N, R]); else d contiguous (A [R, K]).
 template <typename T, bool V_C>
 __global__ void __launch_bounds__(kTileThreads) sgmv_expand_kernel(SgmvExpandArgs a, bool vec_v, bool vec_o) {
   using Mma = TileMma<T, true, V_C>;
@@ -514,8 +517,6 @@ __global__ void __launch_bounds__(kTileThreads) sgmv_expand_kernel(SgmvExpandArg
 
   Tile t;
   if (!find_tile(blockIdx.x, a.seg, a.L, t)) return;
-  const int64_t d0 = static_cast<int64_t>(blockIdx.y) * BN;
-  const int d_n = static_cast<int>(dmin<int64_t>(BN, a.D - d0));
   const int g = t.g;
   const int r = g < a.L ? rank_of(a.ranks, g, a.R) : 0;
   const int nrows = static_cast<int>(t.end - t.begin);
@@ -534,51 +535,56 @@ __global__ void __launch_bounds__(kTileThreads) sgmv_expand_kernel(SgmvExpandArg
     }
   }
 
-  if (r > 0) {
-    const T* Vl = static_cast<const T*>(a.V) + static_cast<int64_t>(g) * a.R * a.D;
-    Mma mma;
-    mma.zero();
-    for (int c0 = 0; c0 < r; c0 += BK) {  // only the adapter's own rank: mixed ranks cost their own size
-      const int c_ok = dmin(BK, r - c0);
-      for (int e = threadIdx.x; e < BM * BK; e += blockDim.x) {
-        const int o = e / BK;
-        const int cc = e % BK;
-        float v = 0.f;
-        if (o < nrows && cc < c_ok) {
-          for (int p = 0; p < a.split; ++p) v += a.part[(static_cast<int64_t>(p) * a.M + rows[o]) * a.R + c0 + cc];
-        }
-        As[o * Lay::LDA + cc] = from_f<T>(v);
-      }
-      if constexpr (V_C) {
-        load_tile<T, T, BN, BK>(Bs, Lay::LDB, [&](int o) { return Vl + (d0 + o) * a.R + c0; }, d_n, c_ok, vec_v);
-      } else {
-        load_tile<T, T, BK, BN>(Bs, Lay::LDB, [&](int o) { return Vl + static_cast<int64_t>(c0 + o) * a.D + d0; },
-                                c_ok, d_n, vec_v);
-      }
-      __syncthreads();
-      mma.step(As, Bs);
-      __syncthreads();
-    }
-    mma.store(Cs);
-  }
-  __syncthreads();
-
   const float scale = r > 0 ? a.scales[g] : 0.f;
+  const T* Vl = static_cast<const T*>(a.V) + static_cast<int64_t>(g < a.L ? g : 0) * a.R * a.D;
   T* out = static_cast<T*>(a.out);
   constexpr int V = vec_elems<T>();
   constexpr int VPR = BN / V;
-  for (int e = threadIdx.x; e < nrows * VPR; e += blockDim.x) {
-    const int o = e / VPR;
-    const int dd = (e % VPR) * V;
-    T* dst = out + static_cast<int64_t>(rows[o]) * a.stride_om + d0 + dd;
-    alignas(16) T vals[V];
-#pragma unroll
-    for (int u = 0; u < V; ++u) vals[u] = from_f<T>(r > 0 ? scale * Cs[o * LDC + dd + u] : 0.f);
-    if (vec_o && dd + V <= d_n) {
-      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(vals);
-    } else {
-      for (int u = 0; u < V && dd + u < d_n; ++u) dst[u] = vals[u];
+  const int64_t n_dblocks = (a.D + BN - 1) / BN;
+  for (int64_t db = blockIdx.y; db < n_dblocks; db += gridDim.y) {
+    const int64_t d0 = db * BN;
+    const int d_n = static_cast<int>(dmin<int64_t>(BN, a.D - d0));
+    if (r > 0) {
+      Mma mma;
+      mma.zero();
+      for (int c0 = 0; c0 < r; c0 += BK) {  // only the adapter's own rank: mixed ranks cost their own size
+        const int c_ok = dmin(BK, r - c0);
+        for (int e = threadIdx.x; e < BM * BK; e += blockDim.x) {
+          const int o = e / BK;
+          const int cc = e % BK;
+          float v = 0.f;
+          if (o < nrows && cc < c_ok) {
+            for (int p = 0; p < a.split; ++p) v += a.part[(static_cast<int64_t>(p) * a.M + rows[o]) * a.R + c0 + cc];
+          }
+          As[o * Lay::LDA + cc] = from_f<T>(v);
+        }
+        if constexpr (V_C) {
+          load_tile<T, T, BN, BK>(Bs, Lay::LDB, [&](int o) { return Vl + (d0 + o) * a.R + c0; }, d_n, c_ok, vec_v);
+        } else {
+          load_tile<T, T, BK, BN>(Bs, Lay::LDB, [&](int o) { return Vl + static_cast<int64_t>(c0 + o) * a.D + d0; },
+                                  c_ok, d_n, vec_v);
+        }
+        __syncthreads();
+        mma.step(As, Bs);
+        __syncthreads();
+      }
+      mma.store(Cs);
     }
+    __syncthreads();
+    for (int e = threadIdx.x; e < nrows * VPR; e += blockDim.x) {
+      const int o = e / VPR;
+      const int dd = (e % VPR) * V;
+      T* dst = out + static_cast<int64_t>(rows[o]) * a.stride_om + d0 + dd;
+      alignas(16) T vals[V];
+#pragma unroll
+      for (int u = 0; u < V; ++u) vals[u] = from_f<T>(r > 0 ? scale * Cs[o * LDC + dd + u] : 0.f);
+      if (vec_o && dd + V <= d_n) {
+        *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(vals);
+      } else {
+        for (int u = 0; u < V && dd + u < d_n; ++u) dst[u] = vals[u];
+      }
+    }
+    __syncthreads();  // Cs is rewritten by the next column block
   }
 }
 
@@ -740,7 +746,7 @@ int sgmv_shrink_split(int64_t M, int L, int64_t D, int R, int sm_count, int64_t*
   // Few tiles (decode-like batches, or one long segment) leave SMs idle: cut D, but keep >= 512
   // columns (16 steps of 32) per block so each block amortises its tile set-up.
   const int64_t blocks = max_tiles(M, L) * cdiv(R, BN);
-  const int64_t want = 2LL * std::max(sm_count, 1);
+  const int64_t want = 4LL * std::max(sm_count, 1);  // ~4 resident blocks per SM to overlap load latency
   int64_t split = std::min<int64_t>(std::max<int64_t>(1, cdiv(want, std::max<int64_t>(blocks, 1))),
                                     std::max<int64_t>(1, D / 512));
   *d_chunk = std::max<int64_t>(BK, cdiv(cdiv(D, split), BK) * BK);
@@ -764,12 +770,18 @@ cudaError_t sgmv_shrink(DType dtype, const SgmvShrinkArgs& a, cudaStream_t strea
   });
 }
 
-cudaError_t sgmv_expand(DType dtype, const SgmvExpandArgs& a, cudaStream_t stream) {
+cudaError_t sgmv_expand(DType dtype, const SgmvExpandArgs& a, int sm_count, cudaStream_t stream) {
   if (a.M == 0 || a.D == 0 || a.seg.n_tiles_max == 0) return cudaSuccess;
   const int V = 16 / elem_size(dtype);
   const bool vec_v = aligned16(a.V) && (a.v_c_contiguous ? a.R % V == 0 : a.D % V == 0);
   const bool vec_o = aligned16(a.out) && a.stride_om % V == 0;
-  const dim3 grid(static_cast<unsigned>(a.seg.n_tiles_max), static_cast<unsigned>(cdiv(a.D, BN)));
+  // Column groups: enough blocks for ~8 resident per SM (27 KB of shared memory each), the rest of
+  // the 64-column blocks walked inside a block. T = 1024 rows over 128 adapters, N = 4096: 145
+  // tiles x 8 groups of 8 column blocks, instead of 145 x 64 blocks that each look their tile up.
+  const int64_t d_blocks = cdiv(a.D, BN);
+  const int64_t groups = std::min<int64_t>(d_blocks, std::max<int64_t>(1, cdiv(8LL * std::max(sm_count, 1),
+                                                                               a.seg.n_tiles_max)));
+  const dim3 grid(static_cast<unsigned>(a.seg.n_tiles_max), static_cast<unsigned>(groups));
   return with_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     if (a.v_c_contiguous) {

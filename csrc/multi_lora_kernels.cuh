@@ -130,7 +130,7 @@ struct SgmvExpandArgs {
   float* s_out;
   int64_t M;
 };
-cudaError_t sgmv_expand(DType dtype, const SgmvExpandArgs& a, cudaStream_t stream);
+cudaError_t sgmv_expand(DType dtype, const SgmvExpandArgs& a, int sm_count, cudaStream_t stream);
 
 // Per-adapter sum over that adapter's rows only, in sorted (= original, the sort is stable) row order:
 //   out[l, p, q] = s[l] * sum_{i : idx[i] = l} U[i, p] * V[i, q]
