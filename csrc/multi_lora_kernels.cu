@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <cub/block/block_scan.cuh>
 #include <type_traits>
 
@@ -47,10 +48,13 @@ __device__ __forceinline__ T convert(S v) {
 template <typename T>
 __host__ __device__ constexpr int vec_elems() { return 16 / static_cast<int>(sizeof(T)); }
 
+// 16-byte vector access; the bytes move between the vector and typed registers through memcpy
+// (a register move after compilation), never through a pointer cast on a local.
 template <typename T>
 __device__ __forceinline__ void load_vec_f32(const T* p, float* out) {
   const uint4 raw = *reinterpret_cast<const uint4*>(p);
-  const T* e = reinterpret_cast<const T*>(&raw);
+  T e[vec_elems<T>()];
+  memcpy(e, &raw, sizeof(raw));
 #pragma unroll
   for (int u = 0; u < vec_elems<T>(); ++u) out[u] = to_f(e[u]);
 }
@@ -421,7 +425,8 @@ __device__ __forceinline__ void load_tile(T* sm, int ld, RowPtr row, int outer_o
         if constexpr (std::is_same<T, TS>::value) {
           *reinterpret_cast<uint4*>(dst) = raw;  // dst is 16-byte aligned: pitches are multiples of 16 bytes
         } else {
-          const TS* src = reinterpret_cast<const TS*>(&raw);
+          TS src[V];
+          memcpy(src, &raw, sizeof(raw));
 #pragma unroll
           for (int u = 0; u < V; ++u) dst[u] = convert<T>(src[u]);
         }
@@ -575,11 +580,13 @@ __global__ void __launch_bounds__(kTileThreads) sgmv_expand_kernel(SgmvExpandArg
       const int o = e / VPR;
       const int dd = (e % VPR) * V;
       T* dst = out + static_cast<int64_t>(rows[o]) * a.stride_om + d0 + dd;
-      alignas(16) T vals[V];
+      T vals[V];
 #pragma unroll
       for (int u = 0; u < V; ++u) vals[u] = from_f<T>(r > 0 ? scale * Cs[o * LDC + dd + u] : 0.f);
       if (vec_o && dd + V <= d_n) {
-        *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(vals);
+        uint4 raw;
+        memcpy(&raw, vals, sizeof(raw));
+        *reinterpret_cast<uint4*>(dst) = raw;
       } else {
         for (int u = 0; u < V && dd + u < d_n; ++u) dst[u] = vals[u];
       }
