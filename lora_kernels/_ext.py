@@ -88,7 +88,9 @@ def build_dir(cuda: bool) -> Path:
 
 
 def has_cuda_kernels() -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"{OP_NAMESPACE}::multi_lora_fwd", "CUDA")
+    """Whether the loaded extension registered CUDA kernels (read once at load: a plain value that
+    torch.compile can trace through)."""
+    return bool(_state.get("cuda_kernels", False))
 
 
 def _prebuilt(cuda: bool) -> str | None:
@@ -98,13 +100,13 @@ def _prebuilt(cuda: bool) -> str | None:
     return found[0] if found else None
 
 
-def _needs_compile(directory: Path, name: str, sources: list[str]) -> bool:
+def _needs_compile(directory: Path, name: str, deps: list[str]) -> bool:
+    """Whether load() will compile (only to say so on stderr; cpp_extension decides by itself)."""
     lib = directory / f"{name}.so"
     if not lib.is_file():
         return True
     built = lib.stat().st_mtime
-    return any(os.path.getmtime(s) > built for s in sources) or any(
-        p.stat().st_mtime > built for p in sources_dir().glob("*.cuh"))
+    return any(os.path.getmtime(d) > built for d in deps)
 
 
 def _build(cuda: bool) -> str:
@@ -115,7 +117,8 @@ def _build(cuda: bool) -> str:
     name = build_name(cuda)
     directory = build_dir(cuda)
     directory.mkdir(parents=True, exist_ok=True)
-    if _needs_compile(directory, name, sources):
+    deps = sources + ([str(p) for p in src.glob("*.cuh")] if cuda else [])
+    if _needs_compile(directory, name, deps):
         kind = "CUDA" if cuda else "CPU"
         took = "~1 min" if cuda else "~30 s"
         print(f"lora_kernels: compiling the multi-adapter extension ({kind}) — first use only, {took}",
@@ -149,6 +152,8 @@ def load() -> str | None:
                 torch.ops.load_library(lib)
             else:
                 lib = _build(cuda)
+            _state["cuda_kernels"] = torch._C._dispatch_has_kernel_for_dispatch_key(
+                f"{OP_NAMESPACE}::multi_lora_fwd", "CUDA")
             _state["lib"] = lib
             if not cuda:
                 _state["cpu_only_reason"] = why_not
