@@ -61,20 +61,32 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
+def _regime(M: int, L: int) -> str:
+    """The regime choose_regime names, without building its reason (the per-call path)."""
+    forced = os.environ.get(REGIME_ENV)
+    if forced:
+        forced = forced.strip().lower()
+        if forced in ("decode", "segment"):
+            return forced
+        if forced != "auto":
+            raise ValueError(f"{REGIME_ENV}={forced!r} is not understood; expected auto, decode or segment")
+    if M < SEGMENT_MIN_ROWS or M < SEGMENT_MIN_ROWS_PER_ADAPTER * L:
+        return "decode"
+    return "segment"
+
+
 def choose_regime(M: int, L: int) -> tuple[str, str]:
     """(regime, reason) for the CUDA forward of M rows over L adapters: "decode" or "segment"."""
-    forced = os.environ.get(REGIME_ENV, "auto").strip().lower() or "auto"
-    if forced in ("decode", "segment"):
-        return forced, f"{REGIME_ENV}={forced}"
-    if forced != "auto":
-        raise ValueError(f"{REGIME_ENV}={forced!r} is not understood; expected auto, decode or segment")
+    regime = _regime(M, L)
+    if os.environ.get(REGIME_ENV, "auto").strip().lower() != "auto":
+        return regime, f"{REGIME_ENV}={regime}"
     if M < SEGMENT_MIN_ROWS:
-        return "decode", f"M = {M} < {SEGMENT_MIN_ROWS} rows: sorting costs more than re-reading adapters"
+        return regime, f"M = {M} < {SEGMENT_MIN_ROWS} rows: sorting costs more than re-reading adapters"
     if M < SEGMENT_MIN_ROWS_PER_ADAPTER * L:
-        return "decode", (f"M = {M} < {SEGMENT_MIN_ROWS_PER_ADAPTER} x L = {SEGMENT_MIN_ROWS_PER_ADAPTER * L}: "
-                          "rows rarely share an adapter")
-    return "segment", (f"M = {M} >= {SEGMENT_MIN_ROWS} and >= {SEGMENT_MIN_ROWS_PER_ADAPTER} x L: rows share "
-                       "adapters, each adapter is read once per 64-row tile")
+        return regime, (f"M = {M} < {SEGMENT_MIN_ROWS_PER_ADAPTER} x L = {SEGMENT_MIN_ROWS_PER_ADAPTER * L}: "
+                        "rows rarely share an adapter")
+    return regime, (f"M = {M} >= {SEGMENT_MIN_ROWS} and >= {SEGMENT_MIN_ROWS_PER_ADAPTER} x L: rows share "
+                    "adapters, each adapter is read once per 64-row tile")
 
 
 @dataclass(frozen=True)
@@ -286,8 +298,25 @@ def _ext_ops():
     return torch.ops.lora_kernels_ext
 
 
+def _route(x: torch.Tensor, lora_A: torch.Tensor) -> tuple[str, str]:
+    """(backend, regime) of multi_lora_dispatch without its reasons: the per-call path (~1 us)."""
+    if _backend.requested() == "torch":
+        return "torch", "reference"
+    kind = x.device.type
+    if kind == "cpu":
+        return ("cpu", "loop") if _ext_ops() is not None else ("torch", "reference")
+    if kind != "cuda" or _ext_ops() is None or not _ext.has_cuda_kernels() or lora_A.shape[1] > MAX_CUDA_RANK:
+        return "torch", "reference"
+    return "cuda", _regime(math.prod(x.shape[:-1]), lora_A.shape[0])
+
+
 def multi_lora_dispatch(x: torch.Tensor, lora_A: torch.Tensor) -> Dispatch:
     """Which implementation `multi_lora` runs for these tensors, and why (builds the extension on first use)."""
+    backend, regime = _route(x, lora_A)
+    if backend == "cuda":
+        return Dispatch("cuda", regime, choose_regime(math.prod(x.shape[:-1]), lora_A.shape[0])[1])
+    if backend == "cpu":
+        return Dispatch("cpu", "loop", "CPU tensors: the extension's C++ implementation")
     if _backend.requested() == "torch":
         return Dispatch("torch", "reference", f"{_backend.BACKEND_ENV}=torch")
     kind = x.device.type
@@ -295,16 +324,11 @@ def multi_lora_dispatch(x: torch.Tensor, lora_A: torch.Tensor) -> Dispatch:
         return Dispatch("torch", "reference", f"{kind} tensors: the extension has CPU and CUDA kernels only")
     if _ext_ops() is None:
         return Dispatch("torch", "reference", f"the multi-adapter extension is unavailable ({_ext.error()})", True)
-    if kind == "cpu":
-        return Dispatch("cpu", "loop", "CPU tensors: the extension's C++ implementation")
     if not _ext.has_cuda_kernels():
         return Dispatch("torch", "reference", f"the extension was built without CUDA ({_ext.cpu_only_reason()})",
                         True)
-    if lora_A.shape[1] > MAX_CUDA_RANK:
-        return Dispatch("torch", "reference", f"r_max = {lora_A.shape[1]} > {MAX_CUDA_RANK}, the largest the CUDA "
-                                              "kernels take", True)
-    regime, why = choose_regime(math.prod(x.shape[:-1]), lora_A.shape[0])
-    return Dispatch("cuda", regime, why)
+    return Dispatch("torch", "reference", f"r_max = {lora_A.shape[1]} > {MAX_CUDA_RANK}, the largest the CUDA "
+                                          "kernels take", True)
 
 
 # ================================================================================================
@@ -331,17 +355,24 @@ def multi_lora(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, indi
             return multi_lora(x, lora_A, lora_B, indices, scales, ranks)
     L, R, K = lora_A.shape
     _check_values(indices, ranks, L, R)
-    d = multi_lora_dispatch(x, lora_A)
-    if d.backend == "torch":
+    backend, regime = _route(x, lora_A)
+    if backend == "torch":
+        d = multi_lora_dispatch(x, lora_A)
         if d.fallback:
             _ext.warn_once(d.reason, f"lora_kernels.multi_lora: using the PyTorch path: {d.reason}")
         return multi_lora_reference(x, lora_A, lora_B, indices, scales, ranks)
-    lead = x.shape[:-1]
-    x2d = x.reshape(-1, K)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, lora_A, lora_B, scales))
-    y, _ = _ext_ops().multi_lora_fwd(x2d, lora_A, lora_B, indices, scales.to(torch.float32), ranks,
-                                     d.regime if d.backend == "cuda" else "segment", needs_grad)
-    return y.reshape(*lead, lora_B.shape[1])
+    x2d = x.reshape(-1, K) if x.dim() != 2 else x
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or lora_A.requires_grad or lora_B.requires_grad
+                                              or scales.requires_grad)
+    args = (x2d, lora_A, lora_B, indices, scales.to(torch.float32), ranks,
+            regime if backend == "cuda" else "segment", needs_grad)
+    fwd = _ext_ops().multi_lora_fwd
+    if needs_grad or torch.compiler.is_compiling():
+        y, _ = fwd(*args)
+    else:  # no graph to record: skip the Python autograd kernel (~15 us a call)
+        with torch._C._AutoDispatchBelowAutograd():
+            y, _ = fwd(*args)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], lora_B.shape[1])
 
 
 def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
