@@ -359,6 +359,21 @@ def test_dispatch_is_visible_and_env_forces_the_reference(monkeypatch):
     check_forward(x, A, B, idx, s)
 
 
+def test_route_agrees_with_dispatch_and_grad_recording(monkeypatch):
+    x, A, B, idx, s, _ = case(8, 16, 8, 2, 4, torch.float32)
+    d = lora_kernels.multi_lora_dispatch(x, A)
+    assert ml._route(x, A) == (d.backend, d.regime)
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "torch")
+    d = lora_kernels.multi_lora_dispatch(x, A)
+    assert ml._route(x, A) == (d.backend, d.regime)
+    monkeypatch.delenv("LORA_KERNELS_BACKEND")
+    assert lora_kernels.multi_lora(x, A, B, idx, s).grad_fn is None  # nothing requires grad
+    A.requires_grad_(True)
+    assert lora_kernels.multi_lora(x, A, B, idx, s).grad_fn is not None
+    with torch.no_grad():
+        assert lora_kernels.multi_lora(x, A, B, idx, s).grad_fn is None
+
+
 def test_regime_rule():
     assert lora_kernels.multi_lora_regime(64, 8)[0] == "decode"
     assert lora_kernels.multi_lora_regime(256, 128)[0] == "decode"
