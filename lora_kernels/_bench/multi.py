@@ -268,8 +268,9 @@ def run(quick: bool) -> list[Row]:
         impls = decode_impls(x, A, B, idx, s, with_slow=slow)
         picked = lora_kernels.multi_lora_dispatch(x, A).regime
         times = {}
-        for name, fn in impls.items():
-            times[name] = _time(fn, graph=name in ("gather+bmm", "ext:auto", "ext:decode", "ext:segment"))
+        with torch.no_grad():  # inference: PEFT's LoRA weights would otherwise record a graph
+            for name, fn in impls.items():
+                times[name] = _time(fn, graph=name in ("gather+bmm", "ext:auto", "ext:decode", "ext:segment"))
         base_e, base_g = times["gather+bmm"]
         for name, (e, g) in times.items():
             if name == "peft base":
