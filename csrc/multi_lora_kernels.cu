@@ -48,11 +48,14 @@ __device__ __forceinline__ T convert(S v) {
 template <typename T>
 __host__ __device__ constexpr int vec_elems() { return 16 / static_cast<int>(sizeof(T)); }
 
-// 16-byte vector access; the bytes move between the vector and typed registers through memcpy
-// (a register move after compilation), never through a pointer cast on a local.
+// 16-byte vector accesses (p must be 16-byte aligned); the bytes move between the vector and typed
+// registers through memcpy (a register move after compilation), never through a pointer cast on a local.
+__device__ __forceinline__ uint4 ld16(const void* p) { return *reinterpret_cast<const uint4*>(p); }
+__device__ __forceinline__ void st16(void* p, const uint4& v) { *reinterpret_cast<uint4*>(p) = v; }
+
 template <typename T>
 __device__ __forceinline__ void load_vec_f32(const T* p, float* out) {
-  const uint4 raw = *reinterpret_cast<const uint4*>(p);
+  const uint4 raw = ld16(p);
   T e[vec_elems<T>()];
   memcpy(e, &raw, sizeof(raw));
 #pragma unroll
@@ -421,9 +424,9 @@ __device__ __forceinline__ void load_tile(T* sm, int ld, RowPtr row, int outer_o
       const int i = (e % VPR) * V;
       T* dst = sm + o * ld + i;
       if (o < outer_ok && i + V <= inner_ok) {
-        const uint4 raw = *reinterpret_cast<const uint4*>(row(o) + i);
+        const uint4 raw = ld16(row(o) + i);
         if constexpr (std::is_same<T, TS>::value) {
-          *reinterpret_cast<uint4*>(dst) = raw;  // dst is 16-byte aligned: pitches are multiples of 16 bytes
+          st16(dst, raw);  // dst is 16-byte aligned: pitches are multiples of 16 bytes
         } else {
           TS src[V];
           memcpy(src, &raw, sizeof(raw));
@@ -586,7 +589,7 @@ __global__ void __launch_bounds__(kTileThreads) sgmv_expand_kernel(SgmvExpandArg
       if (vec_o && dd + V <= d_n) {
         uint4 raw;
         memcpy(&raw, vals, sizeof(raw));
-        *reinterpret_cast<uint4*>(dst) = raw;
+        st16(dst, raw);
       } else {
         for (int u = 0; u < V && dd + u < d_n; ++u) dst[u] = vals[u];
       }

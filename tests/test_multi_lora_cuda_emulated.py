@@ -40,6 +40,10 @@ def emulated_source(cu: str) -> str:
     cu = cu.replace("#include <mma.h>", "").replace("#include <cub/block/block_scan.cuh>", "")
     cu = cu.replace("extern __shared__ float xs[];", "float* xs = reinterpret_cast<float*>(emu::g_dyn_smem.data());")
     cu = cu.replace("cudaGetLastError()", "emu::last_error()")
+    # 16-byte accesses fault on a GPU when misaligned, not on a CPU: check them here
+    for fn in ("uint4 ld16(const void* p) {", "void st16(void* p, const uint4& v) {"):
+        assert fn in cu, f"expected {fn!r} in the kernel file"
+        cu = cu.replace(fn, fn + " emu::check_aligned16(p);")
     cu, n = re.subn(r"([\w:]+(?:<[^;<>]*>)?)<<<(.+?)>>>\((.*?)\);", r"emu::launch(\2, \1, \3);", cu)
     assert n >= 8, f"expected the kernel launches to be rewritten, found {n}"
     return '#include "shim.h"\n' + cu

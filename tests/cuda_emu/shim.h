@@ -39,6 +39,12 @@ inline float g_shfl[1024];
 inline std::vector<unsigned char> g_dyn_smem(48 * 1024);
 inline cudaError_t g_err = cudaSuccess;
 inline cudaError_t last_error() { auto e = g_err; g_err = cudaSuccess; return e; }
+inline void check_aligned16(const void* p) {
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) {
+    std::fprintf(stderr, "misaligned 16-byte access at %p\n", p);
+    std::abort();
+  }
+}
 
 template <typename K, typename... Args>
 void launch(dim3 grid, dim3 block, size_t smem, cudaStream_t, K kernel, Args... args) {
