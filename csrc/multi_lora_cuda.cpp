@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
 
+#include <atomic>
 #include <tuple>
 
 #include "multi_lora_kernels.cuh"
@@ -34,10 +35,16 @@ void check_launch(cudaError_t err, const char* what) {
 // A 2-D tensor whose rows may be strided but whose columns are contiguous (what the kernels read).
 Tensor rows_contiguous(const Tensor& t) { return t.size(1) <= 1 || t.stride(1) == 1 ? t : t.contiguous(); }
 
-// c10 headers only (not ATen/cuda/CUDAContext.h, which pulls in the cuBLAS / cuSPARSE headers).
+// Multiprocessors of a device, read once per device (c10 headers only: ATen/cuda/CUDAContext.h pulls
+// in the cuBLAS / cuSPARSE headers). Cached so that no runtime query runs while a graph is captured.
 int sm_count(int device) {
-  int n = 0;
-  check_launch(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+  static std::atomic<int> cache[128] = {};
+  if (device < 0 || device >= 128) device = 0;
+  int n = cache[device].load(std::memory_order_relaxed);
+  if (n == 0) {
+    check_launch(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+    cache[device].store(n, std::memory_order_relaxed);
+  }
   return n;
 }
 
