@@ -9,7 +9,6 @@ their speed; `-m gpu` runs them for real.
 """
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -22,13 +21,13 @@ EMU = ROOT / "tests" / "cuda_emu"
 
 
 def _cuda_include() -> Path | None:
-    candidates = []
-    if os.environ.get("CUDA_HOME"):
-        candidates.append(Path(os.environ["CUDA_HOME"]) / "include")
+    """The CUDA toolkit's include directory (only its headers are used: cuda_fp16.h, cuda_bf16.h)."""
+    from torch.utils.cpp_extension import CUDA_HOME  # CUDA_HOME, else where nvcc is, else the default
+
+    candidates = [Path(CUDA_HOME) / "include"] if CUDA_HOME else []
     nvcc = shutil.which("nvcc")
     if nvcc:
         candidates.append(Path(nvcc).resolve().parents[1] / "include")
-    candidates.append(Path("/usr/local/cuda/include"))
     for c in candidates:
         if (c / "cuda_bf16.h").is_file() and (c / "vector_types.h").is_file():
             return c
