@@ -9,6 +9,7 @@ their speed; `-m gpu` runs them for real.
 """
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -26,8 +27,13 @@ def _cuda_include() -> Path | None:
 
     candidates = [Path(CUDA_HOME) / "include"] if CUDA_HOME else []
     nvcc = shutil.which("nvcc")
-    if nvcc:
-        candidates.append(Path(nvcc).resolve().parents[1] / "include")
+    if nvcc:  # nvcc may be a wrapper script: ask it where its headers are
+        try:
+            dry = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                                 capture_output=True, text=True, timeout=60)
+            candidates += [Path(p) for p in re.findall(r'-I"?([^"\s]+)', dry.stdout + dry.stderr)]
+        except (OSError, subprocess.SubprocessError):
+            pass
     for c in candidates:
         if (c / "cuda_bf16.h").is_file() and (c / "vector_types.h").is_file():
             return c
