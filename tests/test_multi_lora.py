@@ -271,13 +271,22 @@ def test_bad_indices_raise_index_error():
 
 def test_index_check_runs_once_per_tensor_version():
     x, A, B, idx, s, _ = case(6, 16, 8, 3, 4, torch.float32)
-    lora_kernels.multi_lora(x, A, B, idx, s)
-    assert ml._last_valid.hit(idx, None, 3, 4)
+    ranks = torch.tensor([4, 2, 3], device=x.device)
+    lora_kernels.multi_lora(x, A, B, idx, s, ranks)
+    assert ml._checked(idx, 3) and ml._checked(ranks, 4)
+    assert not ml._checked(idx, 2)  # valid for L = 3, not yet known for another L
+    assert not ml._checked(idx.clone(), 3)  # another tensor: checked on its own
     idx[2] = 5  # in place: the version counter moves, the next call checks again
-    assert not ml._last_valid.hit(idx, None, 3, 4)
+    assert not ml._checked(idx, 3)
     with pytest.raises(IndexError):
         lora_kernels.multi_lora(x, A, B, idx, s)
-    assert not ml._last_valid.hit(idx.clone(), None, 3, 4)  # another tensor: checked on its own
+    ranks[1] = 9
+    with pytest.raises(ValueError, match="ranks must lie"):
+        lora_kernels.multi_lora(x, A, B, idx.clamp(max=2), s, ranks)
+    with torch.inference_mode():  # no version counter: checked on every call
+        inf_idx = idx.clamp(max=2)
+        lora_kernels.multi_lora(x, A, B, inf_idx, s)
+        assert not ml._checked(inf_idx, 3)
 
 
 def test_bad_ranks_shapes_and_dtypes():

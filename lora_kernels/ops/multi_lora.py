@@ -23,9 +23,9 @@ Implementations (`multi_lora_dispatch` says which one a call gets, and why):
 
 Index and rank values are checked before any kernel runs: an index outside [-1, L) raises IndexError,
 a rank outside [1, r_max] ValueError. On CUDA that needs the values on the host, i.e. one
-synchronisation. It is paid once per indices tensor, not per call: the last (indices, ranks) found
-valid is remembered by identity and version counter (any in-place change re-checks), so the layers
-of a model that share one indices tensor check it once per forward. The check is skipped where a
+synchronisation. It is paid once per indices tensor, not per call: a tensor found valid is marked
+with its version counter (any in-place change re-checks), so calls that reuse an indices tensor,
+e.g. the layers of a model during one batch, check it once. The check is skipped where a
 host read is impossible (torch.compile tracing, CUDA-graph capture) and with
 LORA_KERNELS_CHECK_INDICES=0; the kernels never need it for memory safety: they treat an index
 outside [0, L) as "no adapter" and clamp ranks, so a bad value can cost a LoRA term, never an
@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import math
 import os
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -147,52 +146,24 @@ def _check(x, lora_A, lora_B, indices, scales, ranks, fn: str = "multi_lora") ->
         raise ValueError(f"{fn}: all tensors must be on one device, got {sorted(map(str, devices))}")
 
 
-class _LastValid:
-    """The last (indices, ranks, L, r_max) found valid, by object identity and version counter.
+_VALID_ATTR = "_lora_kernels_valid"  # set on an indices / ranks tensor once its values were checked
+
+
+def _checked(t: torch.Tensor, bound: int) -> bool:
+    """Whether t's values were found valid against `bound` and t has not been written since.
 
     In-place writes to a tensor (or to any view of its storage) bump its version counter, so a
-    changed tensor is checked again. One slot: a model's layers share one indices tensor per batch.
+    changed tensor is checked again; the mark lives and dies with the tensor object. Inference-mode
+    tensors carry no version counter and are checked on every call.
     """
-
-    def __init__(self):
-        self._key = None
-        self._refs = (None, None)
-
-    @staticmethod
-    def _version(t):
-        if t is None:
-            return None
-        if t.is_inference():  # no version counter: an in-place change could not be seen
-            raise _NoVersion
-        return t._version
-
-    def _make_key(self, indices, ranks, L, R):
-        return (self._version(indices), self._version(ranks), L, R, indices.data_ptr(),
-                None if ranks is None else ranks.data_ptr())
-
-    def hit(self, indices, ranks, L, R) -> bool:
-        try:
-            key = self._make_key(indices, ranks, L, R)
-        except _NoVersion:
-            return False
-        ri, rr = self._refs
-        same = ri is not None and ri() is indices and (rr() is ranks if rr is not None else ranks is None)
-        return same and key == self._key
-
-    def store(self, indices, ranks, L, R) -> None:
-        try:
-            self._key = self._make_key(indices, ranks, L, R)
-        except _NoVersion:
-            self._key, self._refs = None, (None, None)
-            return
-        self._refs = (weakref.ref(indices), weakref.ref(ranks) if ranks is not None else None)
+    if t.is_inference():
+        return False
+    return getattr(t, _VALID_ATTR, None) == (t._version, bound)
 
 
-class _NoVersion(Exception):
-    pass
-
-
-_last_valid = _LastValid()
+def _mark_checked(t: torch.Tensor, bound: int) -> None:
+    if not t.is_inference():
+        setattr(t, _VALID_ATTR, (t._version, bound))
 
 
 def _check_values(indices: torch.Tensor, ranks: torch.Tensor | None, L: int, R: int, fn: str = "multi_lora") -> None:
@@ -203,26 +174,25 @@ def _check_values(indices: torch.Tensor, ranks: torch.Tensor | None, L: int, R: 
         return
     if os.environ.get(CHECK_ENV, "1").strip() == "0":
         return
-    if _last_valid.hit(indices, ranks, L, R):
+    check_idx = indices.numel() > 0 and not _checked(indices, L)
+    check_rk = ranks is not None and ranks.numel() > 0 and not _checked(ranks, R)
+    if not (check_idx or check_rk):
         return
-    parts = []
-    if indices.numel():
-        parts.extend(torch.aminmax(indices))
-    if ranks is not None and ranks.numel():
-        parts.extend(torch.aminmax(ranks))
-    vals = torch.stack([p.to(torch.int64) for p in parts]).tolist() if parts else []  # one host read
-    if indices.numel():
+    parts = (list(torch.aminmax(indices)) if check_idx else []) + (list(torch.aminmax(ranks)) if check_rk else [])
+    vals = torch.stack([p.to(torch.int64) for p in parts]).tolist()  # one host read for both
+    if check_idx:
         lo, hi = vals[0], vals[1]
         if lo < -1 or hi >= L:
             bad = ((indices < -1) | (indices >= L)).nonzero()[0, 0].item()
             raise IndexError(f"{fn}: indices must lie in [-1, {L}) (L = lora_A.shape[0] adapters; -1 = no "
                              f"adapter), got indices[{bad}] = {int(indices[bad])} (values span [{lo}, {hi}])")
-    if ranks is not None and ranks.numel():
+        _mark_checked(indices, L)
+    if check_rk:
         lo, hi = vals[-2], vals[-1]
         if lo < 1 or hi > R:
             raise ValueError(f"{fn}: ranks must lie in [1, r_max = {R}] (r_max = lora_A.shape[1]), got values "
                              f"in [{lo}, {hi}]")
-    _last_valid.store(indices, ranks, L, R)
+        _mark_checked(ranks, R)
 
 
 # ================================================================================================
