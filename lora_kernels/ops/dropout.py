@@ -1,16 +1,18 @@
 """The dropout mask of the LoRA path: defined by (seed, row, column), never stored.
 
 Definition (the Triton kernels and the PyTorch path below compute the same bits):
-    x viewed as [M, K]; element (m, k) with k = 4 g + j, j in 0..3
+    x viewed as [M, K]; element (m, k) with k = 8 g + j, j in 0..7
     (r0, r1, r2, r3) = Philox4x32-7(key = (seed & 0xffffffff, seed >> 32),
                                     counter = (g, m & 0xffffffff, m >> 32, 0))
-    keep(m, k) = (r_j >> 1) >= round(p * 2^31)          P(keep) = 1 - p, to 2^-31
-    drop(x) = x * keep / (1 - p)
+    u(m, k) = (r_{j // 2} >> (16 * (j % 2))) & 0xffff          16 random bits per element
+    keep(m, k) = u >= t,  t = round(p * 2^16)                  P(keep) = 1 - t / 2^16
+    drop(x) = x * keep / (1 - t / 2^16)                        so E[drop(x)] = x exactly
 
-One Philox call yields the bits of 4 neighbouring columns, so a kernel pays 1/4 of a Philox per
-element. 7 rounds, not Triton's default 10: Philox4x32-7 is the fewest rounds that Random123
-(Salmon et al., SC'11) reports passing BigCrush, and each round is ~6 integer instructions per 4
-elements, so 7 rounds cost ~30% less ALU in kernels that are otherwise memory-bound.
+16 bits per element, so one Philox call serves 8 neighbouring columns: a kernel pays 1/8 of a
+Philox per element (FlashAttention's dropout uses 8 bits). The probability applied is p rounded to
+a multiple of 2^-16 (|error| <= 7.7e-6, e.g. 0.05 -> 0.0500030518), and the rescale uses that same
+value. 7 rounds, not Triton's default 10: Philox4x32-7 is the fewest rounds that Random123
+(Salmon et al., SC'11) reports passing BigCrush, and the rounds are the kernels' integer work.
 
 The seed is a 1-element int64 tensor drawn from torch's generator for the tensors' device
 (`draw_seed`), so `torch.manual_seed` makes runs reproducible, and CUDA-graph replays and
@@ -28,10 +30,15 @@ _SEED_HIGH = 2**62  # seeds in [0, 2^62): any 64-bit key works, this keeps them 
 
 
 def keep_threshold(p: float) -> int:
-    """Integer threshold t with keep = (31 random bits) >= t, so P(keep) = 1 - t / 2^31."""
+    """Integer threshold t with keep = (16 random bits) >= t, so P(keep) = 1 - t / 2^16."""
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout probability must be in [0, 1), got {p}")
-    return min(int(round(p * 2**31)), 2**31 - 1)
+    return min(int(round(p * 2**16)), 2**16 - 1)
+
+
+def keep_scale(p: float) -> float:
+    """1 / P(keep) for the probability actually applied (p rounded to a multiple of 2^-16)."""
+    return 1.0 / (1.0 - keep_threshold(p) / 2**16)
 
 
 def draw_seed(device: torch.device | str, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -77,10 +84,11 @@ def dropout_mask(seed: torch.Tensor | int, rows: int, cols: int, p: float,
     device = torch.device("cpu") if device is None else torch.device(device)
     if rows == 0 or cols == 0:
         return torch.ones(rows, cols, dtype=torch.bool, device=device)
-    groups = (cols + 3) // 4
+    groups = (cols + 7) // 8
     m = torch.arange(rows, dtype=torch.int64, device=device).view(rows, 1).expand(rows, groups)
     g = torch.arange(groups, dtype=torch.int64, device=device).view(1, groups).expand(rows, groups)
     zero = torch.zeros_like(m)
     r = _philox4x32(seed, g, m & _M32, m >> 32, zero)
-    bits = torch.stack(r, dim=-1).reshape(rows, groups * 4)[:, :cols]  # column 4 g + j <- r_j
-    return (bits >> 1) >= thr
+    halves = [h for w in r for h in (w & 0xFFFF, w >> 16)]  # j = 2 i + half <- r_i's half
+    bits = torch.stack(halves, dim=-1).reshape(rows, groups * 8)[:, :cols]  # column 8 g + j
+    return bits >= thr

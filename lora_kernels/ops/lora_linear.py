@@ -9,7 +9,7 @@ Forward (three launches, one pass over x, no [M, K] intermediate):
     y += x @ W.T                                     cuBLAS GEMM with beta = 1 (accumulates into y)
 Forward keeps for backward: x (a reference, no copy), S [M, r] fp32 and the seed: M * r * 4 bytes.
 
-Backward, with mask = keep / (1 - p) regenerated from the seed (see dropout.py):
+Backward, with mask = keep / (1 - p) regenerated from the seed (dropout.py has the exact p):
     G  = dy @ B                                       [M, r]  fp32   \\ one pass over dy (dy-pass kernel)
     dB = s * dy.T @ S                                 [N, r]         /
     dA = s * G.T @ drop(x)                            [r, K]         \\ one pass over x  (x-pass kernel),
@@ -27,14 +27,16 @@ matmul settings (TF32 for fp32 only if torch.backends.cuda.matmul allows it).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .. import _backend
-from .dropout import PHILOX_ROUNDS, draw_seed, dropout_mask, keep_threshold
+from .dropout import PHILOX_ROUNDS, draw_seed, dropout_mask, keep_scale, keep_threshold
 
 try:
     import triton
@@ -85,28 +87,44 @@ def _split(n_blocks_other: int, n_blocks_streamed: int, device: torch.device) ->
     return max(1, min(n_blocks_streamed, want))
 
 
-def _shrink_cfg(M: int, R: int) -> _Cfg:
-    # [BM, BR] fp32 accumulator + a [BM, BK] x tile: BM=64, BK=128 at r <= 64; halve BK past that.
-    block_k = 128 if R <= 64 else 64
-    block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
-    return _Cfg(block_m, block_k, num_warps=4, num_stages=3)
+def _rows_block(M: int) -> int:
+    return 16 if M <= 16 else (32 if M <= 32 else 64)
+
+
+# Measured on an H100 (bf16, M = 8192, K = N = 4096; benchmarks/tune_lora_linear.py, 2026-11-22):
+# the fastest of 6-9 candidates per kernel at r = 16 and r = 128. Rank 256 takes smaller tiles and
+# 2 stages: the r = 128 tiles need 233 KB of shared memory there (limit 227 KB).
+def _shrink_cfg(M: int, R: int, dropout: bool = False) -> _Cfg:
+    if R <= 32:  # 41 us (1.65 TB/s) at r16; 4 warps beat 8 by 3%
+        return _Cfg(_rows_block(M), 128, 4, 3)
+    if R <= 128:  # 57 us at r128 vs 59-85 us for the others
+        return _Cfg(_rows_block(M), 64, 4, 4)
+    return _Cfg(min(_rows_block(M), 32), 64, 4, 2)
 
 
 def _expand_cfg(M: int, R: int) -> _Cfg:
-    block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
-    return _Cfg(block_m, 128, num_warps=4, num_stages=2)
+    if R <= 32:  # 28 us = 2.4 TB/s written (82% of copy) at r16
+        return _Cfg(min(_rows_block(M), 32), 128, 4, 2)
+    if R <= 128:  # 52 us at r128
+        return _Cfg(_rows_block(M), 256, 4, 2)
+    return _Cfg(_rows_block(M), 128, 4, 2)
 
 
-def _dy_cfg(M: int, R: int) -> _Cfg:
-    block_n = 128 if R <= 64 else 64
-    block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
-    return _Cfg(block_m, block_n, num_warps=4, num_stages=3)
+def _dy_cfg(M: int, R: int, wide: bool = False) -> _Cfg:
+    if R <= 32:  # 68 us at r16: 8 warps, BN = 128
+        return _Cfg(_rows_block(M), 128, 8, 3)
+    if R <= 128:  # 108 us at r128 with 128-row tiles
+        return _Cfg(128 if M > 64 and not wide else _rows_block(M), 64, 8, 3)
+    # rank 256 with fp32 adapters ("wide"): a [64, 256] fp32 B tile per stage needs 262 KB at BN = 64
+    return _Cfg(_rows_block(M), 32 if wide else 64, 8, 2)
 
 
-def _x_cfg(M: int, R: int) -> _Cfg:
-    block_k = 128 if R <= 64 else 64
-    block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
-    return _Cfg(block_m, block_k, num_warps=4, num_stages=3)
+def _x_cfg(M: int, R: int, dropout: bool = False) -> _Cfg:
+    if R <= 32:  # 65 us without dropout (64 rows); with it, 32-row tiles: 105 us vs 123
+        return _Cfg(min(_rows_block(M), 32) if dropout else _rows_block(M), 128, 4, 3)
+    if R <= 128:  # 139 / 191 us at r128
+        return _Cfg(_rows_block(M), 128, 8, 3)
+    return _Cfg(_rows_block(M), 64, 8, 2)
 
 
 def _dot_precision(x_dtype: torch.dtype, adapter_dtype: torch.dtype) -> str:
@@ -121,18 +139,23 @@ def _dot_precision(x_dtype: torch.dtype, adapter_dtype: torch.dtype) -> str:
 # kernels
 # ================================================================================================
 if HAS_TRITON:
+    _ROUNDS = tl.constexpr(PHILOX_ROUNDS)  # kernels may only read constexpr globals
 
     @triton.jit
     def _keep_mask(seed, rows, k0, keep_thr, BLOCK_K: tl.constexpr):
-        """keep[BM, BLOCK_K] for int64 `rows` and columns k0 .. k0 + BLOCK_K - 1 (k0 % 4 == 0)."""
-        groups = (k0 // 4 + tl.arange(0, BLOCK_K // 4)).to(tl.uint32)  # [BK/4]
-        c0 = groups[None, :] + tl.zeros_like(rows)[:, None].to(tl.uint32)  # [BM, BK/4]
+        """keep[BM, BLOCK_K] for int64 `rows` and columns k0 .. k0 + BLOCK_K - 1 (k0 % 8 == 0)."""
+        groups = (k0 // 8 + tl.arange(0, BLOCK_K // 8)).to(tl.uint32)  # [BK/8]
+        c0 = groups[None, :] + tl.zeros_like(rows)[:, None].to(tl.uint32)  # [BM, BK/8]
         c1 = (rows & 0xFFFFFFFF).to(tl.uint32)[:, None]  # [BM, 1]: broadcast by Philox's rounds
         c2 = (rows >> 32).to(tl.uint32)[:, None]
         c3 = tl.zeros_like(c1)
-        r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c3, PHILOX_ROUNDS)
-        bits = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))  # column 4 g + j <- r_j
-        return (bits >> 1).to(tl.int32) >= keep_thr
+        r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c3, _ROUNDS)
+        # column 8 g + j <- 16-bit half (j % 2) of word j // 2: interleave by the bits of j
+        lo0, hi0, lo1, hi1 = r0 & 0xFFFF, r0 >> 16, r1 & 0xFFFF, r1 >> 16
+        lo2, hi2, lo3, hi3 = r2 & 0xFFFF, r2 >> 16, r3 & 0xFFFF, r3 >> 16
+        even = tl.interleave(tl.interleave(lo0, lo2), tl.interleave(lo1, lo3))  # j = 0, 2, 4, 6
+        odd = tl.interleave(tl.interleave(hi0, hi2), tl.interleave(hi1, hi3))  # j = 1, 3, 5, 7
+        return tl.interleave(even, odd).to(tl.int32) >= keep_thr
 
     @triton.jit
     def _lora_shrink_kernel(
@@ -243,7 +266,7 @@ if HAS_TRITON:
         x_ptr, a_ptr, g_ptr, seed_ptr, dx_ptr, da_ptr,  # x [M, K], A [R, K], G [M, R] f32, dx [M, K], dA parts [SPLIT, R, K] f32
         M, K, R, M_PER_SPLIT,
         stride_xm, stride_xk, stride_ar, stride_ak, stride_dxm, stride_dxk,
-        keep_thr, coef,  # coef = s / (1 - p)
+        keep_thr, coef,  # coef = s * keep_scale(p) = s / (1 - p)
         HAS_DROPOUT: tl.constexpr, WRITE_DX: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
@@ -294,11 +317,11 @@ def _launch(kernel, grid, *args, **meta):
     torch.library.wrap_triton(kernel)[grid](*args, **meta)
 
 
-def _shrink(x: torch.Tensor, A: torch.Tensor, p: float, seed: torch.Tensor | None) -> torch.Tensor:
-    """S = drop(x) @ A.T -> [M, R] fp32."""
+def _shrink(x, A, p, seed, cfg: _Cfg | None = None) -> torch.Tensor:
+    """S = drop(x) @ A.T -> [M, R] fp32.   x [M, K], A [R, K]"""
     M, K = x.shape
     R = A.shape[0]
-    cfg = _shrink_cfg(M, R)
+    cfg = cfg or _shrink_cfg(M, R, p > 0)
     n_m = triton.cdiv(M, cfg.block_a)
     split = _split(n_m, triton.cdiv(K, cfg.block_b), x.device)  # decode: few rows, cut K instead
     k_per_split = triton.cdiv(triton.cdiv(K, split), cfg.block_b) * cfg.block_b
@@ -308,88 +331,101 @@ def _shrink(x: torch.Tensor, A: torch.Tensor, p: float, seed: torch.Tensor | Non
             x, A, parts, seed if seed is not None else parts,
             M, K, R, k_per_split,
             x.stride(0), x.stride(1), A.stride(0), A.stride(1),
-            keep_threshold(p), 1.0 / (1.0 - p),
+            keep_threshold(p), keep_scale(p),
             HAS_DROPOUT=p > 0, DOT_PRECISION=_dot_precision(x.dtype, A.dtype),
             BLOCK_M=cfg.block_a, BLOCK_K=cfg.block_b, BLOCK_R=_block_r(R),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return parts[0] if split == 1 else parts.sum(0)
 
 
-def _fwd_triton(x, weight, A, B, scale, bias, p, seed):
-    M, K = x.shape
-    N, R = weight.shape[0], A.shape[0]
-    S = _shrink(x, A, p, seed)
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    cfg = _expand_cfg(M, R)
+def _expand(S, B, scale, bias, y, cfg: _Cfg | None = None) -> None:
+    """y = scale * S @ B.T + bias, written into y.   S [M, R] fp32, B [N, R], y [M, N]"""
+    M, N = y.shape
+    R = B.shape[1]
+    cfg = cfg or _expand_cfg(M, R)
     _launch(_lora_expand_kernel, (triton.cdiv(M, cfg.block_a), triton.cdiv(N, cfg.block_b)),
             S, B, bias if bias is not None else y, y,
             M, N, R,
             B.stride(0), B.stride(1), y.stride(0), y.stride(1),
             scale,
-            HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(x.dtype, B.dtype),
+            HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(y.dtype, B.dtype),
             BLOCK_M=cfg.block_a, BLOCK_N=cfg.block_b, BLOCK_R=_block_r(R),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    y.addmm_(x, weight.t())  # cuBLAS with beta = 1: y = x @ W.T + (s * S @ B.T + b)
-    return y, S
 
 
-def _bwd_triton(dy, x, weight, A, B, S, seed, scale, p, need_dx):
-    M, K = x.shape
-    N, R = weight.shape[0], A.shape[0]
-    BR = _block_r(R)
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    prec = _dot_precision(x.dtype, A.dtype)
-
-    # pass over dy: G = dy @ B, and dB = s * dy.T @ S by fp32 atomics (or by cuBLAS, deterministic)
-    cfg = _dy_cfg(M, R)
+def _bwd_dy(dy, B, S, scale, x_dtype, deterministic, cfg: _Cfg | None = None):
+    """One pass over dy -> (G = dy @ B [M, R] fp32, dB = scale * dy.T @ S [N, R] fp32)."""
+    M, N = dy.shape
+    R = B.shape[1]
+    cfg = cfg or _dy_cfg(M, R, B.element_size() > dy.element_size())
     n_m = triton.cdiv(M, cfg.block_a)
     split = _split(n_m, triton.cdiv(N, cfg.block_b), dy.device)
     n_per_split = triton.cdiv(triton.cdiv(N, split), cfg.block_b) * cfg.block_b
     split = triton.cdiv(N, n_per_split)
     g_parts = torch.empty((split, M, R), dtype=torch.float32, device=dy.device)
-    db = torch.zeros((N, R), dtype=torch.float32, device=dy.device) if not deterministic else g_parts
+    db = g_parts if deterministic else torch.zeros((N, R), dtype=torch.float32, device=dy.device)
     _launch(_lora_bwd_dy_kernel, (n_m, split),
             dy, B, S, g_parts, db,
             M, N, R, n_per_split,
             dy.stride(0), dy.stride(1), B.stride(0), B.stride(1),
             scale,
-            COMPUTE_DB=not deterministic, DOT_PRECISION=prec,
-            BLOCK_M=cfg.block_a, BLOCK_N=cfg.block_b, BLOCK_R=BR,
+            COMPUTE_DB=not deterministic, DOT_PRECISION=_dot_precision(x_dtype, B.dtype),
+            BLOCK_M=cfg.block_a, BLOCK_N=cfg.block_b, BLOCK_R=_block_r(R),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     G = g_parts[0] if split == 1 else g_parts.sum(0)
-    if deterministic:
+    if deterministic:  # no atomics: dB by one more (cuBLAS) read of dy
         db = torch.mm(dy.t().to(torch.float32), S).mul_(scale)
+    return G, db
 
-    # pass over x: dA = s/(1-p) * G.T @ (x * keep), dx_lora = s/(1-p) * (G @ A) * keep
-    cfg = _x_cfg(M, R)
+
+def _bwd_x(x, A, G, seed, scale, p, need_dx, cfg: _Cfg | None = None):
+    """One pass over x -> (dA = s/(1-p) * G.T @ (x*keep) [R, K] fp32,
+    dx_lora = s/(1-p) * (G @ A) * keep [M, K] in x's dtype, or None when not need_dx)."""
+    M, K = x.shape
+    R = A.shape[0]
+    cfg = cfg or _x_cfg(M, R, p > 0)
     n_k = triton.cdiv(K, cfg.block_b)
     split = _split(n_k, triton.cdiv(M, cfg.block_a), x.device)
     m_per_split = triton.cdiv(triton.cdiv(max(M, 1), split), cfg.block_a) * cfg.block_a
     split = max(1, triton.cdiv(M, m_per_split))
-    da_parts = torch.zeros((split, R, K), dtype=torch.float32, device=x.device) if M == 0 else \
-        torch.empty((split, R, K), dtype=torch.float32, device=x.device)
-    dx = torch.empty((M, K), dtype=x.dtype, device=x.device) if need_dx else da_parts
+    alloc = torch.zeros if M == 0 else torch.empty
+    da_parts = alloc((split, R, K), dtype=torch.float32, device=x.device)
+    dx = torch.empty((M, K), dtype=x.dtype, device=x.device) if need_dx else None
     _launch(_lora_bwd_x_kernel, (n_k, split if M > 0 else 0),
-            x, A, G, seed if seed is not None else G, dx, da_parts,
+            x, A, G, seed if seed is not None else G, dx if need_dx else da_parts, da_parts,
             M, K, R, m_per_split,
-            x.stride(0), x.stride(1), A.stride(0), A.stride(1), dx.stride(0), dx.stride(1),
-            keep_threshold(p), scale / (1.0 - p),
-            HAS_DROPOUT=p > 0, WRITE_DX=need_dx, DOT_PRECISION=prec,
-            BLOCK_M=cfg.block_a, BLOCK_K=cfg.block_b, BLOCK_R=BR,
+            x.stride(0), x.stride(1), A.stride(0), A.stride(1),
+            dx.stride(0) if need_dx else 0, dx.stride(1) if need_dx else 0,
+            keep_threshold(p), scale * keep_scale(p),
+            HAS_DROPOUT=p > 0, WRITE_DX=need_dx, DOT_PRECISION=_dot_precision(x.dtype, A.dtype),
+            BLOCK_M=cfg.block_a, BLOCK_K=cfg.block_b, BLOCK_R=_block_r(R),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    dA = (da_parts[0] if split == 1 else da_parts.sum(0)).to(A.dtype)
+    return (da_parts[0] if split == 1 else da_parts.sum(0)), dx
+
+
+def _fwd_triton(x, weight, A, B, scale, bias, p, seed):
+    S = _shrink(x, A, p, seed)
+    y = torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
+    _expand(S, B, scale, bias, y)
+    y.addmm_(x, weight.t())  # cuBLAS with beta = 1: y = x @ W.T + (s * S @ B.T + b)
+    return y, S
+
+
+def _bwd_triton(dy, x, weight, A, B, S, seed, scale, p, need_dx):
+    G, db = _bwd_dy(dy, B, S, scale, x.dtype, torch.are_deterministic_algorithms_enabled())
+    da, dx = _bwd_x(x, A, G, seed, scale, p, need_dx)
     if need_dx:
         dx.addmm_(dy, weight)  # cuBLAS with beta = 1: dx = dy @ W + dx_lora
     else:
         dx = x.new_empty(0)
-    return dx, dA, db.to(B.dtype)
+    return dx, da.to(A.dtype), db.to(B.dtype)
 
 
 def _masked_x(x, p, seed):
     """drop(x) in fp32, with the kernels' mask (PyTorch path)."""
     xf = x.to(torch.float32)
     if p > 0:
-        xf = xf * dropout_mask(seed, x.shape[0], x.shape[1], p, device=x.device) * (1.0 / (1.0 - p))
+        xf = xf * dropout_mask(seed, x.shape[0], x.shape[1], p, device=x.device) * keep_scale(p)
     return xf
 
 
@@ -408,7 +444,7 @@ def _bwd_torch(dy, x, weight, A, B, S, seed, scale, p, need_dx):
     if need_dx:
         lora = (G @ A.to(torch.float32)) * scale
         if p > 0:
-            lora = lora * dropout_mask(seed, x.shape[0], x.shape[1], p, device=x.device) * (1.0 / (1.0 - p))
+            lora = lora * dropout_mask(seed, x.shape[0], x.shape[1], p, device=x.device) * keep_scale(p)
         dx = (dy @ weight + lora.to(dy.dtype)).to(x.dtype)
     else:
         dx = x.new_empty(0)
@@ -426,15 +462,25 @@ def _use_triton(x: torch.Tensor, K: int, N: int, R: int) -> bool:
 _register_op = torch.library.triton_op if HAS_TRITON else torch.library.custom_op
 
 
+def _forward_impl(x, weight, lora_A, lora_B, scale, bias, dropout_p, seed):
+    if _use_triton(x, x.shape[1], weight.shape[0], lora_A.shape[0]):
+        return _fwd_triton(x, weight, lora_A, lora_B, scale, bias, dropout_p, seed)
+    return _fwd_torch(x, weight, lora_A, lora_B, scale, bias, dropout_p, seed)
+
+
+def _backward_impl(dy, x, weight, lora_A, lora_B, s_lora, seed, scale, dropout_p, need_dx):
+    if _use_triton(x, x.shape[1], weight.shape[0], lora_A.shape[0]):
+        return _bwd_triton(dy, x, weight, lora_A, lora_B, s_lora, seed, scale, dropout_p, need_dx)
+    return _bwd_torch(dy, x, weight, lora_A, lora_B, s_lora, seed, scale, dropout_p, need_dx)
+
+
 @_register_op("lora_kernels::lora_linear", mutates_args=())
 def _lora_linear_op(
     x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float,
     bias: torch.Tensor | None, dropout_p: float, seed: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(y [M, N], S = drop(x) @ A.T [M, r] fp32) for 2-D x; see the module docstring."""
-    if _use_triton(x, x.shape[1], weight.shape[0], lora_A.shape[0]):
-        return _fwd_triton(x, weight, lora_A, lora_B, scale, bias, dropout_p, seed)
-    return _fwd_torch(x, weight, lora_A, lora_B, scale, bias, dropout_p, seed)
+    return _forward_impl(x, weight, lora_A, lora_B, scale, bias, dropout_p, seed)
 
 
 @_register_op("lora_kernels::lora_linear_backward", mutates_args=())
@@ -443,9 +489,7 @@ def _lora_linear_backward_op(
     s_lora: torch.Tensor, seed: torch.Tensor | None, scale: float, dropout_p: float, need_dx: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx [M, K] or empty when not need_dx, dA [r, K], dB [N, r]) of the LoRA linear."""
-    if _use_triton(x, x.shape[1], weight.shape[0], lora_A.shape[0]):
-        return _bwd_triton(dy, x, weight, lora_A, lora_B, s_lora, seed, scale, dropout_p, need_dx)
-    return _bwd_torch(dy, x, weight, lora_A, lora_B, s_lora, seed, scale, dropout_p, need_dx)
+    return _backward_impl(dy, x, weight, lora_A, lora_B, s_lora, seed, scale, dropout_p, need_dx)
 
 
 if not HAS_TRITON:  # custom_op needs its fake kernels spelled out; triton_op traces the function
@@ -462,18 +506,18 @@ if not HAS_TRITON:  # custom_op needs its fake kernels spelled out; triton_op tr
 def _setup_context(ctx, inputs, output):
     x, weight, lora_A, lora_B, scale, bias, dropout_p, seed = inputs
     _, s_lora = output
-    ctx.mark_non_differentiable(s_lora)
+    if isinstance(ctx, torch.autograd.function.FunctionCtx) and not isinstance(ctx, _EagerLoRALinear):
+        ctx.mark_non_differentiable(s_lora)  # the op returns S too; the eager Function does not
     ctx.save_for_backward(x, weight, lora_A, lora_B, s_lora, seed)
     ctx.scale, ctx.dropout_p = scale, dropout_p
 
 
-def _backward(ctx, dy, _ds_lora):
+def _grads(ctx, dy, lora_backward):
     x, weight, lora_A, lora_B, s_lora, seed = ctx.saved_tensors
     need_x, need_w, need_a, need_b, _, need_bias, _, _ = ctx.needs_input_grad
     dx = d_a = d_b = d_w = d_bias = None
     if need_x or need_a or need_b:
-        dx, d_a, d_b = _lora_linear_backward_op(dy, x, weight, lora_A, lora_B, s_lora, seed,
-                                                ctx.scale, ctx.dropout_p, need_x)
+        dx, d_a, d_b = lora_backward(dy, x, weight, lora_A, lora_B, s_lora, seed, ctx.scale, ctx.dropout_p, need_x)
         dx = dx if need_x else None
     if need_w:
         d_w = dy.t().mm(x.to(dy.dtype))  # [N, K]
@@ -482,13 +526,55 @@ def _backward(ctx, dy, _ds_lora):
     return dx, d_w, d_a if need_a else None, d_b if need_b else None, None, d_bias, None, None
 
 
+def _backward(ctx, dy, _ds_lora):
+    return _grads(ctx, dy, _lora_linear_backward_op)
+
+
 _lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerLoRALinear(torch.autograd.Function):
+    """The same forward and backward as the registered op, minus the custom-op dispatch layers.
+
+    Eager calls take this path: the op's dispatch (custom_op -> autograd wrapper -> redispatch)
+    costs ~50 us of host time per call, twice per training step, which is the whole GPU time of a
+    1024 x 1024 projection. torch.compile, export, fake tensors and tensor subclasses see the
+    registered op (see `_use_eager_path`), so both run the same `_forward_impl` / `_backward_impl`.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_A, lora_B, scale, bias, dropout_p, seed):
+        with _raw_launches():
+            y, s_lora = _forward_impl(x, weight, lora_A, lora_B, scale, bias, dropout_p, seed)
+        _setup_context(ctx, (x, weight, lora_A, lora_B, scale, bias, dropout_p, seed), (y, s_lora))
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        with _raw_launches():
+            return _grads(ctx, dy, _backward_impl)
+
+
+def _raw_launches():
+    """Launch kernels directly, as triton_op's own eager body does: wrap_triton's tracing wrapper
+    costs ~200 us per launch on the H100 host (measured), and there is nothing to trace here."""
+    if HAS_TRITON:
+        from torch._library.triton import set_wrap_triton_enabled
+
+        return set_wrap_triton_enabled(False)
+    return contextlib.nullcontext()
+
+
+def _use_eager_path(*tensors) -> bool:
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        return False
+    return all(t is None or type(t) is torch.Tensor or type(t) is torch.nn.Parameter for t in tensors)
 
 
 # ================================================================================================
 # functional API
 # ================================================================================================
-def _check_inputs(x, weight, lora_A, lora_B, scale, bias, dropout_p) -> None:
+def _check_inputs(x, weight, lora_A, lora_B, scale, bias, dropout_p, dtypes: bool = True) -> None:
     for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"lora_linear: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -523,6 +609,11 @@ def _check_inputs(x, weight, lora_A, lora_B, scale, bias, dropout_p) -> None:
     devices = {t.device for t in (x, weight, lora_A, lora_B) + ((bias,) if bias is not None else ())}
     if len(devices) > 1:
         raise ValueError(f"lora_linear: all tensors must be on one device, got {sorted(map(str, devices))}")
+    if dtypes:
+        _check_dtypes(x, weight, lora_A, lora_B, bias)
+
+
+def _check_dtypes(x, weight, lora_A, lora_B, bias) -> None:
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"lora_linear: x must be float16, bfloat16 or float32, got {x.dtype}")
     if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
@@ -548,19 +639,24 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lor
     float32 (PEFT's default keeps adapters in float32). Under torch.autocast, x, weight and bias
     are cast to the autocast dtype first, as F.linear would be.
     """
-    _check_inputs(x, weight, lora_A, lora_B, scale, bias, dropout_p)
-    if torch.is_autocast_enabled(x.device.type):
+    autocast = torch.is_autocast_enabled(x.device.type) if isinstance(x, torch.Tensor) else False
+    _check_inputs(x, weight, lora_A, lora_B, scale, bias, dropout_p, dtypes=not autocast)
+    if autocast:  # cast as autocast casts F.linear's inputs; fp32 adapters stay fp32 (PEFT's default)
         dt = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dt), weight.to(dt)
         bias = bias.to(dt) if bias is not None else None
-        if lora_A.dtype != torch.float32:
+        if lora_A.dtype != torch.float32 or lora_B.dtype != torch.float32:
             lora_A, lora_B = lora_A.to(dt), lora_B.to(dt)
+        _check_dtypes(x, weight, lora_A, lora_B, bias)
         with torch.autocast(x.device.type, enabled=False):
             return lora_linear(x, weight, lora_A, lora_B, scale, bias, dropout_p, generator=generator)
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
     seed = draw_seed(x.device, generator) if dropout_p > 0 else None
-    y, _ = _lora_linear_op(x2d, weight, lora_A, lora_B, float(scale), bias, float(dropout_p), seed)
+    if _use_eager_path(x2d, weight, lora_A, lora_B, bias):
+        y = _EagerLoRALinear.apply(x2d, weight, lora_A, lora_B, float(scale), bias, float(dropout_p), seed)
+    else:
+        y, _ = _lora_linear_op(x2d, weight, lora_A, lora_B, float(scale), bias, float(dropout_p), seed)
     return y.reshape(*lead, weight.shape[0])
 
 

@@ -1,0 +1,180 @@
+"""Fused LoRA linear vs naive PyTorch vs PEFT's lora.Linear, as ratios to the frozen base F.linear.
+
+Every case times, in one run on one GPU (bf16, scale = alpha / r = 2, no bias):
+    base   F.linear(x, W)                                        (W frozen)
+    fused  lora_kernels.lora_linear(x, W, A, B, 2, None, p)
+    naive  F.linear(x, W) + 2 * F.linear(F.linear(F.dropout(x, p), A), B)
+    peft   peft.tuners.lora.Linear(nn.Linear(K, N), r, alpha = 2 r, lora_dropout = p), bf16 adapters
+"fwd" is a training forward (x, A, B require grad); "fwd+bwd" adds torch.autograd.grad of
+(x, A, B) for a fixed dy (no .grad accumulation kernels). Times are medians of CUDA-event timings
+(triton.testing.do_bench). "kept" is the memory one training forward leaves allocated (output +
+what autograd saved), the quantity the issue bounds by base + M * r * 4 bytes.
+Decode rows time inference (torch.no_grad, p = 0) at small M.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import lora_kernels as lk
+
+from . import Row, gpu_time_ms
+
+GRID_P = (0.0, 0.05, 0.1)
+GRID_M = (2048, 8192, 16384)
+GRID_KN = ((4096, 4096), (4096, 14336), (14336, 4096), (2048, 512), (5120, 5120), (8192, 8192))
+GRID_R = (16, 64, 128)
+QUICK = [  # (M, K, N, r, p): the issue's headline targets first
+    (8192, 4096, 4096, 16, 0.05),
+    (8192, 4096, 4096, 16, 0.0),
+    (8192, 2048, 512, 16, 0.05),
+    (8192, 1024, 1024, 16, 0.05),
+    (2048, 4096, 4096, 16, 0.05),
+    (8192, 4096, 4096, 128, 0.05),
+    (8192, 4096, 14336, 16, 0.05),
+    (8192, 14336, 4096, 16, 0.05),
+]
+DECODE = [(1, 4096, 4096, 16), (16, 4096, 4096, 16), (64, 4096, 4096, 16), (256, 4096, 4096, 64)]
+IMPLS = ("fused", "naive", "peft")
+
+
+@dataclass(frozen=True)
+class Case:
+    M: int
+    K: int
+    N: int
+    r: int
+    p: float
+    dtype: torch.dtype = torch.bfloat16
+
+    @property
+    def name(self) -> str:
+        return f"{self.M}x{self.K}->{self.N} r{self.r} p{self.p:g}"
+
+
+def _peft_layer(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, r: int, p: float):
+    from peft import LoraConfig
+    from peft.tuners.lora import Linear as PeftLinear
+
+    N, K = W.shape
+    base = torch.nn.Linear(K, N, bias=False, device=W.device, dtype=W.dtype)
+    base.weight = torch.nn.Parameter(W, requires_grad=False)
+    layer = PeftLinear(base, "default", config=LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=p),
+                       r=r, lora_alpha=2 * r)
+    layer.lora_A["default"].weight = torch.nn.Parameter(A.detach().clone())
+    layer.lora_B["default"].weight = torch.nn.Parameter(B.detach().clone())
+    return layer
+
+
+def build(case: Case, device: str = "cuda", impls=("base",) + IMPLS):
+    """x, dy and {impl: (forward(x) -> y, trainable tensors)} on fresh random data."""
+    M, K, N, r, p, dt = case.M, case.K, case.N, case.r, case.p, case.dtype
+    x = torch.randn(M, K, device=device, dtype=dt)
+    W = torch.randn(N, K, device=device, dtype=dt) / K**0.5
+    A = (torch.randn(r, K, device=device, dtype=dt) / K**0.5).requires_grad_(True)
+    B = (torch.randn(N, r, device=device, dtype=dt) / r**0.5).requires_grad_(True)
+    dy = torch.randn(M, N, device=device, dtype=dt)
+    s = 2.0
+    out = {}
+    if "base" in impls:
+        out["base"] = (lambda x: F.linear(x, W), [])
+    if "fused" in impls:
+        out["fused"] = (lambda x: lk.lora_linear(x, W, A, B, s, None, p), [A, B])
+    if "naive" in impls:
+        out["naive"] = (lambda x: F.linear(x, W) + s * F.linear(F.linear(F.dropout(x, p), A), B), [A, B])
+    if "peft" in impls:
+        layer = _peft_layer(W, A, B, r, p).train()
+        out["peft"] = (layer, [layer.lora_A["default"].weight, layer.lora_B["default"].weight])
+    return x, dy, out
+
+
+def step_fn(fwd, params, x, dy, mode: str):
+    """The callable to time: a training forward, or forward + grads of (x, params)."""
+    xg = x.detach().requires_grad_(True)
+    if mode == "fwd":
+        return lambda: fwd(xg)
+    if mode == "infer":
+        def infer():
+            with torch.no_grad():
+                return fwd(x)
+        return infer
+    inputs = [xg] + list(params)
+    return lambda: torch.autograd.grad(fwd(xg), inputs, dy)
+
+
+def memory_kept(fwd, x) -> int:
+    """Bytes a training forward leaves allocated (its output and what autograd saved)."""
+    xg = x.detach().requires_grad_(True)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    y = fwd(xg)
+    torch.cuda.synchronize()
+    kept = torch.cuda.memory_allocated() - before
+    del y
+    return kept
+
+
+def time_case(case: Case, modes=("fwd", "fwd+bwd"), impls=IMPLS, warmup_ms=10, rep_ms=40,
+              with_memory=True) -> list[Row]:
+    x, dy, fns = build(case, impls=("base",) + tuple(impls))
+    rows = []
+    for mode in modes:
+        base_ms = gpu_time_ms(step_fn(*fns["base"], x, dy, mode), warmup_ms, rep_ms)
+        rows.append(Row("linear", f"{case.name} {mode}", "base", base_ms, 1.0))
+        for impl in impls:
+            ms = gpu_time_ms(step_fn(*fns[impl], x, dy, mode), warmup_ms, rep_ms)
+            rows.append(Row("linear", f"{case.name} {mode}", impl, ms, ms / base_ms))
+    if with_memory and "fwd" in modes:
+        base_kept = memory_kept(fns["base"][0], x)
+        bound = base_kept + case.M * case.r * 4
+        for impl in ("base",) + tuple(impls):
+            kept = memory_kept(fns[impl][0], x)
+            rows.append(Row("linear", f"{case.name} kept", impl, None, kept / base_kept,
+                            note=f"{kept / 2**20:.1f} MiB (bound base+M*r*4 = {bound / 2**20:.1f} MiB)",
+                            extra={"kept_bytes": kept, "bound_bytes": bound}))
+    del x, dy, fns
+    torch.cuda.empty_cache()
+    return rows
+
+
+def time_decode(M, K, N, r) -> list[Row]:
+    case = Case(M, K, N, r, 0.0)
+    x, dy, fns = build(case, impls=("base", "fused", "naive"))
+    base_ms = gpu_time_ms(step_fn(*fns["base"], x, dy, "infer"))
+    rows = [Row("linear", f"{case.name} decode", "base", base_ms, 1.0)]
+    for impl in ("fused", "naive"):
+        ms = gpu_time_ms(step_fn(*fns[impl], x, dy, "infer"))
+        rows.append(Row("linear", f"{case.name} decode", impl, ms, ms / base_ms))
+    return rows
+
+
+def full_grid():
+    for M, (K, N), r, p in itertools.product(GRID_M, GRID_KN, GRID_R, GRID_P):
+        yield Case(M, K, N, r, p)
+
+
+def _cpu_probe() -> list[Row]:
+    """No GPU: check the fused op against float64 on a small case and say what was not measured."""
+    x = torch.randn(33, 40, dtype=torch.float64).float()
+    W, A, B = torch.randn(24, 40) / 7, torch.randn(4, 40) / 7, torch.randn(24, 4)
+    y = lk.lora_linear(x, W, A, B, 2.0)
+    ref = x.double() @ W.double().t() + 2 * (x.double() @ A.double().t()) @ B.double().t()
+    err = ((y.double() - ref).norm() / ref.norm()).item()
+    backend, why = lk.dispatch_reason(x, A)
+    return [Row("linear", "33x40->24 r4 (cpu probe)", "fused", None, None,
+                note=f"not timed (no CUDA); backend={backend} ({why}); rel err vs float64 {err:.1e}")]
+
+
+def run(quick: bool = False) -> list[Row]:
+    if not torch.cuda.is_available():
+        return _cpu_probe()
+    rows = []
+    cases = [Case(*c) for c in QUICK] if quick else list(full_grid())
+    for case in cases:
+        rows.extend(time_case(case, with_memory=case.p > 0 or quick))
+    for d in DECODE[: 2 if quick else None]:
+        rows.extend(time_decode(*d))
+    return rows

@@ -1,0 +1,94 @@
+"""Compile every fused-LoRA kernel for sm_90 at the configs the dispatcher picks, without a GPU.
+
+    python tests/sm90_compile.py            -> one JSON line per kernel build
+Triton ships ptxas and cuobjdump, so this catches on a CPU machine what otherwise fails only on
+the GPU: kernels that do not compile (the interpreter accepts more), configs over the 227 KB of
+shared memory a block may use on an H100, and register spills. Must run without TRITON_INTERPRET.
+"""
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+
+assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "run without TRITON_INTERPRET"
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from lora_kernels.ops import lora_linear as L  # noqa: E402
+
+SMEM_LIMIT = 232448  # bytes of shared memory one block may use on sm_90
+FLOAT_ARGS = {"inv_keep", "scale", "coef"}
+M_BIG = 8192
+
+
+def _signature(kernel, ptrs: dict, constexprs: dict) -> dict:
+    sig = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = "*" + ptrs.get(name, "fp32")
+        elif name in FLOAT_ARGS:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def _builds(ranks=(16, 64, 128, 256), dtypes=(("bf16", "bf16"), ("bf16", "fp32"), ("fp32", "fp32"))):
+    for R, (xdt, adt), drop in itertools.product(ranks, dtypes, (False, True)):
+        prec = "ieee" if xdt == "fp32" else "tf32"
+        BR = L._block_r(R)
+        c = L._shrink_cfg(M_BIG, R, drop)
+        yield ("shrink", R, xdt, adt, drop, c, {"x_ptr": xdt, "a_ptr": adt, "seed_ptr": "i64"},
+               {"HAS_DROPOUT": drop, "DOT_PRECISION": prec, "BLOCK_M": c.block_a, "BLOCK_K": c.block_b, "BLOCK_R": BR})
+        c = L._x_cfg(M_BIG, R, drop)
+        yield ("x", R, xdt, adt, drop, c, {"x_ptr": xdt, "a_ptr": adt, "seed_ptr": "i64", "dx_ptr": xdt},
+               {"HAS_DROPOUT": drop, "WRITE_DX": True, "DOT_PRECISION": prec, "BLOCK_M": c.block_a,
+                "BLOCK_K": c.block_b, "BLOCK_R": BR})
+        if drop:
+            continue
+        c = L._expand_cfg(M_BIG, R)
+        yield ("expand", R, xdt, adt, drop, c, {"b_ptr": adt, "bias_ptr": xdt, "y_ptr": xdt},
+               {"HAS_BIAS": True, "DOT_PRECISION": prec, "BLOCK_M": c.block_a, "BLOCK_N": c.block_b, "BLOCK_R": BR})
+        c = L._dy_cfg(M_BIG, R, adt == "fp32" and xdt != "fp32")
+        yield ("dy", R, xdt, adt, drop, c, {"dy_ptr": xdt, "b_ptr": adt},
+               {"COMPUTE_DB": True, "DOT_PRECISION": prec, "BLOCK_M": c.block_a, "BLOCK_N": c.block_b, "BLOCK_R": BR})
+
+
+KERNELS = {"shrink": "_lora_shrink_kernel", "x": "_lora_bwd_x_kernel", "expand": "_lora_expand_kernel",
+           "dy": "_lora_bwd_dy_kernel"}
+
+
+def _compile(build):
+    name, R, xdt, adt, drop, cfg, ptrs, consts = build
+    kernel = getattr(L, KERNELS[name])
+    src = ASTSource(fn=kernel, signature=_signature(kernel, ptrs, consts), constexprs=consts)
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
+    regs, stack, local = (int(v) for v in m.groups())
+    return {"kernel": name, "R": R, "x": xdt, "adapter": adt, "dropout": drop, "cfg": list(cfg.__dict__.values()),
+            "shared": k.metadata.shared, "regs": regs, "stack": stack, "local": local}
+
+
+# For CI: rank 256 with fp32 adapters on bf16 activations, the pairing with the largest tiles.
+QUICK = dict(ranks=(256,), dtypes=(("bf16", "fp32"),))  # the largest shared-memory footprints
+
+if __name__ == "__main__":
+    quick = "--quick" in sys.argv
+    builds = list(_builds(**QUICK) if quick else _builds())
+    with ProcessPoolExecutor(2) as pool:
+        for row in pool.map(_compile, builds):
+            print(json.dumps(row), flush=True)

@@ -1,0 +1,153 @@
+"""adapter_batch: each sequence of a batch with its own adapter, as if it ran alone with that adapter."""
+import copy
+
+import pytest
+import torch
+
+import lora_kernels as lk
+from ._models import R, build, randomize_adapters, torch_backend  # noqa: F401
+
+FP32 = dict(atol=2e-5, rtol=2e-5)
+FP32_GRAD = dict(atol=5e-5, rtol=5e-5)
+NAMES = ["tenant_a", "tenant_b", None, "tenant_a", "tenant_c"]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A tiny Llama with three adapters loaded from PEFT-format files: tenant_a (r=4, all 7
+    projections), tenant_b (r=2, q/v only), tenant_c (r=3, rsLoRA, MLP only)."""
+    d = tmp_path_factory.mktemp("adapters")
+    for i, (name, kw) in enumerate({"tenant_a": dict(r=R), "tenant_b": dict(r=2, target_modules=["q_proj", "v_proj"]),
+                                    "tenant_c": dict(r=3, alpha=5, use_rslora=True,
+                                                     target_modules=["gate_proj", "up_proj", "down_proj"])}.items()):
+        src = lk.patch(build("llama"), dropout=0.0, **kw)
+        randomize_adapters(src, seed=10 + i, std=0.3)
+        lk.save_adapter(src, d / name)
+    model = build("llama")
+    for name in ("tenant_a", "tenant_b", "tenant_c"):
+        lk.load_adapter(model, d / name, name=name)
+    return model, d
+
+
+def _ids(n=5, T=7, seed=0):
+    return torch.randint(0, 120, (n, T), generator=torch.Generator().manual_seed(seed))
+
+
+def _alone(model, ids_row, name, **kw):
+    """One sequence through the model with only `name` active (None: base model)."""
+    layers = [m for m in model.modules() if isinstance(m, lk.LoRALinear)]
+    for m in layers:
+        m.set_adapter([name] if name in m.adapters else [])
+    try:
+        return model(ids_row[None], **kw)
+    finally:
+        for m in layers:
+            m.set_adapter(["tenant_a"])
+
+
+def test_mixed_batch_matches_each_sequence_alone(served):
+    model, _ = served
+    model.eval()
+    ids = _ids()
+    with lk.adapter_batch(model, NAMES):
+        mixed = model(ids).logits
+    base = {b: _alone(model, ids[b], None).logits[0] for b in range(len(NAMES))}
+    for b, name in enumerate(NAMES):
+        torch.testing.assert_close(mixed[b], _alone(model, ids[b], name).logits[0], **FP32)
+        if name is not None:  # each adapter really changes its rows
+            assert (mixed[b] - base[b]).abs().max() > 1e-2
+    # outside the context the model is back to its active adapter for every row
+    torch.testing.assert_close(model(ids[:1]).logits[0], _alone(model, ids[0], "tenant_a").logits[0], **FP32)
+
+
+def test_mixed_batch_training_gradients_come_from_own_sequences(served):
+    model, _ = served
+    model.train()
+    ids = _ids(seed=1)
+    params = {n: p for n, p in model.named_parameters() if ".lora_" in n}
+    for p in params.values():
+        p.requires_grad_(True)
+    w = torch.randn(ids.shape[0], ids.shape[1], 128, generator=torch.Generator().manual_seed(2))
+    model.zero_grad()
+    with lk.adapter_batch(model, NAMES):
+        (model(ids).logits * w).sum().backward()
+    mixed = {n: None if p.grad is None else p.grad.clone() for n, p in params.items()}
+    for name in ("tenant_a", "tenant_b", "tenant_c"):
+        rows = [b for b, nm in enumerate(NAMES) if nm == name]
+        model.zero_grad()
+        for b in rows:
+            (_alone(model, ids[b], name).logits[0] * w[b]).sum().backward()
+        own = {n: p for n, p in params.items() if f".{name}" in n}
+        assert own
+        for n, p in own.items():
+            torch.testing.assert_close(mixed[n], p.grad, **FP32_GRAD)
+    model.eval()
+
+
+def test_mixed_batch_generate(served):
+    model, _ = served
+    model.eval()
+    ids = _ids(T=5, seed=3)
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with lk.adapter_batch(model, NAMES):
+        out = model.generate(ids, **kw)
+    for b, name in enumerate(NAMES):
+        layers = [m for m in model.modules() if isinstance(m, lk.LoRALinear)]
+        for m in layers:
+            m.set_adapter([name] if name in m.adapters else [])
+        alone = model.generate(ids[b:b + 1], **kw)
+        for m in layers:
+            m.set_adapter(["tenant_a"])
+        assert torch.equal(out[b], alone[0]), (b, name)
+
+
+def test_bad_batches(served):
+    model, _ = served
+    ids = _ids()
+    with pytest.raises(ValueError, match="3 adapter names were given but this layer sees a batch of 5"):
+        with lk.adapter_batch(model, ["tenant_a", None, "tenant_b"]):
+            model(ids)
+    with pytest.raises(KeyError, match=r"unknown adapter\(s\) \['tenant_x'\]"):
+        with lk.adapter_batch(model, ["tenant_a", "tenant_x"]):
+            pass
+    with pytest.raises(ValueError, match="names is empty"):
+        with lk.adapter_batch(model, []):
+            pass
+    with pytest.raises(TypeError, match="adapter names"):
+        with lk.adapter_batch(model, ["tenant_a", 3]):
+            pass
+    with pytest.raises(ValueError, match="no lora_kernels LoRA layers"):
+        with lk.adapter_batch(build("llama"), ["tenant_a"]):
+            pass
+    assert all(m._lora_batch is None for m in model.modules() if isinstance(m, lk.LoRALinear))
+
+
+def test_merged_layer_refuses_mixed_batch(served):
+    model, _ = served
+    m = model.get_submodule("model.layers.0.self_attn.q_proj")
+    m.merge()
+    try:
+        with pytest.raises(RuntimeError, match="merged"):
+            with lk.adapter_batch(model, ["tenant_a"]):
+                model(_ids(n=1))
+    finally:
+        m.unmerge()
+
+
+def test_peft_model_mixed_batch(served):
+    """Several adapters in a PEFT model, accelerated by patch(): adapter_batch and PEFT's own adapter_names."""
+    from peft import PeftModel
+
+    _, d = served
+    pm = PeftModel.from_pretrained(build("llama"), d / "tenant_a", adapter_name="tenant_a")
+    pm.load_adapter(d / "tenant_b", adapter_name="tenant_b")
+    pm.load_adapter(d / "tenant_c", adapter_name="tenant_c")
+    pm.eval()
+    twin = copy.deepcopy(pm)
+    lk.patch(pm)
+    ids = _ids(seed=4)
+    peft_names = [n if n is not None else "__base__" for n in NAMES]
+    ref = twin(input_ids=ids, adapter_names=peft_names).logits  # PEFT's own mixed batch
+    with lk.adapter_batch(pm, NAMES):
+        torch.testing.assert_close(pm(input_ids=ids).logits, ref, **FP32)
+    torch.testing.assert_close(pm(input_ids=ids, adapter_names=peft_names).logits, ref, **FP32)

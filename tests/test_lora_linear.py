@@ -1,0 +1,464 @@
+"""lora_linear against a float64 reference: forward, every gradient, every dtype, awkward sizes.
+
+On CPU both backends run (the Triton kernels through the interpreter, fp32/fp16 only: the
+interpreter's bf16 dot is broken upstream); on a GPU the same tests run the compiled kernels, bf16
+and larger shapes included.
+"""
+import itertools
+
+import pytest
+import torch
+
+import lora_kernels as lk
+from lora_kernels.ops import lora_linear as op_mod
+from lora_kernels.ops.dropout import keep_scale
+
+from .conftest import DEVICE, ON_GPU
+
+# Relative Frobenius error ||out - ref|| / ||ref|| against float64, forward / backward. fp32 runs
+# the LoRA dots as full fp32 and cuBLAS without TF32 (torch's default), so 1e-5 has ~100x margin
+# over what fp32 gives and still fails for any real mistake; fp16 / bf16 also have to stay within
+# 2x the error of the naive composition in the same dtype (check_vs_naive).
+TOL = {
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (2e-3, 3e-3),
+    torch.bfloat16: (1.2e-2, 1.5e-2),
+}
+
+
+def dtypes_for(backend):
+    if backend == "triton" and not ON_GPU:
+        return [torch.float32, torch.float16]  # interpreter: tl.dot on bf16 is broken (triton#11584)
+    return [torch.float32, torch.float16, torch.bfloat16]
+
+
+def rel_err(out, ref, scale_ref=None):
+    """||out - ref|| / ||scale_ref||, scale_ref defaulting to ref.
+
+    With scale_ref = the same computation on absolute values (|x| |W| ..., see run_case) this is
+    the normwise error that rounding can cause whatever the cancellation: a gradient that is one
+    dot product times a vector (M = 1, r = 1) otherwise shows the dot product's conditioning, not
+    the kernel's accuracy.
+    """
+    out, ref = out.double(), ref.double()
+    assert torch.isfinite(out).all(), "non-finite values in output"
+    den = (ref if scale_ref is None else scale_ref).double().norm().clamp_min(1e-300)
+    return ((out - ref).norm() / den).item()
+
+
+def make_inputs(M, K, N, r, dtype, *, bias=True, lead=(), adapter_dtype=None, seed=None):
+    """Fresh random inputs, scaled so every term of y is O(1) (no cancellation hides errors)."""
+    g = torch.Generator().manual_seed(seed if seed is not None else torch.randint(0, 2**31, ()).item())
+    adt = adapter_dtype or dtype
+    x = torch.randn(*lead, M, K, generator=g).to(DEVICE, dtype)
+    W = (torch.randn(N, K, generator=g) / K**0.5).to(DEVICE, dtype)
+    A = (torch.randn(r, K, generator=g) / K**0.5).to(DEVICE, adt)
+    B = (torch.randn(N, r, generator=g) / r**0.5).to(DEVICE, adt)
+    b = torch.randn(N, generator=g).to(DEVICE, dtype) if bias else None
+    return x, W, A, B, b
+
+
+def reference(x, W, A, B, scale, b, p, seed):
+    """float64 y (differentiable in every float64 input), with the documented dropout mask."""
+    K = x.shape[-1]
+    x2 = x.double().reshape(-1, K)
+    mult = (lk.dropout_mask(seed, x2.shape[0], K, p, device=x.device).double() * keep_scale(p)) if p > 0 else 1.0
+    y = x2 @ W.double().t() + scale * ((x2 * mult) @ A.double().t()) @ B.double().t()
+    if b is not None:
+        y = y + b.double()
+    return y.reshape(*x.shape[:-1], W.shape[0])
+
+
+def run_case(M, K, N, r, dtype, p, *, scale=0.5, bias=True, lead=(), x_transform=None, adapter_dtype=None,
+             train_weight=False):
+    x, W, A, B, b = make_inputs(M, K, N, r, dtype, bias=bias, lead=lead, adapter_dtype=adapter_dtype)
+    if x_transform is not None:
+        x = x_transform(x)
+    x.requires_grad_(True)
+    A.requires_grad_(True)
+    B.requires_grad_(True)
+    if train_weight:
+        W.requires_grad_(True)
+        if b is not None:
+            b.requires_grad_(True)
+    gen = torch.Generator(DEVICE).manual_seed(1234)
+    y = lk.lora_linear(x, W, A, B, scale, b, p, generator=gen)
+    seed = lk.dropout_seed(DEVICE, torch.Generator(DEVICE).manual_seed(1234)) if p > 0 else None
+
+    leaves = [x, A, B] + ([W] + ([b] if b is not None else []) if train_weight else [])
+    refs, abs_refs = [], []
+    for t in leaves:
+        refs.append(t.detach().double().requires_grad_(True))
+        abs_refs.append(t.detach().double().abs().requires_grad_(True))
+
+    def ref_from(ts, absolute):
+        rx, rA, rB = ts[:3]
+        rW = ts[3] if train_weight else (W.double().abs() if absolute else W)
+        rb = (ts[4] if b is not None else None) if train_weight else (b.double().abs() if absolute and b is not None else b)
+        return reference(rx, rW, rA, rB, abs(scale) if absolute else scale, rb, p, seed)
+
+    y_ref = ref_from(refs, False)
+    y_abs = ref_from(abs_refs, True)
+    assert y.shape == (*x.shape[:-1], N) and y.dtype == dtype
+    # dy is rounded to the op's dtype first: the op can only see the rounded values
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(DEVICE, dtype).double()
+    (y.double() * dy).sum().backward()
+    (y_ref * dy).sum().backward()
+    (y_abs * dy.abs()).sum().backward()
+    for r, ra in zip(refs, abs_refs):
+        r.scale = ra.grad  # what each gradient's rounding error is measured against
+    return y, y_ref, leaves, refs, y_abs
+
+
+# ------------------------------------------------------------------------------------------------
+# forward and backward against float64
+# ------------------------------------------------------------------------------------------------
+CPU_SHAPES = [  # (M, K, N, r): odd sizes, r = 1, K or N = 1, M = 1 (also run on GPU)
+    (1, 17, 33, 1),
+    (7, 1, 17, 8),
+    (133, 17, 1, 16),
+    (7, 2049, 17, 8),
+    (133, 40, 2049, 3),
+    (33, 130, 65, 128),
+]
+GPU_SHAPES = CPU_SHAPES + [(M, K, N, r) for M, (K, N), r in itertools.product(
+    (1, 7, 133), ((1, 17), (17, 2049), (2049, 1), (2049, 2049)), (1, 16, 128))] + [
+    (4096, 4096, 4096, 16), (1000, 1536, 4000, 256), (2048, 4096, 11008, 64)]
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+@pytest.mark.parametrize("shape", GPU_SHAPES if ON_GPU else CPU_SHAPES, ids=str)
+def test_matches_float64(backend, shape, p):
+    M, K, N, r = shape
+    if ON_GPU and backend == "torch" and shape not in CPU_SHAPES + GPU_SHAPES[-3:]:
+        pytest.skip("the PyTorch path is covered at these sizes on CPU; GPU time goes to the kernels")
+    for dtype in dtypes_for(backend):
+        y, y_ref, leaves, refs, y_abs = run_case(M, K, N, r, dtype, p)
+        ftol, btol = TOL[dtype]
+        assert rel_err(y, y_ref, y_abs) < ftol, (dtype, "y")
+        for name, t, rt in zip(("dx", "dA", "dB"), leaves, refs):
+            assert t.grad is not None and t.grad.dtype == t.dtype and t.grad.shape == t.shape
+            assert rel_err(t.grad, rt.grad, rt.scale) < btol, (dtype, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_within_2x_of_naive(backend, dtype):
+    """Our error (forward and every gradient) <= 2x that of the naive composition in `dtype`."""
+    if dtype not in dtypes_for(backend):
+        pytest.skip("interpreter: no bf16 dot")
+    M, K, N, r = (512, 1024, 768, 16) if ON_GPU else (64, 96, 80, 8)
+    p, scale = 0.1, 2.0
+    x, W, A, B, b = make_inputs(M, K, N, r, dtype)
+    ours = [t.clone().requires_grad_(True) for t in (x, A, B)]
+    naive = [t.clone().requires_grad_(True) for t in (x, A, B)]
+    exact = [t.double().requires_grad_(True) for t in (x, A, B)]
+    y = lk.lora_linear(*ours[:1], W, *ours[1:], scale, b, p, generator=torch.Generator(DEVICE).manual_seed(8))
+    seed = lk.dropout_seed(DEVICE, torch.Generator(DEVICE).manual_seed(8))
+    mask = lk.dropout_mask(seed, M, K, p, device=DEVICE)
+    xn, An, Bn = naive
+    y_naive = torch.nn.functional.linear(xn, W, b) + scale * ((xn * mask.to(dtype) * keep_scale(p)) @ An.t()) @ Bn.t()
+    y_ref = reference(exact[0], W, exact[1], exact[2], scale, b, p, seed)
+    dy = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(9)).to(DEVICE, dtype).double()
+    for out in (y, y_naive):
+        (out.double() * dy).sum().backward()
+    (y_ref * dy).sum().backward()
+    assert rel_err(y, y_ref) <= 2 * rel_err(y_naive, y_ref) + 1e-6
+    for name, o, n, e in zip(("dx", "dA", "dB"), ours, naive, exact):
+        assert rel_err(o.grad, e.grad) <= 2 * rel_err(n.grad, e.grad) + 1e-6, name
+
+
+X_LAYOUTS = {
+    "3d": lambda x: x.reshape(3, -1, x.shape[-1]),  # [3, M/3, K]
+    "column_major": lambda x: x.t().contiguous().t(),  # stride (1, M)
+    "strided_columns": lambda x: torch.cat([x, x], 1).reshape(x.shape[0], 2, -1).transpose(1, 2)[..., 0],
+    "transposed_3d": lambda x: x.reshape(3, -1, x.shape[-1]).transpose(0, 1),  # [M/3, 3, K], not viewable
+}
+
+
+@pytest.mark.parametrize("layout", sorted(X_LAYOUTS))
+def test_3d_and_noncontiguous_inputs(backend, layout):
+    M, K, N, r = 12, 34, 20, 4
+    x, W, A, B, b = make_inputs(M, K, N, r, torch.float32)
+    x = X_LAYOUTS[layout](x).detach().requires_grad_(True)
+    if layout != "3d":
+        assert not x.is_contiguous()
+    y = lk.lora_linear(x, W, A, B, 0.7, b, 0.2, generator=torch.Generator(DEVICE).manual_seed(3))
+    seed = lk.dropout_seed(DEVICE, torch.Generator(DEVICE).manual_seed(3))
+    rx = x.detach().double().requires_grad_(True)
+    y_ref = reference(rx, W, A, B, 0.7, b, 0.2, seed)
+    assert y.shape == y_ref.shape == (*x.shape[:-1], N)
+    assert rel_err(y, y_ref) < TOL[torch.float32][0]
+    dy = torch.randn_like(y_ref)
+    (y.double() * dy).sum().backward()
+    (y_ref * dy).sum().backward()
+    assert x.grad.shape == x.shape
+    assert rel_err(x.grad, rx.grad) < TOL[torch.float32][1]
+
+
+def test_weight_and_bias_gradients(backend):
+    y, y_ref, leaves, refs, y_abs = run_case(13, 24, 19, 4, torch.float32, 0.1, train_weight=True)
+    assert rel_err(y, y_ref, y_abs) < 1e-5
+    for name, t, rt in zip(("dx", "dA", "dB", "dW", "db"), leaves, refs):
+        assert rel_err(t.grad, rt.grad, rt.scale) < 1e-5, name
+
+
+def test_fp32_adapters_on_half_activations(backend):
+    """PEFT keeps adapters in fp32 on a 16-bit base: gradients come back in fp32."""
+    dtype = torch.float16 if (backend == "triton" and not ON_GPU) else torch.bfloat16
+    y, y_ref, leaves, refs, y_abs = run_case(17, 40, 24, 8, dtype, 0.1, adapter_dtype=torch.float32)
+    assert leaves[1].grad.dtype == torch.float32 and leaves[2].grad.dtype == torch.float32
+    assert rel_err(y, y_ref, y_abs) < TOL[dtype][0]
+    for t, rt in zip(leaves, refs):
+        assert rel_err(t.grad, rt.grad, rt.scale) < TOL[dtype][1]
+
+
+def test_empty_batch(backend):
+    x, W, A, B, b = make_inputs(0, 16, 8, 4, torch.float32, lead=(2,))
+    x.requires_grad_(True)
+    A.requires_grad_(True)
+    y = lk.lora_linear(x, W, A, B, 1.0, b, 0.1)
+    assert y.shape == (2, 0, 8)
+    y.sum().backward()
+    assert x.grad.shape == x.shape and A.grad is not None and float(A.grad.abs().sum()) == 0.0
+
+
+def test_only_adapter_grads_when_x_frozen(backend):
+    x, W, A, B, b = make_inputs(11, 20, 12, 4, torch.float32)
+    A.requires_grad_(True)
+    B.requires_grad_(True)
+    gen = torch.Generator(DEVICE).manual_seed(5)
+    y = lk.lora_linear(x, W, A, B, 1.5, b, 0.3, generator=gen)
+    seed = lk.dropout_seed(DEVICE, torch.Generator(DEVICE).manual_seed(5))
+    rA, rB = A.detach().double().requires_grad_(True), B.detach().double().requires_grad_(True)
+    y_ref = reference(x, W, rA, rB, 1.5, b, 0.3, seed)
+    dy = torch.randn_like(y_ref)
+    (y.double() * dy).sum().backward()
+    (y_ref * dy).sum().backward()
+    assert x.grad is None
+    assert rel_err(A.grad, rA.grad) < 1e-5 and rel_err(B.grad, rB.grad) < 1e-5
+
+
+# ------------------------------------------------------------------------------------------------
+# dropout
+# ------------------------------------------------------------------------------------------------
+def kernel_mask(M, K, p, generator):
+    """The mask the op actually applied, read back through the op itself:
+    x = 1, A = I, B = I, W = 0, scale = 1  ->  y = keep * keep_scale(p)."""
+    x = torch.ones(M, K, device=DEVICE)
+    eye = torch.eye(K, device=DEVICE)
+    y = lk.lora_linear(x, torch.zeros(K, K, device=DEVICE), eye, eye, 1.0, None, p, generator=generator)
+    return y / keep_scale(p)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_kernel_mask_is_the_documented_mask(backend, p):
+    M, K = (37, 130) if not ON_GPU else (1031, 256)
+    m = kernel_mask(M, K, p, torch.Generator(DEVICE).manual_seed(11))
+    seed = lk.dropout_seed(DEVICE, torch.Generator(DEVICE).manual_seed(11))
+    expect = lk.dropout_mask(seed, M, K, p, device=DEVICE)
+    assert torch.equal(m.round().bool(), expect)
+    assert torch.allclose(m, expect.float(), atol=1e-6)  # 0 or 1, up to fp32 rounding of the rescale
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.9])
+def test_keep_rate_within_statistical_bounds(p):
+    rows, cols = 256, 1024
+    n = rows * cols
+    mask = lk.dropout_mask(torch.tensor([987654321]), rows, cols, p)
+    dropped = n - int(mask.sum())
+    sigma = (n * p * (1 - p)) ** 0.5
+    assert abs(dropped - n * p) < 6 * sigma
+    # 8 neighbours share one Philox call (2 share a word): pairs must still be independent
+    for a, b in ((0, 1), (0, 2), (1, 7)):
+        both = int((~mask[:, a::8] & ~mask[:, b::8]).sum())
+        n2 = n // 8
+        assert abs(both - n2 * p * p) < 6 * (n2 * p * p * (1 - p * p)) ** 0.5, (a, b)
+    # rows differ from each other (the row enters the counter)
+    assert not torch.equal(mask[0], mask[1])
+
+
+def test_same_seed_same_output_different_seed_different_mask(backend):
+    x, W, A, B, b = make_inputs(16, 64, 32, 8, torch.float32)
+    outs = []
+    for s in (1, 1, 2):
+        torch.manual_seed(s)
+        outs.append(lk.lora_linear(x, W, A, B, 1.0, b, 0.5))
+    assert torch.equal(outs[0], outs[1])
+    assert not torch.equal(outs[0], outs[2])
+
+
+def test_p_zero_is_exactly_no_dropout(backend):
+    x, W, A, B, b = make_inputs(9, 33, 21, 5, torch.float32)
+    state = torch.get_rng_state() if DEVICE == "cpu" else torch.cuda.get_rng_state()
+    y0 = lk.lora_linear(x, W, A, B, 1.0, b, 0.0)
+    after = torch.get_rng_state() if DEVICE == "cpu" else torch.cuda.get_rng_state()
+    assert torch.equal(state, after), "p = 0 must not consume random numbers"
+    assert rel_err(y0, reference(x, W, A, B, 1.0, b, 0.0, None)) < 1e-5
+    assert torch.equal(y0, lk.lora_linear(x, W, A, B, 1.0, b, 0.0))
+
+
+def test_backends_agree_bitwise_on_mask(monkeypatch):
+    """Both paths draw the same mask from the same seed."""
+    if not (ON_GPU or op_mod.HAS_TRITON):
+        pytest.skip("needs triton")
+    masks = []
+    for be in ("torch", "triton"):
+        monkeypatch.setenv("LORA_KERNELS_BACKEND", be)
+        masks.append(kernel_mask(19, 68, 0.25, torch.Generator(DEVICE).manual_seed(21)))
+    assert torch.equal(masks[0].round(), masks[1].round())
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input
+# ------------------------------------------------------------------------------------------------
+def test_bad_input_raises_clearly():
+    x, W, A, B, b = make_inputs(4, 8, 6, 2, torch.float32)
+    cases = [
+        ((x, W[:, :7], A, B, 1.0, b, 0.0), ValueError, "features"),
+        ((x, W, A[:, :7], B, 1.0, b, 0.0), ValueError, "lora_A"),
+        ((x, W, A, B[:, :1], 1.0, b, 0.0), ValueError, "lora_B"),
+        ((x, W, A, B, 1.0, b[:5], 0.0), ValueError, "bias"),
+        ((x, W, A[:0], B[:, :0], 1.0, b, 0.0), ValueError, "r = "),
+        ((x, W, A, B, 1.0, b, 1.0), ValueError, "dropout_p"),
+        ((x, W, A, B, 1.0, b, -0.1), ValueError, "dropout_p"),
+        ((x, W.double(), A, B, 1.0, b, 0.0), TypeError, "dtype"),
+        ((x.half(), W.half(), A.bfloat16(), B.bfloat16(), 1.0, b.half(), 0.0), TypeError, "lora_A and lora_B"),
+        ((x.long(), W, A, B, 1.0, b, 0.0), TypeError, "float16"),
+        ((x, W, A, B, float("nan"), b, 0.0), TypeError, "scale"),
+        ((x, W, A, B, torch.tensor(1.0), b, 0.0), TypeError, "scale"),
+        ((x, W[None], A, B, 1.0, b, 0.0), ValueError, "2-D"),
+        ((x.numpy() if DEVICE == "cpu" else 3, W, A, B, 1.0, b, 0.0), TypeError, "torch.Tensor"),
+    ]
+    if DEVICE == "cpu":
+        cases.append(((x, W.to("meta"), A, B, 1.0, b, 0.0), ValueError, "one device"))
+    else:
+        cases.append(((x, W.cpu(), A, B, 1.0, b, 0.0), ValueError, "one device"))
+    for args, exc, words in cases:
+        with pytest.raises(exc, match=words):
+            lk.lora_linear(*args)
+
+
+def test_large_rank_falls_back_visibly(monkeypatch):
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "triton")
+    x, W, A, B, b = make_inputs(3, 300, 5, 257, torch.float32)
+    if ON_GPU or op_mod.HAS_TRITON:
+        backend, why = lk.dispatch_reason(x, A)
+        assert backend == "torch" and "257" in why
+    y = lk.lora_linear(x, W, A, B, 1.0, b)
+    assert rel_err(y, reference(x, W, A, B, 1.0, b, 0.0, None)) < 1e-5
+
+
+# ------------------------------------------------------------------------------------------------
+# registration: opcheck, compile, CUDA graphs, autocast, memory kept
+# ------------------------------------------------------------------------------------------------
+def test_opcheck(backend):
+    if backend == "triton" and not ON_GPU:
+        pytest.skip("the interpreter reads fake tensors' data; opcheck of the Triton path runs on GPU")
+    x, W, A, B, b = make_inputs(5, 24, 12, 4, torch.float32)
+    x.requires_grad_(True)
+    A.requires_grad_(True)
+    B.requires_grad_(True)
+    seed = lk.dropout_seed(DEVICE)
+    for args in [(x, W, A, B, 0.5, b, 0.1, seed), (x, W, A, B, 2.0, None, 0.0, None)]:
+        torch.library.opcheck(torch.ops.lora_kernels.lora_linear.default, args)
+    dy = torch.randn(5, 12, device=DEVICE)
+    S = torch.randn(5, 4, device=DEVICE)
+    torch.library.opcheck(torch.ops.lora_kernels.lora_linear_backward.default,
+                          (dy, x.detach(), W, A.detach(), B.detach(), S, seed, 0.5, 0.1, True))
+
+
+def test_compiled_matches_eager(backend):
+    """fullgraph compile of forward + backward gives the eager results (same seed, same mask)."""
+    compile_backend = "inductor" if ON_GPU else "aot_eager"  # inductor on CPU needs a long C++ build
+    x, W, A, B, b = make_inputs(24, 48, 40, 8, torch.float32)
+
+    def step(x, A, B):
+        return lk.lora_linear(x, W, A, B, 0.5, b, 0.0)
+
+    compiled = torch.compile(step, fullgraph=True, backend=compile_backend)
+    outs = []
+    for fn in (step, compiled):
+        xs, As, Bs = (t.detach().clone().requires_grad_(True) for t in (x, A, B))
+        y = fn(xs, As, Bs)
+        (y * y).sum().backward()
+        outs.append((y.detach(), xs.grad, As.grad, Bs.grad))
+    for e, c in zip(*outs):
+        assert rel_err(c, e) < 1e-5
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture():
+    x, W, A, B, b = make_inputs(256, 512, 384, 16, torch.bfloat16)
+    A.requires_grad_(True)
+    B.requires_grad_(True)
+    static_x = x.clone()
+
+    def fwd_bwd():
+        y = lk.lora_linear(static_x, W, A, B, 2.0, b, 0.1)
+        y.float().square().sum().backward()
+        return y
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):  # warm-up compiles the kernels before capture
+            A.grad = B.grad = None
+            fwd_bwd()
+    torch.cuda.current_stream().wait_stream(s)
+    A.grad = B.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_static = fwd_bwd()
+    ys = []
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        ys.append(y_static.clone())
+    assert torch.isfinite(ys[0].float()).all()
+    assert not torch.equal(ys[0], ys[1]), "each replay must draw a fresh dropout seed"
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_autocast_bf16(x_dtype):
+    """Under autocast a bf16 activation may meet fp32 weights (the usual case): cast, not reject."""
+    x, W, A, B, b = make_inputs(64, 128, 96, 8, torch.float32)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        y = lk.lora_linear(x.to(x_dtype), W, A, B, 1.0, b, 0.0)
+    assert y.dtype == torch.bfloat16
+    assert rel_err(y, reference(x.to(x_dtype), W, A, B, 1.0, b, 0.0, None)) < TOL[torch.bfloat16][0]
+
+
+@pytest.mark.gpu
+def test_memory_kept_by_forward_is_base_plus_m_r_fp32():
+    M, K, N, r = 4096, 2048, 2048, 16
+    x, W, A, B, b = make_inputs(M, K, N, r, torch.bfloat16, bias=False)
+    x.requires_grad_(True)
+    A.requires_grad_(True)
+    B.requires_grad_(True)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    y = lk.lora_linear(x, W, A, B, 2.0, None, 0.1)
+    torch.cuda.synchronize()
+    kept = torch.cuda.memory_allocated() - before
+    base = y.numel() * y.element_size()
+    # y itself + S [M, r] fp32 + the 8-byte seed (the caching allocator rounds each to 512 B)
+    assert kept <= base + M * r * 4 + 4096, (kept, base)
+    del y
+
+
+@pytest.mark.gpu
+def test_deterministic_mode_repeats_bitwise():
+    x, W, A, B, b = make_inputs(1024, 512, 768, 16, torch.bfloat16)
+    A.requires_grad_(True)
+    B.requires_grad_(True)
+    grads = []
+    torch.use_deterministic_algorithms(True)
+    try:
+        for _ in range(2):
+            A.grad = B.grad = None
+            torch.manual_seed(0)
+            lk.lora_linear(x, W, A, B, 2.0, b, 0.1).float().square().sum().backward()
+            grads.append((A.grad.clone(), B.grad.clone()))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
