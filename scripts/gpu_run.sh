@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The GPU run: tests, kernel tuning and benchmarks in one call, logs under $OUT, short table last.
-#   bash scripts/gpu_run.sh [stage ...]     stages: info tests tune bench cli e2e multi (default: all)
+#   bash scripts/gpu_run.sh [stage ...]     stages: info tests multitests tune bench cli e2e multi
+#                                           (default: info tests tune bench cli)
 # Each stage has its own time limit, so one stage that hangs cannot eat the whole call.
 set -uo pipefail
 OUT=${OUT:-/tmp/lora_kernels_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+# the multi-adapter extension's build cache: inside the checkout (ignored by git) so it can be carried
+export LORA_KERNELS_EXT_DIR=${LORA_KERNELS_EXT_DIR:-$PWD/.build/ext}
 stages=${*:-info tests tune bench cli}
 summary="$OUT/summary.txt"
 : > "$summary"
@@ -30,6 +33,10 @@ for s in $stages; do
     tests)
       run_stage tests ${TESTS_LIMIT:-240} python -m pytest tests -q -p no:cacheprovider --durations=8 -rfE
       grep -E "passed|failed|error|^FAILED|^ERROR" "$OUT/tests.log" | tail -n 30 >> "$summary" ;;
+    multitests)
+      run_stage multitests ${MULTITESTS_LIMIT:-480} python -m pytest tests/test_multi_lora.py -q -m gpu \
+        -p no:cacheprovider --durations=8 -rfE
+      grep -E "passed|failed|error|^FAILED|^ERROR" "$OUT/multitests.log" | tail -n 30 >> "$summary" ;;
     tune)
       run_stage tune ${TUNE_LIMIT:-150} python benchmarks/tune_lora_linear.py --shapes ${TUNE_SHAPES:-5} --json "$OUT/tune.json"
       grep -E "BEST|gemm|op |copy|host us" "$OUT/tune.log" >> "$summary" ;;

@@ -1,47 +1,209 @@
 """Multi-adapter LoRA: every row of a batch uses its own adapter (or none).
 
-    y[i] = s[idx[i]] * (x[i] @ A[idx[i], :r].T) @ B[idx[i], :, :r].T,  r = ranks[idx[i]];  0 where idx[i] = -1
+    y[i] = s[l] * (x[i] @ A[l, :r].T) @ B[l, :, :r].T,   l = idx[i], r = ranks[l];   y[i] = 0 where l = -1
         x [M, K] (or [..., K], one index per row of the flattened x), A [L, r_max, K], B [L, N, r_max],
-        idx [M] int in [-1, L), s [L] float, ranks [L] int or None (= r_max for every adapter)
+        idx [M] int32/int64 in [-1, L), s [L] float, ranks [L] int in [1, r_max] or None (= r_max for all)
 
-This file holds the public API and a PyTorch reference implementation (a loop over the adapters in
-use). The C++/CUDA extension (csrc/) provides the fast kernels behind the same API.
+Backward (l = idx[i], r = ranks[l]; every adapter's gradients come from its own rows only, so an
+adapter without rows gets zeros, and rows/columns past an adapter's rank get zeros):
+    S[i]  = x[i] @ A[l, :r].T                            [M, r_max] fp32, kept from the forward
+    G[i]  = dy[i] @ B[l, :, :r]                          [M, r_max] fp32
+    dx[i] = s[l] * G[i] @ A[l, :r]                       [M, K]
+    dA[l] = s[l] * sum_{i: idx[i] = l} G[i].T x[i]       [L, r_max, K]
+    dB[l] = s[l] * sum_{i: idx[i] = l} dy[i].T S[i]      [L, N, r_max]
+    ds[l] = sum_{i: idx[i] = l} S[i] . G[i]              (only when scales require grad)
+
+Implementations (`multi_lora_dispatch` says which one a call gets, and why):
+  cuda   the extension's CUDA kernels (csrc/), in one of two regimes chosen by `choose_regime`:
+         decode (BGMV: each row reads its own adapter) or segment (SGMV: rows sorted by adapter, one
+         small tensor-core GEMM per 64-row tile of one adapter). Backward always segments.
+  cpu    the extension's C++ loop (one pass per row, fp32 accumulation): what CI tests.
+  torch  `multi_lora_reference`, a PyTorch loop over the adapters in use: LORA_KERNELS_BACKEND=torch,
+         or the fallback (with one warning saying why) when the extension cannot be built or loaded.
+
+Index and rank values are checked before any kernel runs: an index outside [-1, L) raises IndexError,
+a rank outside [1, r_max] ValueError. On CUDA that needs the values on the host, i.e. one
+synchronisation. It is paid once per indices tensor, not per call: a tensor found valid is marked
+with its version counter (any in-place change re-checks), so calls that reuse an indices tensor,
+e.g. the layers of a model during one batch, check it once. The check is skipped where a
+host read is impossible (torch.compile tracing, CUDA-graph capture) and with
+LORA_KERNELS_CHECK_INDICES=0; the kernels never need it for memory safety: they treat an index
+outside [0, L) as "no adapter" and clamp ranks, so a bad value can cost a LoRA term, never an
+illegal memory access. (Inference-mode tensors carry no version counter: they are checked on every
+eager call.)
 """
 from __future__ import annotations
 
+import math
+import os
+from dataclasses import dataclass
+
 import torch
 
+from .. import _backend, _ext
 
-def _check(x, lora_A, lora_B, indices, scales, ranks):
+# ================================================================================================
+# configs
+# ================================================================================================
+MAX_CUDA_RANK = 256  # r_max the CUDA kernels take (a row of S sits in shared memory in decode)
+# Regime rule (forward; backward always uses segments). The segment regime pays for a sort and a
+# tile table (3-4 extra launches, an estimated 5-10 us on an H100) and then reads each adapter
+# once per 64-row tile; the decode regime re-reads a row's adapter for every row (from L2 when rows
+# share it: 256 KB per row at r = 16, K = N = 4096). Sharing pays when rows outnumber adapters
+# (M >= 4 L); under 128 rows the set-up costs more than the re-reads. Estimates: the benchmark
+# (`python -m lora_kernels bench --only multi`) times both regimes on every case to check them.
+SEGMENT_MIN_ROWS = 128
+SEGMENT_MIN_ROWS_PER_ADAPTER = 4
+REGIME_ENV = "LORA_KERNELS_MULTI_REGIME"  # auto (default) | decode | segment: force one (CUDA only)
+CHECK_ENV = "LORA_KERNELS_CHECK_INDICES"  # 1 (default) | 0: skip the host-side value check
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _regime(M: int, L: int) -> str:
+    """The regime choose_regime names, without building its reason (the per-call path)."""
+    forced = os.environ.get(REGIME_ENV)
+    if forced:
+        forced = forced.strip().lower()
+        if forced in ("decode", "segment"):
+            return forced
+        if forced != "auto":
+            raise ValueError(f"{REGIME_ENV}={forced!r} is not understood; expected auto, decode or segment")
+    if M < SEGMENT_MIN_ROWS or M < SEGMENT_MIN_ROWS_PER_ADAPTER * L:
+        return "decode"
+    return "segment"
+
+
+def choose_regime(M: int, L: int) -> tuple[str, str]:
+    """(regime, reason) for the CUDA forward of M rows over L adapters: "decode" or "segment"."""
+    regime = _regime(M, L)
+    if os.environ.get(REGIME_ENV, "auto").strip().lower() != "auto":
+        return regime, f"{REGIME_ENV}={regime}"
+    if M < SEGMENT_MIN_ROWS:
+        return regime, f"M = {M} < {SEGMENT_MIN_ROWS} rows: sorting costs more than re-reading adapters"
+    if M < SEGMENT_MIN_ROWS_PER_ADAPTER * L:
+        return regime, (f"M = {M} < {SEGMENT_MIN_ROWS_PER_ADAPTER} x L = {SEGMENT_MIN_ROWS_PER_ADAPTER * L}: "
+                        "rows rarely share an adapter")
+    return regime, (f"M = {M} >= {SEGMENT_MIN_ROWS} and >= {SEGMENT_MIN_ROWS_PER_ADAPTER} x L: rows share "
+                    "adapters, each adapter is read once per 64-row tile")
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    backend: str  # "cuda" | "cpu" (the extension) | "torch" (the PyTorch reference)
+    regime: str  # "decode" | "segment" (CUDA), "loop" (CPU), "reference" (torch)
+    reason: str
+    fallback: bool = False  # the extension was wanted but cannot serve these tensors (warned once)
+
+
+# ================================================================================================
+# checks
+# ================================================================================================
+def _check(x, lora_A, lora_B, indices, scales, ranks, fn: str = "multi_lora") -> None:
+    """Shapes, dtypes and devices (no device value is read here)."""
     for name, t in (("x", x), ("lora_A", lora_A), ("lora_B", lora_B), ("indices", indices), ("scales", scales)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"multi_lora: {name} must be a torch.Tensor, got {type(t).__name__}")
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if ranks is not None and not isinstance(ranks, torch.Tensor):
+        raise TypeError(f"{fn}: ranks must be a torch.Tensor or None, got {type(ranks).__name__}")
+    if x.dim() < 1:
+        raise ValueError(f"{fn}: x must be [..., K], got a scalar")
     if lora_A.dim() != 3 or lora_B.dim() != 3:
-        raise ValueError(f"multi_lora: lora_A must be [L, r_max, K] and lora_B [L, N, r_max], got "
+        raise ValueError(f"{fn}: lora_A must be [L, r_max, K] and lora_B [L, N, r_max], got "
                          f"{tuple(lora_A.shape)} and {tuple(lora_B.shape)}")
     L, r_max, K = lora_A.shape
     if x.shape[-1] != K:
-        raise ValueError(f"multi_lora: x has {x.shape[-1]} features but lora_A is [L, r_max, K] = {tuple(lora_A.shape)}")
+        raise ValueError(f"{fn}: x has {x.shape[-1]} features (last dim) but lora_A is [L, r_max, K] = "
+                         f"{tuple(lora_A.shape)}; expected x.shape[-1] == {K}")
     if lora_B.shape[0] != L or lora_B.shape[2] != r_max:
-        raise ValueError(f"multi_lora: lora_B is {tuple(lora_B.shape)}, expected [L, N, r_max] with L = {L}, r_max = {r_max}")
-    M = x.numel() // K if K else 0
-    if indices.dim() != 1 or indices.shape[0] != M or indices.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"multi_lora: indices must be a 1-D int32/int64 tensor with one entry per row ({M}), "
-                         f"got {tuple(indices.shape)} {indices.dtype}")
-    if scales.shape != (L,):
-        raise ValueError(f"multi_lora: scales must be [L] = ({L},), got {tuple(scales.shape)}")
-    if M and (int(indices.min()) < -1 or int(indices.max()) >= L):
-        raise IndexError(f"multi_lora: indices must lie in [-1, {L}), got values in "
-                         f"[{int(indices.min())}, {int(indices.max())}]")
+        raise ValueError(f"{fn}: lora_B is {tuple(lora_B.shape)}, expected [L, N, r_max] with L = {L}, "
+                         f"r_max = {r_max} (from lora_A)")
+    if r_max < 1:
+        raise ValueError(f"{fn}: r_max = lora_A.shape[1] is 0; adapters need rank >= 1")
+    M = math.prod(x.shape[:-1])
+    if indices.dim() != 1 or indices.shape[0] != M:
+        raise ValueError(f"{fn}: indices must be 1-D with one entry per row of x ({M} rows for x of shape "
+                         f"{tuple(x.shape)}), got shape {tuple(indices.shape)}")
+    if indices.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"{fn}: indices must be int32 or int64, got {indices.dtype}")
+    if tuple(scales.shape) != (L,):
+        raise ValueError(f"{fn}: scales must be [L] = ({L},), got {tuple(scales.shape)}")
+    if not scales.is_floating_point():
+        raise TypeError(f"{fn}: scales must be a floating-point tensor, got {scales.dtype}")
     if ranks is not None:
-        if ranks.shape != (L,):
-            raise ValueError(f"multi_lora: ranks must be [L] = ({L},), got {tuple(ranks.shape)}")
-        if L and (int(ranks.min()) < 1 or int(ranks.max()) > r_max):
-            raise ValueError(f"multi_lora: ranks must lie in [1, r_max = {r_max}]")
+        if tuple(ranks.shape) != (L,):
+            raise ValueError(f"{fn}: ranks must be [L] = ({L},), got {tuple(ranks.shape)}")
+        if ranks.dtype not in _INDEX_DTYPES:
+            raise TypeError(f"{fn}: ranks must be int32 or int64, got {ranks.dtype}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{fn}: x must be float16, bfloat16 or float32, got {x.dtype}")
+    if lora_A.dtype != x.dtype or lora_B.dtype != x.dtype:
+        raise TypeError(f"{fn}: lora_A and lora_B must have x's dtype {x.dtype}, got {lora_A.dtype} and "
+                        f"{lora_B.dtype} (cast the stacked adapters once, e.g. lora_A.to(x.dtype))")
+    tensors = (x, lora_A, lora_B, indices, scales) + ((ranks,) if ranks is not None else ())
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        raise ValueError(f"{fn}: all tensors must be on one device, got {sorted(map(str, devices))}")
 
 
+_VALID_ATTR = "_lora_kernels_valid"  # set on an indices / ranks tensor once its values were checked
+
+
+def _checked(t: torch.Tensor, bound: int) -> bool:
+    """Whether t's values were found valid against `bound` and t has not been written since.
+
+    In-place writes to a tensor (or to any view of its storage) bump its version counter, so a
+    changed tensor is checked again; the mark lives and dies with the tensor object. Inference-mode
+    tensors carry no version counter and are checked on every call.
+    """
+    if t.is_inference():
+        return False
+    return getattr(t, _VALID_ATTR, None) == (t._version, bound)
+
+
+def _mark_checked(t: torch.Tensor, bound: int) -> None:
+    if not t.is_inference():
+        setattr(t, _VALID_ATTR, (t._version, bound))
+
+
+def _check_values(indices: torch.Tensor, ranks: torch.Tensor | None, L: int, R: int, fn: str = "multi_lora") -> None:
+    """IndexError / ValueError for an index outside [-1, L) or a rank outside [1, R] (see module doc)."""
+    if torch.compiler.is_compiling():
+        return
+    if indices.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    if os.environ.get(CHECK_ENV, "1").strip() == "0":
+        return
+    check_idx = indices.numel() > 0 and not _checked(indices, L)
+    check_rk = ranks is not None and ranks.numel() > 0 and not _checked(ranks, R)
+    if not (check_idx or check_rk):
+        return
+    parts = (list(torch.aminmax(indices)) if check_idx else []) + (list(torch.aminmax(ranks)) if check_rk else [])
+    vals = torch.stack([p.to(torch.int64) for p in parts]).tolist()  # one host read for both
+    if check_idx:
+        lo, hi = vals[0], vals[1]
+        if lo < -1 or hi >= L:
+            bad = ((indices < -1) | (indices >= L)).nonzero()[0, 0].item()
+            raise IndexError(f"{fn}: indices must lie in [-1, {L}) (L = lora_A.shape[0] adapters; -1 = no "
+                             f"adapter), got indices[{bad}] = {int(indices[bad])} (values span [{lo}, {hi}])")
+        _mark_checked(indices, L)
+    if check_rk:
+        lo, hi = vals[-2], vals[-1]
+        if lo < 1 or hi > R:
+            raise ValueError(f"{fn}: ranks must lie in [1, r_max = {R}] (r_max = lora_A.shape[1]), got values "
+                             f"in [{lo}, {hi}]")
+        _mark_checked(ranks, R)
+
+
+# ================================================================================================
+# PyTorch reference (also the fallback)
+# ================================================================================================
 def multi_lora_reference(x, lora_A, lora_B, indices, scales, ranks=None):
-    """PyTorch reference: a loop over the adapters in use (differentiable through autograd)."""
+    """PyTorch reference: a loop over the adapters in use (differentiable through autograd).
+
+    Computes in x's dtype like a plain PyTorch implementation would; reads indices and ranks on the
+    host (a synchronisation on CUDA).
+    """
     K = x.shape[-1]
     N = lora_B.shape[1]
     x2d = x.reshape(-1, K)
@@ -56,15 +218,161 @@ def multi_lora_reference(x, lora_A, lora_B, indices, scales, ranks=None):
     return out.reshape(*x.shape[:-1], N)
 
 
+# ================================================================================================
+# extension ops: fake kernels and autograd
+# ================================================================================================
+_registered = False
+
+
+def _fwd_fake(x, lora_A, lora_B, indices, scales, ranks, regime, save_s):
+    M, R, N = x.shape[0], lora_A.shape[1], lora_B.shape[1]
+    return x.new_empty((M, N)), x.new_empty((M, R) if save_s else (0,), dtype=torch.float32)
+
+
+def _bwd_fake(grad_out, x, lora_A, lora_B, indices, scales, ranks, s, need_dx, need_dA, need_dB):
+    return (x.new_empty(tuple(x.shape) if need_dx else (0,)),
+            lora_A.new_empty(tuple(lora_A.shape) if need_dA else (0,)),
+            lora_B.new_empty(tuple(lora_B.shape) if need_dB else (0,)),
+            x.new_empty((x.shape[0], lora_A.shape[1]), dtype=torch.float32))
+
+
+def _setup_context(ctx, inputs, output):
+    x, lora_A, lora_B, indices, scales, ranks, _regime, _save_s = inputs
+    _, S = output
+    ctx.mark_non_differentiable(S)
+    ctx.save_for_backward(x, lora_A, lora_B, indices, scales, ranks, S)
+
+
+def _backward(ctx, dy, _dS):
+    """dx, dA, dB from the extension's backward op (see the module docstring); ds from S and G."""
+    x, lora_A, lora_B, indices, scales, ranks, S = ctx.saved_tensors
+    need_x, need_a, need_b, _, need_s, _, _, _ = ctx.needs_input_grad
+    dx, dA, dB, G = torch.ops.lora_kernels_ext.multi_lora_bwd(
+        dy, x, lora_A, lora_B, indices, scales, ranks, S, need_x, need_a, need_b)
+    ds = None
+    if need_s:  # S and G are 0 on rows without adapter, so clamping -1 to 0 adds nothing
+        ds = torch.zeros_like(scales).index_add_(0, indices.clamp(min=0).long(), (S * G).sum(1))
+    return (dx if need_x else None, dA if need_a else None, dB if need_b else None, None, ds, None, None, None)
+
+
+def _ext_ops():
+    """torch.ops.lora_kernels_ext with fake kernels and autograd registered, or None."""
+    global _registered
+    if _ext.load() is None:
+        return None
+    if not _registered:
+        torch.library.register_fake("lora_kernels_ext::multi_lora_fwd")(_fwd_fake)
+        torch.library.register_fake("lora_kernels_ext::multi_lora_bwd")(_bwd_fake)
+        torch.library.register_autograd("lora_kernels_ext::multi_lora_fwd", _backward, setup_context=_setup_context)
+        _registered = True
+    return torch.ops.lora_kernels_ext
+
+
+def _route(x: torch.Tensor, lora_A: torch.Tensor) -> tuple[str, str]:
+    """(backend, regime) of multi_lora_dispatch without its reasons: the per-call path (~1 us)."""
+    if _backend.requested() == "torch":
+        return "torch", "reference"
+    kind = x.device.type
+    if kind == "cpu":
+        return ("cpu", "loop") if _ext_ops() is not None else ("torch", "reference")
+    if kind != "cuda" or _ext_ops() is None or not _ext.has_cuda_kernels() or lora_A.shape[1] > MAX_CUDA_RANK:
+        return "torch", "reference"
+    return "cuda", _regime(math.prod(x.shape[:-1]), lora_A.shape[0])
+
+
+def multi_lora_dispatch(x: torch.Tensor, lora_A: torch.Tensor) -> Dispatch:
+    """Which implementation `multi_lora` runs for these tensors, and why (builds the extension on first use)."""
+    backend, regime = _route(x, lora_A)
+    if backend == "cuda":
+        return Dispatch("cuda", regime, choose_regime(math.prod(x.shape[:-1]), lora_A.shape[0])[1])
+    if backend == "cpu":
+        return Dispatch("cpu", "loop", "CPU tensors: the extension's C++ implementation")
+    if _backend.requested() == "torch":
+        return Dispatch("torch", "reference", f"{_backend.BACKEND_ENV}=torch")
+    kind = x.device.type
+    if kind not in ("cpu", "cuda"):
+        return Dispatch("torch", "reference", f"{kind} tensors: the extension has CPU and CUDA kernels only")
+    if _ext_ops() is None:
+        return Dispatch("torch", "reference", f"the multi-adapter extension is unavailable ({_ext.error()})", True)
+    if not _ext.has_cuda_kernels():
+        return Dispatch("torch", "reference", f"the extension was built without CUDA ({_ext.cpu_only_reason()})",
+                        True)
+    return Dispatch("torch", "reference", f"r_max = {lora_A.shape[1]} > {MAX_CUDA_RANK}, the largest the CUDA "
+                                          "kernels take", True)
+
+
+# ================================================================================================
+# functional API
+# ================================================================================================
+def _autocast(x, *others):
+    dt = torch.get_autocast_dtype(x.device.type)
+    return tuple(None if t is None else t.to(dt) for t in (x,) + others)
+
+
 def multi_lora(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, indices: torch.Tensor,
                scales: torch.Tensor, ranks: torch.Tensor | None = None) -> torch.Tensor:
-    """The LoRA term alone, each row with its own adapter: see the module docstring. [..., N]"""
+    """The LoRA term alone, each row with its own adapter: see the module docstring. -> [..., N]
+
+    x [..., K] (float16, bfloat16 or float32), lora_A [L, r_max, K] and lora_B [L, N, r_max] in x's
+    dtype, indices [M] int32/int64 with M = x.numel() / K, one adapter per row of the flattened x
+    (-1: none), scales [L] (any float dtype; computed in fp32), ranks [L] int or None. Gradients flow to
+    x, lora_A, lora_B and scales. Under torch.autocast, x and the adapters are cast to the autocast dtype.
+    """
     _check(x, lora_A, lora_B, indices, scales, ranks)
-    return multi_lora_reference(x, lora_A, lora_B, indices, scales, ranks)
+    if torch.is_autocast_enabled(x.device.type):
+        x, lora_A, lora_B = _autocast(x, lora_A, lora_B)
+        with torch.autocast(x.device.type, enabled=False):
+            return multi_lora(x, lora_A, lora_B, indices, scales, ranks)
+    L, R, K = lora_A.shape
+    _check_values(indices, ranks, L, R)
+    backend, regime = _route(x, lora_A)
+    if backend == "torch":
+        d = multi_lora_dispatch(x, lora_A)
+        if d.fallback:
+            _ext.warn_once(d.reason, f"lora_kernels.multi_lora: using the PyTorch path: {d.reason}")
+        return multi_lora_reference(x, lora_A, lora_B, indices, scales, ranks)
+    x2d = x.reshape(-1, K) if x.dim() != 2 else x
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or lora_A.requires_grad or lora_B.requires_grad
+                                              or scales.requires_grad)
+    args = (x2d, lora_A, lora_B, indices, scales.to(torch.float32), ranks,
+            regime if backend == "cuda" else "segment", needs_grad)
+    fwd = _ext_ops().multi_lora_fwd
+    if needs_grad or torch.compiler.is_compiling():
+        y, _ = fwd(*args)
+    else:  # no graph to record: skip the Python autograd kernel (~15 us a call)
+        with torch._C._AutoDispatchBelowAutograd():
+            y, _ = fwd(*args)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], lora_B.shape[1])
 
 
 def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
                       indices: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
                       ranks: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T + bias + multi_lora(x, ...): the base linear with each row's adapter. [..., N]"""
-    return torch.nn.functional.linear(x, weight, bias) + multi_lora(x, lora_A, lora_B, indices, scales, ranks)
+    """x @ weight.T + bias + multi_lora(x, ...): the base linear with each row's adapter. -> [..., N]
+
+    weight [N, K] and bias [N] (or None) in x's dtype. The base GEMM is one cuBLAS addmm that adds the
+    LoRA term as its C operand (beta = 1), so the term costs no extra pass over y.
+    """
+    for name, t in (("weight", weight),) + ((("bias", bias),) if bias is not None else ()):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"multi_lora_linear: {name} must be a torch.Tensor, got {type(t).__name__}")
+    _check(x, lora_A, lora_B, indices, scales, ranks, fn="multi_lora_linear")
+    N = lora_B.shape[1]
+    if weight.dim() != 2 or tuple(weight.shape) != (N, x.shape[-1]):
+        raise ValueError(f"multi_lora_linear: weight must be [N, K] = ({N}, {x.shape[-1]}) (N = lora_B.shape[1]), "
+                         f"got {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"multi_lora_linear: bias must be [N] = ({N},), got {tuple(bias.shape)}")
+    if torch.is_autocast_enabled(x.device.type):
+        x, weight, bias, lora_A, lora_B = _autocast(x, weight, bias, lora_A, lora_B)
+        with torch.autocast(x.device.type, enabled=False):
+            return multi_lora_linear(x, weight, lora_A, lora_B, indices, scales, bias, ranks)
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise TypeError(f"multi_lora_linear: weight and bias must have x's dtype {x.dtype}, got {weight.dtype}"
+                        f"{'' if bias is None else ' and ' + str(bias.dtype)}")
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, x.shape[-1])
+    y = torch.addmm(multi_lora(x2d, lora_A, lora_B, indices, scales, ranks), x2d, weight.t())
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*lead, N)

@@ -1,0 +1,211 @@
+// CUDA glue of the multi-adapter LoRA ops: allocate outputs, build the segments, launch the kernels
+// of multi_lora_kernels.cu on the current stream. Inputs are checked in multi_lora.cpp. Nothing here
+// reads a device value back to the host, so both ops can be captured in a CUDA graph.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+
+#include <atomic>
+#include <tuple>
+
+#include "multi_lora_kernels.cuh"
+
+namespace lora_kernels {
+
+using at::Tensor;
+
+namespace {
+
+DType dtype_of(const Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: TORCH_CHECK_TYPE(false, "multi_lora: unsupported dtype ", t.scalar_type());
+  }
+}
+
+IntVec int_vec(const Tensor& t) { return IntVec{t.data_ptr(), t.scalar_type() == at::kLong}; }
+
+void check_launch(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "multi_lora: launching ", what, " failed: ", cudaGetErrorString(err));
+}
+
+// A 2-D tensor whose rows may be strided but whose columns are contiguous (what the kernels read).
+Tensor rows_contiguous(const Tensor& t) { return t.size(1) <= 1 || t.stride(1) == 1 ? t : t.contiguous(); }
+
+// Multiprocessors of a device, read once per device (c10 headers only: ATen/cuda/CUDAContext.h pulls
+// in the cuBLAS / cuSPARSE headers). Cached so that no runtime query runs while a graph is captured.
+int sm_count(int device) {
+  static std::atomic<int> cache[128] = {};
+  if (device < 0 || device >= 128) device = 0;
+  int n = cache[device].load(std::memory_order_relaxed);
+  if (n == 0) {
+    check_launch(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+    cache[device].store(n, std::memory_order_relaxed);
+  }
+  return n;
+}
+
+// Rows sorted by adapter with a stable sort, and the tile table over them (see build_segments).
+struct SegmentTensors {
+  Tensor perm, seg_start, tile_start;
+  Segments view;
+};
+
+SegmentTensors make_segments(const Tensor& indices, int64_t M, int L, cudaStream_t stream) {
+  const auto iopt = indices.options().dtype(at::kInt);
+  Tensor keys = at::empty({M}, iopt);
+  check_launch(make_keys(int_vec(indices), M, L, keys.data_ptr<int32_t>(), stream), "make_keys");
+  // int32 keys: a single-kernel shared-memory sort up to 4096 rows, CUB radix sort beyond
+  auto sorted = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  SegmentTensors s;
+  s.perm = std::get<1>(sorted);  // int64
+  s.seg_start = at::empty({L + 2}, iopt);
+  s.tile_start = at::empty({L + 2}, iopt);
+  check_launch(build_segments(std::get<0>(sorted).data_ptr<int32_t>(), M, L, s.seg_start.data_ptr<int32_t>(),
+                              s.tile_start.data_ptr<int32_t>(), stream),
+               "build_segments");
+  s.view = Segments{s.perm.data_ptr<int64_t>(), s.seg_start.data_ptr<int32_t>(), s.tile_start.data_ptr<int32_t>(),
+                    max_tiles(M, L)};
+  return s;
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> fwd_cuda_impl(const Tensor& x_in, const Tensor& A_in, const Tensor& B_in,
+                                         const Tensor& indices_in, const Tensor& scales_in,
+                                         const std::optional<Tensor>& ranks_in, c10::string_view regime, bool save_s) {
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const int64_t M = x_in.size(0), K = x_in.size(1), N = B_in.size(1), R = A_in.size(1), L = A_in.size(0);
+  TORCH_CHECK_VALUE(R <= kMaxRank, "multi_lora: r_max = ", R, " > ", kMaxRank, ", the largest the CUDA kernels take");
+  TORCH_CHECK_VALUE(L < (1 << 16), "multi_lora: at most 65535 adapters in one call, got ", L);
+  const auto f32 = x_in.options().dtype(at::kFloat);
+  Tensor y = at::empty({M, N}, x_in.options());
+  if (M == 0 || K == 0 || L == 0) {  // nothing to multiply: the LoRA term is 0
+    y.zero_();
+    return {y, save_s ? at::zeros({M, R}, f32) : at::empty({0}, f32)};
+  }
+  const Tensor x = rows_contiguous(x_in);
+  const Tensor A = A_in.contiguous(), B = B_in.contiguous(), indices = indices_in.contiguous();
+  const Tensor scales = scales_in.contiguous();
+  const Tensor ranks = ranks_in.has_value() ? ranks_in->contiguous() : Tensor();
+  const IntVec rk = ranks.defined() ? int_vec(ranks) : IntVec{};
+  const DType dt = dtype_of(x);
+  const int sms = sm_count(x_in.get_device());
+
+  Tensor part, S;
+  int split = 1;
+  if (regime == "decode") {
+    int k_chunk = 0;
+    split = bgmv_shrink_split(M, K, sms, &k_chunk);
+    part = at::empty({split, M, R}, f32);
+    check_launch(bgmv_shrink(dt, BgmvShrinkArgs{x.data_ptr(), x.stride(0), A.data_ptr(), int_vec(indices), rk,
+                                                part.data_ptr<float>(), M, K, static_cast<int>(R),
+                                                static_cast<int>(L), split, k_chunk},
+                             stream),
+                 "bgmv_shrink");
+    if (save_s && split > 1) S = at::empty({M, R}, f32);
+    check_launch(bgmv_expand(dt, BgmvExpandArgs{part.data_ptr<float>(), split, B.data_ptr(), int_vec(indices), rk,
+                                                scales.data_ptr<float>(), y.data_ptr(),
+                                                S.defined() ? S.data_ptr<float>() : nullptr, M, N,
+                                                static_cast<int>(R), static_cast<int>(L)},
+                             sms, stream),
+                 "bgmv_expand");
+  } else {
+    const SegmentTensors seg = make_segments(indices, M, static_cast<int>(L), stream);
+    int64_t d_chunk = 0;
+    split = sgmv_shrink_split(M, static_cast<int>(L), K, static_cast<int>(R), sms, &d_chunk);
+    part = at::empty({split, M, R}, f32);
+    check_launch(sgmv_shrink(dt, SgmvShrinkArgs{x.data_ptr(), x.stride(0), A.data_ptr(), /*w_d_contiguous=*/true, K,
+                                                static_cast<int>(R), static_cast<int>(L), seg.view, rk,
+                                                part.data_ptr<float>(), M, split, d_chunk},
+                             stream),
+                 "sgmv_shrink");
+    if (save_s && split > 1) S = at::empty({M, R}, f32);
+    check_launch(sgmv_expand(dt, SgmvExpandArgs{part.data_ptr<float>(), split, B.data_ptr(), /*v_c_contiguous=*/true,
+                                                N, static_cast<int>(R), static_cast<int>(L), seg.view, rk,
+                                                scales.data_ptr<float>(), y.data_ptr(), N,
+                                                S.defined() ? S.data_ptr<float>() : nullptr, M},
+                             sms, stream),
+                 "sgmv_expand");
+  }
+  if (!save_s) return {y, at::empty({0}, f32)};
+  if (split == 1) return {y, part.select(0, 0)};
+  if (N == 0) return {y, part.sum(0)};  // the expand, which writes S, had nothing to do
+  return {y, S};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cuda_impl(const Tensor& dy_in, const Tensor& x_in, const Tensor& A_in,
+                                                         const Tensor& B_in, const Tensor& indices_in,
+                                                         const Tensor& scales_in, const std::optional<Tensor>& ranks_in,
+                                                         const Tensor& S_in, bool need_dx, bool need_dA,
+                                                         bool need_dB) {
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const int64_t M = x_in.size(0), K = x_in.size(1), N = B_in.size(1), R = A_in.size(1), L = A_in.size(0);
+  TORCH_CHECK_VALUE(R <= kMaxRank, "multi_lora: r_max = ", R, " > ", kMaxRank, ", the largest the CUDA kernels take");
+  TORCH_CHECK_VALUE(L < (1 << 16), "multi_lora: at most 65535 adapters in one call, got ", L);
+  const auto f32 = x_in.options().dtype(at::kFloat);
+  if (M == 0 || L == 0) {  // no row has an adapter: every gradient is 0
+    return {need_dx ? at::zeros({M, K}, x_in.options()) : at::empty({0}, x_in.options()),
+            need_dA ? at::zeros_like(A_in) : at::empty({0}, A_in.options()),
+            need_dB ? at::zeros_like(B_in) : at::empty({0}, B_in.options()), at::zeros({M, R}, f32)};
+  }
+  const Tensor dy = rows_contiguous(dy_in), x = rows_contiguous(x_in);
+  const Tensor A = A_in.contiguous(), B = B_in.contiguous(), indices = indices_in.contiguous();
+  const Tensor scales = scales_in.contiguous();
+  const Tensor ranks = ranks_in.has_value() ? ranks_in->contiguous() : Tensor();
+  const IntVec rk = ranks.defined() ? int_vec(ranks) : IntVec{};
+  const DType dt = dtype_of(x);
+  const int sms = sm_count(x_in.get_device());
+  const int Li = static_cast<int>(L), Ri = static_cast<int>(R);
+  const SegmentTensors seg = make_segments(indices, M, Li, stream);
+
+  // G = dy @ B_l: the shrink with W = B [L, N, R] read along its contiguous rank dimension
+  int64_t d_chunk = 0;
+  const int split = sgmv_shrink_split(M, Li, N, Ri, sms, &d_chunk);
+  Tensor g_part = at::empty({split, M, R}, f32);
+  check_launch(sgmv_shrink(dt, SgmvShrinkArgs{dy.data_ptr(), dy.stride(0), B.data_ptr(), /*w_d_contiguous=*/false, N,
+                                              Ri, Li, seg.view, rk, g_part.data_ptr<float>(), M, split, d_chunk},
+                           stream),
+               "sgmv_shrink (dy @ B)");
+  const Tensor G = split == 1 ? g_part.select(0, 0) : g_part.sum(0);
+
+  Tensor dx = at::empty({0}, x.options());
+  if (need_dx) {  // dx = s * G @ A_l: the expand with V = A [L, R, K] read along K
+    dx = at::empty({M, K}, x.options());
+    check_launch(sgmv_expand(dt, SgmvExpandArgs{G.data_ptr<float>(), 1, A.data_ptr(), /*v_c_contiguous=*/false, K, Ri,
+                                                Li, seg.view, rk, scales.data_ptr<float>(), dx.data_ptr(), K, nullptr,
+                                                M},
+                             sms, stream),
+                 "sgmv_expand (G @ A)");
+  }
+
+  // dA[l] = s * G_l.T @ x_l, dB[l] = s * dy_l.T @ S_l, per adapter over its own rows
+  auto reduce = [&](const Tensor& U, bool u_fp32, const Tensor& V, bool v_fp32, int64_t P, int64_t Q, bool rank_on_p,
+                    const Tensor& like, const char* what) {
+    const int runs = seg_outer_split(M, Li, P, Q, sms);
+    Tensor out = runs == 1 ? at::empty_like(like) : Tensor();
+    Tensor ws = runs > 1 ? at::empty({runs, L, P, Q}, f32) : Tensor();
+    check_launch(seg_outer(dt, SegOuterArgs{U.data_ptr(), u_fp32, U.stride(0), V.data_ptr(), v_fp32, V.stride(0), P, Q,
+                                            Ri, Li, rank_on_p, seg.view, rk, scales.data_ptr<float>(),
+                                            runs == 1 ? out.data_ptr() : nullptr,
+                                            runs > 1 ? ws.data_ptr<float>() : nullptr, runs, M},
+                           stream),
+                 what);
+    return runs == 1 ? out : ws.sum(0).to(like.scalar_type());
+  };
+  Tensor dA = at::empty({0}, A.options());
+  if (need_dA) dA = reduce(G, true, x, false, R, K, /*rank_on_p=*/true, A, "seg_outer (dA)");
+  Tensor dB = at::empty({0}, B.options());
+  if (need_dB) {
+    const Tensor S = S_in.contiguous();
+    dB = reduce(dy, false, S, true, N, R, /*rank_on_p=*/false, B, "seg_outer (dB)");
+  }
+  return {dx, dA, dB, G};
+}
+
+}  // namespace lora_kernels

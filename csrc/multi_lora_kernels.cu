@@ -1,0 +1,832 @@
+// Multi-adapter LoRA kernels (see multi_lora_kernels.cuh for the maths and every tensor's shape).
+//
+// File order: device helpers -> decode-regime kernels (BGMV) -> segment metadata -> tile GEMM
+// building blocks -> segment-regime kernels (SGMV shrink / expand, per-adapter reductions) ->
+// host launchers. Everything accumulates in fp32.
+#include "multi_lora_kernels.cuh"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <cub/block/block_scan.cuh>
+#include <type_traits>
+
+namespace lora_kernels {
+namespace {
+
+// =============================================================================================
+// device helpers
+// =============================================================================================
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_f(float v);
+template <>
+__device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+template <typename T, typename S>
+__device__ __forceinline__ T convert(S v) {
+  if constexpr (std::is_same<T, S>::value) {
+    return v;
+  } else {
+    return from_f<T>(to_f(v));
+  }
+}
+
+// Elements in one 16-byte vector access: 8 for bf16/fp16, 4 for fp32.
+template <typename T>
+__host__ __device__ constexpr int vec_elems() { return 16 / static_cast<int>(sizeof(T)); }
+
+// 16-byte vector accesses (p must be 16-byte aligned); the bytes move between the vector and typed
+// registers through memcpy (a register move after compilation), never through a pointer cast on a local.
+__device__ __forceinline__ uint4 ld16(const void* p) { return *reinterpret_cast<const uint4*>(p); }
+__device__ __forceinline__ void st16(void* p, const uint4& v) { *reinterpret_cast<uint4*>(p) = v; }
+
+template <typename T>
+__device__ __forceinline__ void load_vec_f32(const T* p, float* out) {
+  const uint4 raw = ld16(p);
+  T e[vec_elems<T>()];
+  memcpy(e, &raw, sizeof(raw));
+#pragma unroll
+  for (int u = 0; u < vec_elems<T>(); ++u) out[u] = to_f(e[u]);
+}
+
+template <typename I>
+__device__ __forceinline__ I dmin(I a, I b) { return a < b ? a : b; }
+template <typename I>
+__device__ __forceinline__ I dmax(I a, I b) { return a > b ? a : b; }
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+__device__ __forceinline__ int64_t read_int(IntVec v, int64_t i) {
+  return v.is64 ? static_cast<const int64_t*>(v.ptr)[i] : static_cast<const int32_t*>(v.ptr)[i];
+}
+
+// The adapter of row i, or -1 for no adapter: any value outside [0, L) counts as none, so a bad
+// index never turns into an address.
+__device__ __forceinline__ int adapter_of(IntVec idx, int64_t i, int L) {
+  const int64_t l = read_int(idx, i);
+  return (l >= 0 && l < L) ? static_cast<int>(l) : -1;
+}
+
+// Rank of adapter l clamped to [0, R] (R when no ranks were given).
+__device__ __forceinline__ int rank_of(IntVec ranks, int l, int R) {
+  if (ranks.ptr == nullptr) return R;
+  const int64_t r = read_int(ranks, l);
+  return r < 0 ? 0 : (r > R ? R : static_cast<int>(r));
+}
+
+// =============================================================================================
+// decode regime (BGMV): one row at a time
+// =============================================================================================
+// Shrink: block (i, s) stages x[i, k-chunk s] in shared memory (fp32) once, then each warp takes
+// rank rows j = warp, warp + 8, ... and streams A[l, j, k-chunk] with 16-byte loads, reducing
+// with shuffles. 256 threads: 8 warps cover r = 16 in two passes; the x chunk (<= 32 KB) is read
+// from global memory once per block whatever the rank.
+constexpr int kShrinkThreads = 256;
+
+template <typename T>
+__global__ void __launch_bounds__(kShrinkThreads) bgmv_shrink_kernel(BgmvShrinkArgs a, bool vec) {
+  extern __shared__ float xs[];  // [k_chunk]
+  constexpr int V = vec_elems<T>();
+  const int64_t i = blockIdx.x;
+  const int s = blockIdx.y;
+  const int64_t k0 = static_cast<int64_t>(s) * a.k_chunk;
+  const int kn = static_cast<int>(dmax<int64_t>(0, dmin<int64_t>(a.k_chunk, a.K - k0)));
+  float* out = a.part + (static_cast<int64_t>(s) * a.M + i) * a.R;
+  const int l = adapter_of(a.idx, i, a.L);
+  const int r = (l < 0 || kn == 0) ? 0 : rank_of(a.ranks, l, a.R);
+  for (int j = r + threadIdx.x; j < a.R; j += blockDim.x) out[j] = 0.f;
+  if (r == 0) return;
+
+  const T* xr = static_cast<const T*>(a.x) + i * a.stride_xm + k0;
+  if (vec) {  // kn % V == 0: K % V == 0 and k_chunk % 256 == 0
+    for (int v = threadIdx.x; v < kn / V; v += blockDim.x) load_vec_f32(xr + v * V, xs + v * V);
+  } else {
+    for (int k = threadIdx.x; k < kn; k += blockDim.x) xs[k] = to_f(xr[k]);
+  }
+  __syncthreads();
+
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const T* Al = static_cast<const T*>(a.A) + static_cast<int64_t>(l) * a.R * a.K + k0;
+  for (int j = warp; j < r; j += kShrinkThreads / 32) {  // warp-uniform: full-mask shuffles are safe
+    const T* arow = Al + static_cast<int64_t>(j) * a.K;
+    float acc = 0.f;
+    if (vec) {
+      const int nv = kn / V;
+#pragma unroll 4
+      for (int v = lane; v < nv; v += 32) {  // 4 independent 16-byte loads in flight per lane
+        float av[V];
+        load_vec_f32(arow + v * V, av);
+        const float* xv = xs + v * V;
+#pragma unroll
+        for (int u = 0; u < V; ++u) acc = fmaf(av[u], xv[u], acc);
+      }
+    } else {
+      for (int k = lane; k < kn; k += 32) acc = fmaf(to_f(arow[k]), xs[k], acc);
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) out[j] = acc;
+  }
+}
+
+// Expand: block (i, n-range). S[i] (sum of the split partials) goes to shared memory; then groups
+// of G lanes share one output column n, each lane reading 16 bytes of the contiguous row B[l, n, :]
+// so that a warp reads 512 contiguous bytes (r = 16 bf16: G = 2, 16 columns per warp).
+constexpr int kExpandThreads = 256;
+
+template <typename T>
+__global__ void __launch_bounds__(kExpandThreads)
+    bgmv_expand_kernel(BgmvExpandArgs a, int64_t n_per_block, int lanes_log2, bool vec) {
+  __shared__ float ss[kMaxRank];
+  const int64_t i = blockIdx.x;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * n_per_block;
+  const int64_t n1 = dmin(a.N, n0 + n_per_block);
+  const int l = adapter_of(a.idx, i, a.L);
+  const int r = l < 0 ? 0 : rank_of(a.ranks, l, a.R);
+  for (int j = threadIdx.x; j < a.R; j += blockDim.x) {
+    float v = 0.f;
+    if (j < r) {
+      for (int p = 0; p < a.split; ++p) v += a.part[(static_cast<int64_t>(p) * a.M + i) * a.R + j];
+    }
+    ss[j] = v;
+    if (a.s_out != nullptr && blockIdx.y == 0) a.s_out[i * a.R + j] = v;
+  }
+  __syncthreads();
+
+  T* yr = static_cast<T*>(a.y) + i * a.N;
+  if (r == 0) {
+    for (int64_t n = n0 + threadIdx.x; n < n1; n += blockDim.x) yr[n] = from_f<T>(0.f);
+    return;
+  }
+  const float scale = a.scales[l];
+  const T* Bl = static_cast<const T*>(a.B) + static_cast<int64_t>(l) * a.N * a.R;
+  if (vec) {  // R % V == 0: every row of B starts 16-byte aligned
+    constexpr int V = vec_elems<T>();
+    const int G = 1 << lanes_log2;
+    const int q = threadIdx.x & (G - 1);
+    const int group = threadIdx.x >> lanes_log2;
+    const int groups = blockDim.x >> lanes_log2;
+    const int nvec = (r + V - 1) / V;  // vectors holding ranks < r: columns past the rank are not read
+    for (int64_t nb = n0; nb < n1; nb += groups) {  // same trip count for every thread of the block
+      const int64_t n = nb + group;
+      float acc = 0.f;
+      if (n < n1) {
+        const T* brow = Bl + n * a.R;
+        for (int v = q; v < nvec; v += G) {
+          float bv[V];
+          load_vec_f32(brow + v * V, bv);
+#pragma unroll
+          for (int u = 0; u < V; ++u) {
+            const int j = v * V + u;
+            if (j < r) acc = fmaf(bv[u], ss[j], acc);  // not 0 * B: B may hold anything past the rank
+          }
+        }
+      }
+      for (int off = G >> 1; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+      if (n < n1 && q == 0) yr[n] = from_f<T>(scale * acc);
+    }
+  } else {
+    for (int64_t n = n0 + threadIdx.x; n < n1; n += blockDim.x) {
+      const T* brow = Bl + n * a.R;
+      float acc = 0.f;
+      for (int j = 0; j < r; ++j) acc = fmaf(to_f(brow[j]), ss[j], acc);
+      yr[n] = from_f<T>(scale * acc);
+    }
+  }
+}
+
+// =============================================================================================
+// segment metadata
+// =============================================================================================
+__global__ void make_keys_kernel(IntVec idx, int64_t M, int L, int32_t* keys) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < M;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t v = read_int(idx, i);
+    keys[i] = (v >= 0 && v < L) ? static_cast<int32_t>(v) : L;
+  }
+}
+
+__device__ __forceinline__ int64_t lower_bound(const int32_t* a, int64_t n, int key) {
+  int64_t lo = 0, hi = n;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) >> 1;
+    if (a[mid] < key) lo = mid + 1; else hi = mid;
+  }
+  return lo;
+}
+
+constexpr int kSegThreads = 1024;
+
+// One block: group g's rows are [lower_bound(g), lower_bound(g + 1)) of the sorted keys, and a
+// block-wide exclusive scan of ceil(count / kTileRows) gives each group's first tile. O(L log M)
+// work, a few microseconds for L in the thousands.
+__global__ void __launch_bounds__(kSegThreads)
+    build_segments_kernel(const int32_t* sorted_keys, int64_t M, int L, int32_t* seg_start, int32_t* tile_start) {
+  using Scan = cub::BlockScan<int, kSegThreads>;
+  __shared__ typename Scan::TempStorage tmp;
+  __shared__ int carry;
+  if (threadIdx.x == 0) carry = 0;
+  __syncthreads();
+  const int groups = L + 1;
+  for (int base = 0; base < groups; base += kSegThreads) {
+    const int g = base + threadIdx.x;
+    int tiles = 0;
+    if (g < groups) {
+      const int64_t b = lower_bound(sorted_keys, M, g);
+      const int64_t e = lower_bound(sorted_keys, M, g + 1);
+      seg_start[g] = static_cast<int32_t>(b);
+      tiles = static_cast<int>((e - b + kTileRows - 1) / kTileRows);
+    }
+    int prefix = 0, total = 0;
+    Scan(tmp).ExclusiveSum(tiles, prefix, total);
+    if (g < groups) tile_start[g] = carry + prefix;
+    __syncthreads();  // every thread has read carry (and tmp may be reused)
+    if (threadIdx.x == 0) carry += total;
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    seg_start[groups] = static_cast<int32_t>(M);
+    tile_start[groups] = carry;
+  }
+}
+
+struct Tile {
+  int g;             // adapter, or L for rows without one
+  int64_t begin;     // sorted positions [begin, end), at most kTileRows
+  int64_t end;
+};
+
+// Tile t -> the group g with tile_start[g] <= t < tile_start[g + 1] (binary search over L + 2
+// entries, ~7 L1-resident loads at L = 128). False past the last tile: the grid is an upper bound.
+__device__ __forceinline__ bool find_tile(int64_t t, const Segments& s, int L, Tile& out) {
+  const int groups = L + 1;
+  if (t >= s.tile_start[groups]) return false;
+  int lo = 0, hi = groups - 1;  // tile_start[0] = 0 <= t
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (s.tile_start[mid] <= t) lo = mid; else hi = mid - 1;
+  }
+  out.g = lo;
+  out.begin = s.seg_start[lo] + (t - s.tile_start[lo]) * kTileRows;
+  out.end = dmin(static_cast<int64_t>(s.seg_start[lo + 1]), out.begin + kTileRows);
+  return true;
+}
+
+// =============================================================================================
+// tile GEMM building blocks: C[BM, BN] += A[BM, BK] @ B[BK, BN] from shared memory
+// =============================================================================================
+// 64 x 64 output tiles, 32-deep steps, 4 warps: the rank of most adapters (16..64) fits one or two
+// steps of the expand, and 64 rows is a sequence chunk in prefill. The shared tiles of one block
+// take 27 KB (16-bit), so several blocks share an SM and hide each other's load latency.
+constexpr int BM = kTileRows;
+constexpr int BN = 64;
+constexpr int BK = 32;
+constexpr int kTileThreads = 128;
+constexpr int LDC = BN + 4;  // fp32 staging of C; +4 floats keeps 16-byte rows and spreads banks
+
+// A is stored [BM][BK] (A_ROW) or [BK][BM]; B is stored [BN][BK] (B_COL) or [BK][BN]. Rows are
+// padded by 8 elements (16 bytes for 16-bit types) against bank conflicts; every wmma fragment
+// pointer stays 32-byte aligned (row pitches of 80 or 144 bytes times 16 rows).
+template <typename T, bool A_ROW, bool B_COL>
+struct SmemTiles {
+  static constexpr int LDA = A_ROW ? BK + 8 : BM + 8;
+  static constexpr int LDB = B_COL ? BK + 8 : BN + 8;
+  static constexpr int A_ELEMS = A_ROW ? BM * LDA : BK * LDA;
+  static constexpr int B_ELEMS = B_COL ? BN * LDB : BK * LDB;
+};
+
+// bf16 / fp16: tensor cores through wmma (16x16x16, fp32 accumulators); warps as 2 x 2, each
+// owning a 32 x 32 quarter of the tile.
+template <typename T, bool A_ROW, bool B_COL>
+struct WmmaTile {
+  using Lay = SmemTiles<T, A_ROW, B_COL>;
+  using ALayout = typename std::conditional<A_ROW, nvcuda::wmma::row_major, nvcuda::wmma::col_major>::type;
+  using BLayout = typename std::conditional<B_COL, nvcuda::wmma::col_major, nvcuda::wmma::row_major>::type;
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc[2][2];
+
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) nvcuda::wmma::fill_fragment(acc[i][j], 0.f);
+  }
+
+  __device__ __forceinline__ void step(const T* As, const T* Bs) {
+    const int warp = threadIdx.x >> 5;
+    const int wm = (warp >> 1) * 32;
+    const int wn = (warp & 1) * 32;
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += 16) {
+      nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, T, ALayout> fa[2];
+      nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, T, BLayout> fb[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int m = wm + 16 * i;
+        nvcuda::wmma::load_matrix_sync(fa[i], A_ROW ? As + m * Lay::LDA + kk : As + kk * Lay::LDA + m, Lay::LDA);
+      }
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int n = wn + 16 * j;
+        nvcuda::wmma::load_matrix_sync(fb[j], B_COL ? Bs + n * Lay::LDB + kk : Bs + kk * Lay::LDB + n, Lay::LDB);
+      }
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) nvcuda::wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+    }
+  }
+
+  __device__ __forceinline__ void store(float* Cs) {
+    const int warp = threadIdx.x >> 5;
+    const int wm = (warp >> 1) * 32;
+    const int wn = (warp & 1) * 32;
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+        nvcuda::wmma::store_matrix_sync(Cs + (wm + 16 * i) * LDC + wn + 16 * j, acc[i][j], LDC,
+                                        nvcuda::wmma::mem_row_major);
+  }
+};
+
+// fp32: plain FMAs (full fp32, no TF32), each thread an 8 x 4 block of the 64 x 64 tile.
+template <bool A_ROW, bool B_COL>
+struct SimtTile {
+  using Lay = SmemTiles<float, A_ROW, B_COL>;
+  float acc[8][4];
+
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
+  }
+
+  __device__ __forceinline__ void step(const float* As, const float* Bs) {
+    const int m0 = (threadIdx.x >> 4) * 8;
+    const int n0 = (threadIdx.x & 15) * 4;
+#pragma unroll 4
+    for (int k = 0; k < BK; ++k) {
+      float av[8], bv[4];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) av[i] = A_ROW ? As[(m0 + i) * Lay::LDA + k] : As[k * Lay::LDA + m0 + i];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) bv[j] = B_COL ? Bs[(n0 + j) * Lay::LDB + k] : Bs[k * Lay::LDB + n0 + j];
+#pragma unroll
+      for (int i = 0; i < 8; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+    }
+  }
+
+  __device__ __forceinline__ void store(float* Cs) {
+    const int m0 = (threadIdx.x >> 4) * 8;
+    const int n0 = (threadIdx.x & 15) * 4;
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) Cs[(m0 + i) * LDC + n0 + j] = acc[i][j];
+  }
+};
+
+template <typename T, bool A_ROW, bool B_COL>
+using TileMma = typename std::conditional<std::is_same<T, float>::value, SimtTile<A_ROW, B_COL>,
+                                          WmmaTile<T, A_ROW, B_COL>>::type;
+
+// sm[o * ld + i] = row(o)[i] converted to T, for o < outer_ok and i < inner_ok; 0 elsewhere in the
+// OUTER x INNER tile. row(o) points at the first element of outer line o (inner stride 1); it is
+// only called for o < outer_ok. With vec, row(o) + i is 16-byte aligned for every i % V == 0.
+template <typename T, typename TS, int OUTER, int INNER, typename RowPtr>
+__device__ __forceinline__ void load_tile(T* sm, int ld, RowPtr row, int outer_ok, int inner_ok, bool vec) {
+  constexpr int V = vec_elems<TS>();
+  static_assert(INNER % V == 0, "tile width must hold whole vectors");
+  if (vec) {
+    constexpr int VPR = INNER / V;
+    for (int e = threadIdx.x; e < OUTER * VPR; e += blockDim.x) {
+      const int o = e / VPR;
+      const int i = (e % VPR) * V;
+      T* dst = sm + o * ld + i;
+      if (o < outer_ok && i + V <= inner_ok) {
+        const uint4 raw = ld16(row(o) + i);
+        if constexpr (std::is_same<T, TS>::value) {
+          st16(dst, raw);  // dst is 16-byte aligned: pitches are multiples of 16 bytes
+        } else {
+          TS src[V];
+          memcpy(src, &raw, sizeof(raw));
+#pragma unroll
+          for (int u = 0; u < V; ++u) dst[u] = convert<T>(src[u]);
+        }
+      } else {
+        const bool ok = o < outer_ok;
+#pragma unroll
+        for (int u = 0; u < V; ++u) dst[u] = (ok && i + u < inner_ok) ? convert<T>(row(o)[i + u]) : from_f<T>(0.f);
+      }
+    }
+  } else {
+    for (int e = threadIdx.x; e < OUTER * INNER; e += blockDim.x) {
+      const int o = e / INNER;
+      const int i = e % INNER;
+      sm[o * ld + i] = (o < outer_ok && i < inner_ok) ? convert<T>(row(o)[i]) : from_f<T>(0.f);
+    }
+  }
+}
+
+// =============================================================================================
+// segment regime (SGMV)
+// =============================================================================================
+// Shrink, block (tile, rank block, split): part[s, rows, c0:c0+64] = P[rows, d-range] @ W_l[d-range, c0:c0+64]
+// with the tile's rows gathered through perm. W_D: W_l is [R, D] with d contiguous (A), else
+// [D, R] with c contiguous (B); either way the global loads run along the contiguous dimension.
+template <typename T, bool W_D>
+__global__ void __launch_bounds__(kTileThreads) sgmv_shrink_kernel(SgmvShrinkArgs a, bool vec_p, bool vec_w) {
+  using Mma = TileMma<T, true, W_D>;
+  using Lay = SmemTiles<T, true, W_D>;
+  __shared__ __align__(128) T As[Lay::A_ELEMS];
+  __shared__ __align__(128) T Bs[Lay::B_ELEMS];
+  __shared__ __align__(128) float Cs[BM * LDC];
+  __shared__ int rows[BM];
+
+  Tile t;
+  if (!find_tile(blockIdx.x, a.seg, a.L, t)) return;
+  const int c0 = blockIdx.y * BN;
+  const int s = blockIdx.z;
+  const int64_t d_begin = static_cast<int64_t>(s) * a.d_chunk;
+  const int64_t d_end = dmin(a.D, d_begin + a.d_chunk);
+  const int g = t.g;
+  const int r = g < a.L ? rank_of(a.ranks, g, a.R) : 0;
+  const int nrows = static_cast<int>(t.end - t.begin);
+  for (int e = threadIdx.x; e < BM; e += blockDim.x) rows[e] = e < nrows ? static_cast<int>(a.seg.perm[t.begin + e]) : 0;
+  __syncthreads();
+
+  const int c_ok = dmax(0, r - c0);  // rank columns of this block that carry values (block-uniform)
+  if (c_ok > 0) {
+    const T* P = static_cast<const T*>(a.P);
+    const T* Wl = static_cast<const T*>(a.W) + static_cast<int64_t>(g) * a.D * a.R;
+    Mma mma;
+    mma.zero();
+    for (int64_t d0 = d_begin; d0 < d_end; d0 += BK) {
+      const int d_ok = static_cast<int>(dmin<int64_t>(BK, d_end - d0));
+      load_tile<T, T, BM, BK>(As, Lay::LDA, [&](int o) { return P + static_cast<int64_t>(rows[o]) * a.stride_pm + d0; },
+                              nrows, d_ok, vec_p);
+      if constexpr (W_D) {
+        load_tile<T, T, BN, BK>(Bs, Lay::LDB, [&](int o) { return Wl + static_cast<int64_t>(c0 + o) * a.D + d0; },
+                                c_ok, d_ok, vec_w);
+      } else {
+        load_tile<T, T, BK, BN>(Bs, Lay::LDB, [&](int o) { return Wl + (d0 + o) * a.R + c0; }, d_ok, c_ok, vec_w);
+      }
+      __syncthreads();
+      mma.step(As, Bs);
+      __syncthreads();
+    }
+    mma.store(Cs);
+  }
+  __syncthreads();
+
+  float* out = a.part + static_cast<int64_t>(s) * a.M * a.R;
+  const int c_n = dmin(BN, a.R - c0);
+  for (int e = threadIdx.x; e < nrows * c_n; e += blockDim.x) {
+    const int o = e / c_n;
+    const int cc = e % c_n;
+    out[static_cast<int64_t>(rows[o]) * a.R + c0 + cc] = cc < c_ok ? Cs[o * LDC + cc] : 0.f;
+  }
+}
+
+// Expand, block (tile, d group): for each 64-column block d0 of the group,
+//   out[rows, d0:d0+64] = s_l * S[rows, :r] @ V_l[:r, d0:d0+64]
+// with S the sum of the shrink's split partials rounded to T for the tensor cores (what a bf16
+// matmul chain does too). A block walks several column blocks (strided by gridDim.y) so that the
+// tile lookup and the row gather are paid once per block, not once per 64 columns; its S tile is
+// re-read from L1. V_C: V_l(c, d) has c contiguous (B [N, R]); else d contiguous (A [R, K]).
+template <typename T, bool V_C>
+__global__ void __launch_bounds__(kTileThreads) sgmv_expand_kernel(SgmvExpandArgs a, bool vec_v, bool vec_o) {
+  using Mma = TileMma<T, true, V_C>;
+  using Lay = SmemTiles<T, true, V_C>;
+  __shared__ __align__(128) T As[Lay::A_ELEMS];
+  __shared__ __align__(128) T Bs[Lay::B_ELEMS];
+  __shared__ __align__(128) float Cs[BM * LDC];
+  __shared__ int rows[BM];
+
+  Tile t;
+  if (!find_tile(blockIdx.x, a.seg, a.L, t)) return;
+  const int g = t.g;
+  const int r = g < a.L ? rank_of(a.ranks, g, a.R) : 0;
+  const int nrows = static_cast<int>(t.end - t.begin);
+  for (int e = threadIdx.x; e < BM; e += blockDim.x) rows[e] = e < nrows ? static_cast<int>(a.seg.perm[t.begin + e]) : 0;
+  __syncthreads();
+
+  if (a.s_out != nullptr && blockIdx.y == 0) {  // S for backward, one writer per row
+    for (int e = threadIdx.x; e < nrows * a.R; e += blockDim.x) {
+      const int o = e / a.R;
+      const int c = e % a.R;
+      float v = 0.f;
+      if (c < r) {
+        for (int p = 0; p < a.split; ++p) v += a.part[(static_cast<int64_t>(p) * a.M + rows[o]) * a.R + c];
+      }
+      a.s_out[static_cast<int64_t>(rows[o]) * a.R + c] = v;
+    }
+  }
+
+  const float scale = r > 0 ? a.scales[g] : 0.f;
+  const T* Vl = static_cast<const T*>(a.V) + static_cast<int64_t>(g < a.L ? g : 0) * a.R * a.D;
+  T* out = static_cast<T*>(a.out);
+  constexpr int V = vec_elems<T>();
+  constexpr int VPR = BN / V;
+  const int64_t n_dblocks = (a.D + BN - 1) / BN;
+  for (int64_t db = blockIdx.y; db < n_dblocks; db += gridDim.y) {
+    const int64_t d0 = db * BN;
+    const int d_n = static_cast<int>(dmin<int64_t>(BN, a.D - d0));
+    if (r > 0) {
+      Mma mma;
+      mma.zero();
+      for (int c0 = 0; c0 < r; c0 += BK) {  // only the adapter's own rank: mixed ranks cost their own size
+        const int c_ok = dmin(BK, r - c0);
+        for (int e = threadIdx.x; e < BM * BK; e += blockDim.x) {
+          const int o = e / BK;
+          const int cc = e % BK;
+          float v = 0.f;
+          if (o < nrows && cc < c_ok) {
+            for (int p = 0; p < a.split; ++p) v += a.part[(static_cast<int64_t>(p) * a.M + rows[o]) * a.R + c0 + cc];
+          }
+          As[o * Lay::LDA + cc] = from_f<T>(v);
+        }
+        if constexpr (V_C) {
+          load_tile<T, T, BN, BK>(Bs, Lay::LDB, [&](int o) { return Vl + (d0 + o) * a.R + c0; }, d_n, c_ok, vec_v);
+        } else {
+          load_tile<T, T, BK, BN>(Bs, Lay::LDB, [&](int o) { return Vl + static_cast<int64_t>(c0 + o) * a.D + d0; },
+                                  c_ok, d_n, vec_v);
+        }
+        __syncthreads();
+        mma.step(As, Bs);
+        __syncthreads();
+      }
+      mma.store(Cs);
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < nrows * VPR; e += blockDim.x) {
+      const int o = e / VPR;
+      const int dd = (e % VPR) * V;
+      T* dst = out + static_cast<int64_t>(rows[o]) * a.stride_om + d0 + dd;
+      T vals[V];
+#pragma unroll
+      for (int u = 0; u < V; ++u) vals[u] = from_f<T>(r > 0 ? scale * Cs[o * LDC + dd + u] : 0.f);
+      if (vec_o && dd + V <= d_n) {
+        uint4 raw;
+        memcpy(&raw, vals, sizeof(raw));
+        st16(dst, raw);
+      } else {
+        for (int u = 0; u < V && dd + u < d_n; ++u) dst[u] = vals[u];
+      }
+    }
+    __syncthreads();  // Cs is rewritten by the next column block
+  }
+}
+
+// Per-adapter reduction, block (q block, p block, adapter * split + run):
+//   out[g, p-block, q-block] = s_g * sum over the run's rows of U[rows, p-block].T @ V[rows, q-block]
+// Rows come 32 at a time in sorted order, which the stable sort makes the original row order: the
+// sum is the same bit for bit on every run (no atomics). Blocks past an adapter's rank, and
+// adapters without rows, write zeros.
+template <typename T, typename TU, typename TV>
+__global__ void __launch_bounds__(kTileThreads) seg_outer_kernel(SegOuterArgs a, bool vec_u, bool vec_v) {
+  using Mma = TileMma<T, false, false>;
+  using Lay = SmemTiles<T, false, false>;
+  __shared__ __align__(128) T As[Lay::A_ELEMS];
+  __shared__ __align__(128) T Bs[Lay::B_ELEMS];
+  __shared__ __align__(128) float Cs[BM * LDC];
+  __shared__ int rows[BK];
+
+  const int64_t q0 = static_cast<int64_t>(blockIdx.x) * BN;
+  const int64_t p0 = static_cast<int64_t>(blockIdx.y) * BM;
+  const int g = blockIdx.z / a.split;
+  const int run = blockIdx.z % a.split;
+  const int r = rank_of(a.ranks, g, a.R);
+  const int64_t p_lim = a.rank_on_p ? dmin<int64_t>(a.P, r) : a.P;
+  const int64_t q_lim = a.rank_on_p ? a.Q : dmin<int64_t>(a.Q, r);
+  const int p_ok = static_cast<int>(dmax<int64_t>(0, dmin<int64_t>(BM, p_lim - p0)));
+  const int q_ok = static_cast<int>(dmax<int64_t>(0, dmin<int64_t>(BN, q_lim - q0)));
+  const int64_t seg_b = a.seg.seg_start[g];
+  const int64_t seg_e = a.seg.seg_start[g + 1];
+  const int64_t chunk = ((seg_e - seg_b + a.split - 1) / a.split + BK - 1) / BK * BK;
+  const int64_t rb = seg_b + run * chunk;
+  const int64_t re = dmin(seg_e, rb + chunk);
+  const bool any = p_ok > 0 && q_ok > 0 && rb < re;  // block-uniform
+
+  if (any) {
+    const TU* U = static_cast<const TU*>(a.U);
+    const TV* Vm = static_cast<const TV*>(a.V);
+    Mma mma;
+    mma.zero();
+    for (int64_t i0 = rb; i0 < re; i0 += BK) {
+      const int i_ok = static_cast<int>(dmin<int64_t>(BK, re - i0));
+      for (int e = threadIdx.x; e < BK; e += blockDim.x) rows[e] = e < i_ok ? static_cast<int>(a.seg.perm[i0 + e]) : 0;
+      __syncthreads();
+      load_tile<T, TU, BK, BM>(As, Lay::LDA, [&](int o) { return U + static_cast<int64_t>(rows[o]) * a.stride_um + p0; },
+                               i_ok, p_ok, vec_u);
+      load_tile<T, TV, BK, BN>(Bs, Lay::LDB, [&](int o) { return Vm + static_cast<int64_t>(rows[o]) * a.stride_vm + q0; },
+                               i_ok, q_ok, vec_v);
+      __syncthreads();
+      mma.step(As, Bs);
+      __syncthreads();
+    }
+    mma.store(Cs);
+    __syncthreads();
+  }
+
+  const float scale = a.scales[g];
+  const int p_n = static_cast<int>(dmin<int64_t>(BM, a.P - p0));
+  const int q_n = static_cast<int>(dmin<int64_t>(BN, a.Q - q0));
+  T* out = static_cast<T*>(a.out);
+  for (int e = threadIdx.x; e < p_n * q_n; e += blockDim.x) {
+    const int pp = e / q_n;
+    const int qq = e % q_n;
+    const float v = (any && pp < p_ok && qq < q_ok) ? scale * Cs[pp * LDC + qq] : 0.f;
+    const int64_t off = (static_cast<int64_t>(g) * a.P + p0 + pp) * a.Q + q0 + qq;
+    if (a.split > 1) {
+      a.ws[static_cast<int64_t>(run) * a.L * a.P * a.Q + off] = v;
+    } else {
+      out[off] = from_f<T>(v);
+    }
+  }
+}
+
+// =============================================================================================
+// host side
+// =============================================================================================
+template <typename F>
+cudaError_t with_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32: f(float{}); break;
+    case DType::kFloat16: f(__half{}); break;
+    case DType::kBFloat16: f(__nv_bfloat16{}); break;
+    default: return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+int elem_size(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+int log2_ceil(int v) {
+  int s = 0;
+  while ((1 << s) < v) ++s;
+  return s;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+int bgmv_shrink_split(int64_t M, int64_t K, int sm_count, int* k_chunk) {
+  // ~4 blocks per SM keep enough 16-byte loads in flight; a single decode row (M = 1, K = 4096)
+  // is cut into 16 chunks of 256 columns rather than streamed by one block.
+  const int64_t want = 4LL * std::max(sm_count, 1);
+  int64_t split = std::min<int64_t>(std::max<int64_t>(1, cdiv(want, std::max<int64_t>(M, 1))), cdiv(K, 256));
+  int64_t chunk = cdiv(cdiv(K, split), 256) * 256;
+  chunk = std::min<int64_t>(chunk, 8192);  // x chunk in shared memory as fp32: <= 32 KB
+  *k_chunk = static_cast<int>(chunk);
+  return static_cast<int>(cdiv(K, chunk));
+}
+
+cudaError_t bgmv_shrink(DType dtype, const BgmvShrinkArgs& a, cudaStream_t stream) {
+  if (a.M == 0) return cudaSuccess;
+  const int V = 16 / elem_size(dtype);
+  const bool vec = aligned16(a.x) && aligned16(a.A) && a.stride_xm % V == 0 && a.K % V == 0;
+  const dim3 grid(static_cast<unsigned>(a.M), static_cast<unsigned>(a.split));
+  const size_t smem = static_cast<size_t>(a.k_chunk) * sizeof(float);
+  return with_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    bgmv_shrink_kernel<T><<<grid, kShrinkThreads, smem, stream>>>(a, vec);
+  });
+}
+
+cudaError_t bgmv_expand(DType dtype, const BgmvExpandArgs& a, int sm_count, cudaStream_t stream) {
+  if (a.M == 0 || a.N == 0) return cudaSuccess;
+  const int V = 16 / elem_size(dtype);
+  const bool vec = aligned16(a.B) && a.R % V == 0;
+  // G lanes per column cover the R / V vectors of a row of B (r = 16 bf16: 2 lanes, r = 256: 32)
+  const int lanes_log2 = vec ? std::min(5, log2_ceil(a.R / V)) : 0;
+  const int64_t per_pass = vec ? (kExpandThreads >> lanes_log2) : kExpandThreads;
+  const int64_t want_per_row = cdiv(4LL * std::max(sm_count, 1), a.M);  // ~4 blocks per SM in all
+  const int64_t n_per_block = std::max<int64_t>(per_pass, cdiv(cdiv(a.N, want_per_row), per_pass) * per_pass);
+  const dim3 grid(static_cast<unsigned>(a.M), static_cast<unsigned>(cdiv(a.N, n_per_block)));
+  return with_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    bgmv_expand_kernel<T><<<grid, kExpandThreads, 0, stream>>>(a, n_per_block, lanes_log2, vec);
+  });
+}
+
+cudaError_t make_keys(IntVec idx, int64_t M, int L, int32_t* keys, cudaStream_t stream) {
+  if (M == 0) return cudaSuccess;
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(cdiv(M, 256), 1024));
+  make_keys_kernel<<<blocks, 256, 0, stream>>>(idx, M, L, keys);
+  return cudaGetLastError();
+}
+
+cudaError_t build_segments(const int32_t* sorted_keys, int64_t M, int L, int32_t* seg_start, int32_t* tile_start,
+                           cudaStream_t stream) {
+  build_segments_kernel<<<1, kSegThreads, 0, stream>>>(sorted_keys, M, L, seg_start, tile_start);
+  return cudaGetLastError();
+}
+
+int64_t max_tiles(int64_t M, int L) {
+  // sum over groups of ceil(count / 64) <= M / 64 + (number of non-empty groups)
+  return cdiv(M, kTileRows) + std::min<int64_t>(static_cast<int64_t>(L) + 1, M);
+}
+
+int sgmv_shrink_split(int64_t M, int L, int64_t D, int R, int sm_count, int64_t* d_chunk) {
+  // Few tiles (decode-like batches, or one long segment) leave SMs idle: cut D, but keep >= 512
+  // columns (16 steps of 32) per block so each block amortises its tile set-up.
+  const int64_t blocks = max_tiles(M, L) * cdiv(R, BN);
+  const int64_t want = 4LL * std::max(sm_count, 1);  // ~4 resident blocks per SM to overlap load latency
+  int64_t split = std::min<int64_t>(std::max<int64_t>(1, cdiv(want, std::max<int64_t>(blocks, 1))),
+                                    std::max<int64_t>(1, D / 512));
+  *d_chunk = std::max<int64_t>(BK, cdiv(cdiv(D, split), BK) * BK);
+  return static_cast<int>(std::max<int64_t>(1, cdiv(D, *d_chunk)));
+}
+
+cudaError_t sgmv_shrink(DType dtype, const SgmvShrinkArgs& a, cudaStream_t stream) {
+  if (a.M == 0 || a.seg.n_tiles_max == 0) return cudaSuccess;
+  const int V = 16 / elem_size(dtype);
+  const bool vec_p = aligned16(a.P) && a.stride_pm % V == 0;
+  const bool vec_w = aligned16(a.W) && (a.w_d_contiguous ? a.D % V == 0 : a.R % V == 0);
+  const dim3 grid(static_cast<unsigned>(a.seg.n_tiles_max), static_cast<unsigned>(cdiv(a.R, BN)),
+                  static_cast<unsigned>(a.split));
+  return with_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if (a.w_d_contiguous) {
+      sgmv_shrink_kernel<T, true><<<grid, kTileThreads, 0, stream>>>(a, vec_p, vec_w);
+    } else {
+      sgmv_shrink_kernel<T, false><<<grid, kTileThreads, 0, stream>>>(a, vec_p, vec_w);
+    }
+  });
+}
+
+cudaError_t sgmv_expand(DType dtype, const SgmvExpandArgs& a, int sm_count, cudaStream_t stream) {
+  if (a.M == 0 || a.D == 0 || a.seg.n_tiles_max == 0) return cudaSuccess;
+  const int V = 16 / elem_size(dtype);
+  const bool vec_v = aligned16(a.V) && (a.v_c_contiguous ? a.R % V == 0 : a.D % V == 0);
+  const bool vec_o = aligned16(a.out) && a.stride_om % V == 0;
+  // Column groups: enough blocks for ~8 resident per SM (27 KB of shared memory each), the rest of
+  // the 64-column blocks walked inside a block. T = 1024 rows over 128 adapters, N = 4096: 145
+  // tiles x 8 groups of 8 column blocks, instead of 145 x 64 blocks that each look their tile up.
+  const int64_t d_blocks = cdiv(a.D, BN);
+  const int64_t groups = std::min<int64_t>(d_blocks, std::max<int64_t>(1, cdiv(8LL * std::max(sm_count, 1),
+                                                                               a.seg.n_tiles_max)));
+  const dim3 grid(static_cast<unsigned>(a.seg.n_tiles_max), static_cast<unsigned>(groups));
+  return with_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if (a.v_c_contiguous) {
+      sgmv_expand_kernel<T, true><<<grid, kTileThreads, 0, stream>>>(a, vec_v, vec_o);
+    } else {
+      sgmv_expand_kernel<T, false><<<grid, kTileThreads, 0, stream>>>(a, vec_v, vec_o);
+    }
+  });
+}
+
+int seg_outer_split(int64_t M, int L, int64_t P, int64_t Q, int sm_count) {
+  // One adapter holding a long segment (training on a single fine-tune) gives cdiv(K, 64) blocks
+  // for dA (64 at K = 4096): cut its rows into runs, >= 256 rows each, summed afterwards.
+  const int64_t blocks = std::max<int64_t>(1, cdiv(P, BM) * cdiv(Q, BN) * std::max(L, 1));
+  const int64_t want = 2LL * std::max(sm_count, 1);
+  const int64_t split = std::min<int64_t>({std::max<int64_t>(1, cdiv(want, blocks)), std::max<int64_t>(1, M / 256), 32});
+  return static_cast<int>(split);
+}
+
+cudaError_t seg_outer(DType dtype, const SegOuterArgs& a, cudaStream_t stream) {
+  if (a.L == 0 || a.P == 0 || a.Q == 0) return cudaSuccess;
+  const int V_T = 16 / elem_size(dtype);
+  const bool vec_u = aligned16(a.U) && a.stride_um % (a.u_fp32 ? 4 : V_T) == 0;
+  const bool vec_v = aligned16(a.V) && a.stride_vm % (a.v_fp32 ? 4 : V_T) == 0;
+  const dim3 grid(static_cast<unsigned>(cdiv(a.Q, BN)), static_cast<unsigned>(cdiv(a.P, BM)),
+                  static_cast<unsigned>(a.L * a.split));
+  if (a.u_fp32 == a.v_fp32 && dtype != DType::kFloat32) return cudaErrorInvalidValue;
+  return with_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if (a.u_fp32) {
+      seg_outer_kernel<T, float, T><<<grid, kTileThreads, 0, stream>>>(a, vec_u, vec_v);
+    } else {
+      seg_outer_kernel<T, T, float><<<grid, kTileThreads, 0, stream>>>(a, vec_u, vec_v);
+    }
+  });
+}
+
+}  // namespace lora_kernels

@@ -1,0 +1,371 @@
+"""Multi-adapter LoRA benchmark: the extension's kernels against gather+bmm, a per-adapter loop and
+PEFT's mixed-batch forward, each timed in the same run.
+
+Cases (H100 targets in the issue, bf16, H = K = N = 4096):
+  decode   T in {1, 16, 64, 256, 1024, 4096} rows, L in {1, 8, 32, 128} adapters, r in {16, 64}, every
+           adapter popularity; one row = one token with its own adapter.
+  prefill  8 sequences of 512-2048 tokens over 4 or 8 adapters (tokens of a sequence share one);
+           forward, and forward + backward (training).
+
+Effective bandwidth of a decode case counts what has to move at least once:
+    bytes = (T * K + T * N) * 2            x read, y written (bf16)
+          + U * (r * K + N * r) * 2        each of the U adapters the batch uses, read once
+    GB/s  = bytes / ms / 1e6
+and is reported beside the device-to-device copy bandwidth measured in the same run (a
+`torch.Tensor.copy_` of 256 MiB), which is the ceiling the 60% target refers to.
+
+Implementations per case ("x gather" = ratio to gather+bmm in the same run):
+  gather+bmm  As = A[idx] [T, r, K], Bs = B[idx] [T, N, r], two bmm (what PyTorch users write)
+  loop        multi_lora_reference: a Python loop over the adapters in use
+  peft        peft LoRA Linear with L adapters, forward(x, adapter_names=[...]) (a loop over sub-batches)
+  ext:auto    lora_kernels.multi_lora (the regime multi_lora_regime picks)
+  ext:decode / ext:segment   the same with the regime forced, to check the regime rule
+
+Each implementation is timed twice: eager (triton.testing.do_bench: what a Python caller sees,
+launch overheads included) and inside a CUDA graph (do_bench_cudagraph: the GPU time alone, what a
+serving engine that captures its decode step sees). Rows give both; the ratio uses the eager times
+(note gives the graph ratio).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from . import Row, gpu_time_ms
+
+POPULARITIES = ("distinct", "identical", "uniform", "zipf", "skewed")
+DECODE_T = (1, 16, 64, 256, 1024, 4096)
+DECODE_L = (1, 8, 32, 128)
+DECODE_R = (16, 64)
+HIDDEN = 4096
+
+
+# ================================================================================================
+# case generation (shared with the tests and benchmarks/test_bench_multi_lora.py)
+# ================================================================================================
+def adapter_indices(M: int, L: int, popularity: str, none_frac: float = 0.0, seed: int = 0,
+                    device="cpu") -> torch.Tensor:
+    """Per-row adapter indices [M] int64 in [-1, L) following an adapter popularity pattern.
+
+    distinct   row i uses adapter i % L (every adapter used, neighbours differ)
+    identical  every row uses one adapter
+    uniform    independent uniform draws
+    zipf       P(adapter k) proportional to 1 / (k + 1)^1.5
+    skewed     90% of rows on adapter 0, the rest uniform
+    sequences  runs of 1..64 consecutive rows share an adapter (tokens of a sequence, prefill)
+    none_frac of the rows (at random positions) get -1, no adapter.
+    """
+    g = torch.Generator().manual_seed(seed)
+    if L == 0:
+        return torch.full((M,), -1, dtype=torch.int64, device=device)
+    if popularity == "distinct":
+        idx = torch.arange(M) % L
+    elif popularity == "identical":
+        idx = torch.full((M,), int(torch.randint(L, (1,), generator=g)), dtype=torch.int64)
+    elif popularity == "uniform":
+        idx = torch.randint(L, (M,), generator=g)
+    elif popularity == "zipf":
+        p = 1.0 / torch.arange(1, L + 1, dtype=torch.float64) ** 1.5
+        idx = torch.multinomial(p / p.sum(), M, replacement=True, generator=g) if M else torch.zeros(0, dtype=torch.int64)
+    elif popularity == "skewed":
+        idx = torch.where(torch.rand(M, generator=g) < 0.9, torch.zeros(M, dtype=torch.int64),
+                          torch.randint(L, (M,), generator=g))
+    elif popularity == "sequences":
+        parts, n = [], 0
+        while n < M:
+            run = min(M - n, int(torch.randint(1, 65, (1,), generator=g)))
+            parts.append(torch.full((run,), int(torch.randint(L, (1,), generator=g)), dtype=torch.int64))
+            n += run
+        idx = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+    else:
+        raise ValueError(f"unknown adapter popularity {popularity!r}; expected one of "
+                         f"{POPULARITIES + ('sequences',)}")
+    if none_frac > 0 and M:
+        idx = torch.where(torch.rand(M, generator=g) < none_frac, torch.full_like(idx, -1), idx)
+    return idx.to(torch.int64).to(device)
+
+
+def make_adapters(L: int, r: int, K: int, N: int, dtype=torch.bfloat16, device="cpu", seed: int = 0,
+                  requires_grad: bool = False):
+    """(A [L, r, K], B [L, N, r], scales [L] fp32) with LoRA-like magnitudes (outputs of order 1e-1)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    A = (torch.randn(L, r, K, generator=g) / math.sqrt(K)).to(device=device, dtype=dtype)
+    B = (torch.randn(L, N, r, generator=g) / math.sqrt(max(r, 1))).to(device=device, dtype=dtype)
+    scales = (0.5 + torch.rand(L, generator=g)).to(device)
+    if requires_grad:
+        A.requires_grad_(True)
+        B.requires_grad_(True)
+    return A, B, scales
+
+
+def prefill_indices(n_seq: int, L: int, seed: int = 0, lengths=(512, 2048), device="cpu") -> torch.Tensor:
+    """Indices for n_seq sequences of random lengths in [lengths] tokens, each on one of L adapters."""
+    g = torch.Generator().manual_seed(seed)
+    parts = []
+    for s in range(n_seq):
+        n = int(torch.randint(lengths[0], lengths[1] + 1, (1,), generator=g))
+        parts.append(torch.full((n,), s % L, dtype=torch.int64))
+    return torch.cat(parts).to(device)
+
+
+def decode_bytes(T: int, K: int, N: int, r: int, used: int, elem: int = 2) -> int:
+    """Bytes that must move at least once: x, y, and each used adapter (see the module docstring)."""
+    return (T * K + T * N) * elem + used * (r * K + N * r) * elem
+
+
+# ================================================================================================
+# implementations under test (shared with benchmarks/test_bench_multi_lora.py)
+# ================================================================================================
+def gather_bmm(x, A, B, idx, scales):
+    """What a PyTorch user writes: gather each row's adapter, two batched matmuls. x [T, K] -> [T, N]."""
+    valid = idx >= 0
+    safe = idx.clamp(min=0)
+    As = A[safe]  # [T, r, K]
+    Bs = B[safe]  # [T, N, r]
+    s = (scales[safe] * valid).to(x.dtype)
+    h = torch.bmm(As, x.unsqueeze(2))  # [T, r, 1]
+    return torch.bmm(Bs, h).squeeze(2) * s[:, None]
+
+
+def peft_model(A, B, scales, dtype, device):
+    """A PEFT model around one Linear holding L adapters 'a0'..'a{L-1}' with our weights, in eval mode
+    (PEFT takes `adapter_names=` at inference only). None when peft is not installed."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except Exception:
+        return None
+    L, r, K = A.shape
+    N = B.shape[1]
+
+    class One(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(K, N, bias=False)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    cfg = LoraConfig(r=r, lora_alpha=r, target_modules=["proj"], lora_dropout=0.0)
+    model = get_peft_model(One(), cfg, adapter_name="a0")
+    for i in range(1, L):
+        model.add_adapter(f"a{i}", cfg)
+    layer = model.base_model.model.proj
+    with torch.no_grad():
+        for i in range(L):
+            layer.lora_A[f"a{i}"].weight.copy_(A[i])
+            layer.lora_B[f"a{i}"].weight.copy_(B[i])
+            layer.scaling[f"a{i}"] = float(scales[i])
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def decode_impls(x, A, B, idx, scales, with_slow: bool = True) -> dict:
+    """Named callables computing the LoRA term of one decode case (shared with the pytest-benchmark file).
+
+    ext:decode / ext:segment call the op with the regime forced (no Python wrapper); ext:auto is the
+    public multi_lora (wrapper, checks and dispatch included). The loop and PEFT only when with_slow.
+    """
+    import lora_kernels
+    from lora_kernels.ops.multi_lora import _ext_ops
+
+    impls = {
+        "gather+bmm": lambda: gather_bmm(x, A, B, idx, scales),
+        "ext:auto": lambda: lora_kernels.multi_lora(x, A, B, idx, scales),
+    }
+    ops = _ext_ops()  # builds the extension on first use; None where it cannot be built
+    if ops is not None:
+        op = ops.multi_lora_fwd
+        impls["ext:decode"] = lambda: op(x, A, B, idx, scales, None, "decode", False)
+        impls["ext:segment"] = lambda: op(x, A, B, idx, scales, None, "segment", False)
+    if with_slow:
+        impls["loop"] = lambda: lora_kernels.multi_lora_reference(x, A, B, idx, scales)
+        model = peft_model(A, B, scales, x.dtype, x.device)
+        if model is not None:
+            names = [f"a{int(i)}" if i >= 0 else "__base__" for i in idx.tolist()]
+            base = model.base_model.model.proj.base_layer
+            impls["peft"] = lambda: model(x, adapter_names=names)  # base linear + LoRA sub-batch loop
+            impls["peft base"] = lambda: base(x)  # the base linear alone, subtracted in the report
+    return impls
+
+
+# ================================================================================================
+# the report
+# ================================================================================================
+def _time(fn, graph: bool, quick_reps: bool = True):
+    """(eager ms, CUDA-graph ms or None). Short repetitions: the decode grid has ~100 cases."""
+    import triton.testing
+
+    eager = gpu_time_ms(fn, warmup_ms=10, rep_ms=40 if quick_reps else 100)
+    if not graph:
+        return eager, None
+    try:  # on a side stream, n calls unrolled in one graph
+        g = float(triton.testing.do_bench_cudagraph(fn, rep=40, return_mode="median"))
+    except Exception:  # e.g. an implementation that reads indices on the host cannot be captured
+        g = None
+    return eager, g
+
+
+def _copy_bandwidth_gbs(device) -> float:
+    """Device-to-device copy bandwidth: (read + written bytes) / time for a 256 MiB tensor."""
+    src = torch.empty(128 * 2**20, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    ms = gpu_time_ms(lambda: dst.copy_(src))
+    return 2 * src.numel() * src.element_size() / ms / 1e6
+
+
+def _decode_cases(quick: bool):
+    """(T, L, r, popularity): every T, L, r with distinct adapters; the other patterns at T = 256
+    and 4096 with r = 16 (~80 cases, ~1 s each)."""
+    if quick:
+        return [(64, 8, 16, "zipf"), (256, 32, 16, "uniform"), (1024, 128, 16, "distinct"),
+                (1024, 64, 64, "distinct"), (4096, 128, 16, "distinct")]
+    cases = []
+    for T in DECODE_T:
+        for L in DECODE_L:
+            for r in DECODE_R:
+                for pop in POPULARITIES:
+                    if pop == "distinct" or (T in (256, 4096) and r == 16):
+                        cases.append((T, L, r, pop))
+    return cases
+
+
+def _cpu_probe() -> list[Row]:
+    import lora_kernels
+
+    x = torch.randn(7, 33)
+    A, B, s = make_adapters(3, 4, 33, 20, dtype=torch.float32)
+    idx = torch.tensor([0, 2, -1, 1, 1, 0, 2])
+    d = lora_kernels.multi_lora_dispatch(x, A)
+    err = (lora_kernels.multi_lora(x, A, B, idx, s) - lora_kernels.multi_lora_reference(x, A, B, idx, s)).abs().max()
+    return [Row("multi", "cpu probe 7x33->20 L3 r4", f"{d.backend}:{d.regime}", None,
+                note=f"max |ext - reference| = {float(err):.2e}; GPU timings need CUDA")]
+
+
+def run(quick: bool) -> list[Row]:
+    if not torch.cuda.is_available():
+        return _cpu_probe()
+    import lora_kernels
+
+    dev = torch.device("cuda")
+    dt = torch.bfloat16
+    H = HIDDEN
+    rows: list[Row] = []
+    copy_gbs = _copy_bandwidth_gbs(dev)
+    rows.append(Row("multi", "device-to-device copy 256 MiB", "copy", None, note=f"{copy_gbs:.0f} GB/s",
+                    extra={"gbs": copy_gbs}))
+    adapters = {}
+    for T, L, r, pop in _decode_cases(quick):
+        if (L, r) not in adapters:
+            adapters[(L, r)] = make_adapters(L, r, H, H, dtype=dt, device=dev)
+        A, B, s = adapters[(L, r)]
+        idx = adapter_indices(T, L, pop, device=dev)
+        x = torch.randn(T, H, device=dev, dtype=dt)
+        used = int(torch.unique(idx).numel())
+        nbytes = decode_bytes(T, H, H, r, used)
+        case = f"decode T{T} L{L} r{r} {pop}"
+        slow = pop == "distinct" and T in (16, 256, 1024) and (quick or L <= 32)
+        impls = decode_impls(x, A, B, idx, s, with_slow=slow)
+        picked = lora_kernels.multi_lora_dispatch(x, A).regime
+        times = {}
+        with torch.no_grad():  # inference: PEFT's LoRA weights would otherwise record a graph
+            for name, fn in impls.items():
+                times[name] = _time(fn, graph=name in ("gather+bmm", "ext:auto", "ext:decode", "ext:segment"))
+        base_e, base_g = times["gather+bmm"]
+        for name, (e, g) in times.items():
+            if name == "peft base":
+                continue
+            note, extra = "", {"graph_ms": g}
+            if name == "peft":
+                e = e - times["peft base"][0]
+                note = f"mixed-batch forward minus its base linear ({times['peft base'][0]:.4f} ms)"
+            if name.startswith("ext"):
+                gbs_e = nbytes / e / 1e6
+                note = (f"{picked if name == 'ext:auto' else name[4:]}: {gbs_e:.0f} GB/s eager"
+                        + (f"; graph {g:.4f} ms = {nbytes / g / 1e6:.0f} GB/s "
+                           f"({nbytes / g / 1e6 / copy_gbs:.0%} of copy), x gather(graph) {g / base_g:.3f}"
+                           if g and base_g else ""))
+                extra.update(gbs=gbs_e, gbs_graph=nbytes / g / 1e6 if g else None, regime=picked)
+            elif name == "gather+bmm" and g:
+                note = f"graph {g:.4f} ms"
+            rows.append(Row("multi", case, name, e, e / base_e, note=note, extra=extra))
+    rows.extend(_prefill_rows(quick, dev, dt))
+    return rows
+
+
+def prefill_impls(x, W, A, B, idx, scales, dy) -> dict:
+    """Named callables of one prefill/training case (shared with the pytest-benchmark file)."""
+    import lora_kernels
+
+    one = torch.zeros_like(idx)
+
+    def train(fn):
+        def step():
+            for t in (x, A, B):
+                t.grad = None
+            fn().backward(dy)
+        return step
+
+    impls = {
+        "fwd gather+bmm": lambda: gather_bmm(x, A, B, idx, scales),
+        "fwd ext": lambda: lora_kernels.multi_lora(x, A, B, idx, scales),
+        "fwd loop": lambda: lora_kernels.multi_lora_reference(x, A, B, idx, scales),
+        "fwd linear base": lambda: torch.nn.functional.linear(x, W),
+        "fwd linear ext mixed": lambda: lora_kernels.multi_lora_linear(x, W, A, B, idx, scales),
+        "fwd linear ext single": lambda: lora_kernels.multi_lora_linear(x, W, A, B, one, scales),
+        "fwd lora_linear single": lambda: lora_kernels.lora_linear(x, W, A[0], B[0], float(scales[0])),
+        "train gather+bmm": train(lambda: gather_bmm(x, A, B, idx, scales)),
+        "train ext": train(lambda: lora_kernels.multi_lora(x, A, B, idx, scales)),
+        "train loop": train(lambda: lora_kernels.multi_lora_reference(x, A, B, idx, scales)),
+        "train linear base": train(lambda: torch.nn.functional.linear(x, W)),
+        "train linear ext mixed": train(lambda: lora_kernels.multi_lora_linear(x, W, A, B, idx, scales)),
+        "train linear ext single": train(lambda: lora_kernels.multi_lora_linear(x, W, A, B, one, scales)),
+        "train lora_linear single": train(lambda: lora_kernels.lora_linear(x, W, A[0], B[0], float(scales[0]))),
+    }
+    model = peft_model(A.detach(), B.detach(), scales, x.dtype, x.device)
+    if model is not None:  # PEFT's mixed batch is inference-only: forward of the whole layer
+        with torch.no_grad():
+            model.base_model.model.proj.base_layer.weight.copy_(W)
+        names = [f"a{int(i)}" if i >= 0 else "__base__" for i in idx.tolist()]
+        impls["fwd linear peft mixed"] = lambda: model(x, adapter_names=names)
+    return impls
+
+
+def _prefill_rows(quick: bool, dev, dt) -> list[Row]:
+    """8 sequences of 512-2048 tokens over L adapters: the LoRA term against gather+bmm and the loop,
+    and the whole layer (base + LoRA) mixed vs one adapter for the 1.3x targets."""
+    H = HIDDEN
+    rows = []
+    for L in ((8,) if quick else (4, 8)):
+        r = 16
+        idx = prefill_indices(8, L, device=dev)
+        T = idx.numel()
+        x = torch.randn(T, H, device=dev, dtype=dt, requires_grad=True)
+        A, B, s = make_adapters(L, r, H, H, dtype=dt, device=dev, requires_grad=True)
+        W = torch.randn(H, H, device=dev, dtype=dt) / math.sqrt(H)
+        dy = torch.randn(T, H, device=dev, dtype=dt)
+        impls = prefill_impls(x, W, A, B, idx, s, dy)
+        case = f"prefill 8 seq {T} tok L{L} r{r}"
+        ms = {}
+        for name, fn in impls.items():
+            if name.startswith("fwd"):
+                with torch.no_grad():
+                    ms[name] = gpu_time_ms(fn)
+            else:
+                ms[name] = gpu_time_ms(fn)
+        for phase in ("fwd", "train"):
+            base = ms[f"{phase} gather+bmm"]
+            for impl in ("gather+bmm", "ext", "loop"):
+                rows.append(Row("multi", f"{case} {phase}", impl, ms[f"{phase} {impl}"], ms[f"{phase} {impl}"] / base))
+            lin = ms[f"{phase} linear base"]
+            single = ms[f"{phase} lora_linear single"]
+            for impl in ("linear base", "lora_linear single", "linear ext single", "linear ext mixed",
+                         "linear peft mixed"):
+                if f"{phase} {impl}" not in ms:
+                    continue
+                rows.append(Row("multi", f"{case} {phase} layer", impl, ms[f"{phase} {impl}"],
+                                ms[f"{phase} {impl}"] / single,
+                                note=f"x base {ms[f'{phase} {impl}'] / lin:.2f}; ratio = to lora_linear on one adapter "
+                                     "(target: mixed <= 1.3)"))
+        del x, A, B, W, dy, impls
+    return rows

@@ -1,0 +1,202 @@
+// Runs the CUDA launchers of csrc/multi_lora_kernels.cu under the CPU emulation (shim.h), in the
+// order csrc/multi_lora_cuda.cpp calls them (forward in each regime, then the backward), and
+// compares every output with a float64 loop. The stable sort of the keys (at::sort in the glue) is
+// std::stable_sort here. Exit status 0 when every case is within tolerance.
+//   check_kernels         the quick set (CI)
+//   check_kernels full    every case
+#include "shim.h"
+#include "multi_lora_kernels.cuh"
+#include <algorithm>
+#include <numeric>
+#include <random>
+#include <string>
+using namespace lora_kernels;
+
+template <typename T> T fromf(float v);
+template <> float fromf<float>(float v) { return v; }
+template <> __half fromf<__half>(float v) { return __float2half_rn(v); }
+template <> __nv_bfloat16 fromf<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+inline float tf(float v) { return v; }
+inline float tf(__half v) { return __half2float(v); }
+inline float tf(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T> DType dt();
+template <> DType dt<float>() { return DType::kFloat32; }
+template <> DType dt<__half>() { return DType::kFloat16; }
+template <> DType dt<__nv_bfloat16>() { return DType::kBFloat16; }
+
+struct Segs { std::vector<int64_t> perm; std::vector<int32_t> seg, tile; Segments view; };
+Segs make_segments(const std::vector<int64_t>& idx, int64_t M, int L) {
+  Segs s;
+  std::vector<int32_t> keys(M);
+  if (make_keys(IntVec{idx.data(), true}, M, L, keys.data(), nullptr) != cudaSuccess) abort();
+  s.perm.resize(M);
+  std::iota(s.perm.begin(), s.perm.end(), 0);
+  std::stable_sort(s.perm.begin(), s.perm.end(), [&](int64_t a, int64_t b) { return keys[a] < keys[b]; });
+  std::vector<int32_t> sorted(M);
+  for (int64_t i = 0; i < M; ++i) sorted[i] = keys[s.perm[i]];
+  s.seg.assign(L + 2, -7); s.tile.assign(L + 2, -7);
+  if (build_segments(sorted.data(), M, L, s.seg.data(), s.tile.data(), nullptr) != cudaSuccess) abort();
+  s.view = Segments{s.perm.data(), s.seg.data(), s.tile.data(), max_tiles(M, L)};
+  return s;
+}
+
+struct Case {
+  int64_t M, K, N; int R, L; int sms; bool decode; bool ranks; int x_pad; double none; bool bad;
+};
+
+static int failures = 0;
+void expect(bool ok, const std::string& what) { if (!ok) { ++failures; std::printf("FAIL: %s\n", what.c_str()); } }
+
+double relerr(const std::vector<double>& got, const std::vector<double>& want) {
+  double n = 0, d = 0;
+  for (size_t i = 0; i < got.size(); ++i) { n += (got[i] - want[i]) * (got[i] - want[i]); d += want[i] * want[i]; }
+  return d > 0 ? std::sqrt(n / d) : std::sqrt(n);
+}
+
+template <typename T>
+void run_case(const Case& c, double tol, std::mt19937& rng) {
+  std::normal_distribution<float> nd;
+  std::uniform_real_distribution<double> ud;
+  const int64_t M = c.M, K = c.K, N = c.N; const int R = c.R, L = c.L;
+  const int64_t sx = K + c.x_pad;
+  std::vector<T> xbuf(M * sx + 8);
+  T* x = xbuf.data() + (c.x_pad ? 1 : 0);  // x_pad != 0: misaligned rows
+  std::vector<T> A(L * R * K), B(L * N * R);
+  std::vector<float> scales(L);
+  std::vector<int64_t> ranks(L), idx(M);
+  for (auto& v : xbuf) v = fromf<T>(nd(rng));
+  for (auto& v : A) v = fromf<T>(nd(rng) / std::sqrt(float(K)));
+  for (auto& v : B) v = fromf<T>(nd(rng) / std::sqrt(float(R)));
+  for (auto& v : scales) v = 0.5f + float(ud(rng));
+  for (int l = 0; l < L; ++l) ranks[l] = c.ranks ? 1 + rng() % R : R;
+  if (c.ranks) {  // NaN past the rank must not leak
+    for (int l = 0; l < L; ++l) for (int j = ranks[l]; j < R; ++j) {
+      for (int64_t k = 0; k < K; ++k) A[(l * R + j) * K + k] = fromf<T>(NAN);
+      for (int64_t n = 0; n < N; ++n) B[(l * N + n) * R + j] = fromf<T>(NAN);
+    }
+  }
+  for (auto& v : idx) {
+    v = rng() % L;
+    if (ud(rng) < c.none) v = -1;
+    if (c.bad && ud(rng) < 0.1) v = (rng() % 2) ? L + 5 : -3;
+  }
+  IntVec rk = c.ranks ? IntVec{ranks.data(), true} : IntVec{};
+  auto lof = [&](int64_t i) { return (idx[i] >= 0 && idx[i] < L) ? int(idx[i]) : -1; };
+  // reference, double
+  std::vector<double> S_ref(M * R, 0), y_ref(M * N, 0);
+  for (int64_t i = 0; i < M; ++i) {
+    int l = lof(i); if (l < 0) continue;
+    for (int j = 0; j < ranks[l]; ++j) { double a = 0; for (int64_t k = 0; k < K; ++k) a += double(tf(x[i * sx + k])) * tf(A[(l * R + j) * K + k]); S_ref[i * R + j] = a; }
+    for (int64_t n = 0; n < N; ++n) { double a = 0; for (int j = 0; j < ranks[l]; ++j) a += S_ref[i * R + j] * tf(B[(l * N + n) * R + j]); y_ref[i * N + n] = scales[l] * a; }
+  }
+  // forward, as fwd_cuda_impl
+  std::vector<T> y(M * N, fromf<T>(12345.f));
+  std::vector<float> S(M * R, 777.f);
+  int split;
+  std::vector<float> part;
+  float* S_ptr;
+  if (c.decode) {
+    int kc; split = bgmv_shrink_split(M, K, c.sms, &kc);
+    part.assign(size_t(split) * M * R, 999.f);
+    expect(bgmv_shrink(dt<T>(), BgmvShrinkArgs{x, sx, A.data(), IntVec{idx.data(), true}, rk, part.data(), M, K, R, L, split, kc}, nullptr) == cudaSuccess, "bgmv_shrink launch");
+    expect(bgmv_expand(dt<T>(), BgmvExpandArgs{part.data(), split, B.data(), IntVec{idx.data(), true}, rk, scales.data(), y.data(), split > 1 ? S.data() : nullptr, M, N, R, L}, c.sms, nullptr) == cudaSuccess, "bgmv_expand launch");
+  } else {
+    Segs sg = make_segments(idx, M, L);
+    int64_t dc; split = sgmv_shrink_split(M, L, K, R, c.sms, &dc);
+    part.assign(size_t(split) * M * R, 999.f);
+    expect(sgmv_shrink(dt<T>(), SgmvShrinkArgs{x, sx, A.data(), true, K, R, L, sg.view, rk, part.data(), M, split, dc}, nullptr) == cudaSuccess, "sgmv_shrink launch");
+    expect(sgmv_expand(dt<T>(), SgmvExpandArgs{part.data(), split, B.data(), true, N, R, L, sg.view, rk, scales.data(), y.data(), N, split > 1 ? S.data() : nullptr, M}, c.sms, nullptr) == cudaSuccess, "sgmv_expand launch");
+  }
+  S_ptr = split > 1 ? S.data() : part.data();
+  std::vector<double> yg(M * N), Sg(M * R);
+  for (int64_t i = 0; i < M * N; ++i) yg[i] = tf(y[i]);
+  for (int64_t i = 0; i < M * R; ++i) Sg[i] = S_ptr[i];
+  char buf[256];
+  std::snprintf(buf, sizeof buf, "%s M=%ld K=%ld N=%ld R=%d L=%d sms=%d %s ranks=%d pad=%d bad=%d", typeid(T).name(), M, K, N, R, L, c.sms, c.decode ? "decode" : "segment", c.ranks, c.x_pad, c.bad);
+  double e1 = relerr(yg, y_ref), e2 = relerr(Sg, S_ref);
+  expect(e1 <= tol && std::isfinite(e1), std::string(buf) + " y err " + std::to_string(e1));
+  expect(e2 <= 1e-5 && std::isfinite(e2), std::string(buf) + " S err " + std::to_string(e2));
+  for (int64_t i = 0; i < M; ++i) if (lof(i) < 0) for (int64_t n = 0; n < N; ++n) expect(tf(y[i * N + n]) == 0.f, std::string(buf) + " none row not 0");
+
+  // backward, as bwd_cuda_impl (always segments)
+  std::vector<T> dy(M * N);
+  for (auto& v : dy) v = fromf<T>(nd(rng));
+  std::vector<double> G_ref(M * R, 0), dx_ref(M * K, 0), dA_ref(L * R * K, 0), dB_ref(L * N * R, 0);
+  for (int64_t i = 0; i < M; ++i) {
+    int l = lof(i); if (l < 0) continue;
+    for (int j = 0; j < ranks[l]; ++j) { double a = 0; for (int64_t n = 0; n < N; ++n) a += double(tf(dy[i * N + n])) * tf(B[(l * N + n) * R + j]); G_ref[i * R + j] = a; }
+    for (int64_t k = 0; k < K; ++k) { double a = 0; for (int j = 0; j < ranks[l]; ++j) a += G_ref[i * R + j] * tf(A[(l * R + j) * K + k]); dx_ref[i * K + k] = scales[l] * a; }
+    for (int j = 0; j < ranks[l]; ++j) {
+      for (int64_t k = 0; k < K; ++k) dA_ref[(l * R + j) * K + k] += scales[l] * G_ref[i * R + j] * tf(x[i * sx + k]);
+      for (int64_t n = 0; n < N; ++n) dB_ref[(l * N + n) * R + j] += scales[l] * double(tf(dy[i * N + n])) * S_ref[i * R + j];
+    }
+  }
+  Segs sg = make_segments(idx, M, L);
+  int64_t dc; int gs = sgmv_shrink_split(M, L, N, R, c.sms, &dc);
+  std::vector<float> gpart(size_t(gs) * M * R, 999.f);
+  expect(sgmv_shrink(dt<T>(), SgmvShrinkArgs{dy.data(), N, B.data(), false, N, R, L, sg.view, rk, gpart.data(), M, gs, dc}, nullptr) == cudaSuccess, "G shrink");
+  std::vector<float> G(M * R, 0.f);
+  for (int p = 0; p < gs; ++p) for (int64_t e = 0; e < M * R; ++e) G[e] += gpart[p * M * R + e];
+  std::vector<T> dx(M * K, fromf<T>(4321.f));
+  expect(sgmv_expand(dt<T>(), SgmvExpandArgs{G.data(), 1, A.data(), false, K, R, L, sg.view, rk, scales.data(), dx.data(), K, nullptr, M}, c.sms, nullptr) == cudaSuccess, "dx expand");
+  auto reduce = [&](const void* U, bool uf, int64_t su, const void* V, bool vf, int64_t sv, int64_t P, int64_t Q, bool rank_on_p, std::vector<double>& out) {
+    int runs = seg_outer_split(M, L, P, Q, c.sms);
+    std::vector<T> o(L * P * Q, fromf<T>(555.f));
+    std::vector<float> ws(size_t(runs) * L * P * Q, 888.f);
+    expect(seg_outer(dt<T>(), SegOuterArgs{U, uf, su, V, vf, sv, P, Q, R, L, rank_on_p, sg.view, rk, scales.data(), runs == 1 ? o.data() : nullptr, runs > 1 ? ws.data() : nullptr, runs, M}, nullptr) == cudaSuccess, "seg_outer");
+    out.assign(L * P * Q, 0);
+    for (int64_t e = 0; e < L * P * Q; ++e) {
+      if (runs == 1) out[e] = tf(o[e]);
+      else { double s = 0; for (int p = 0; p < runs; ++p) s += ws[p * L * P * Q + e]; out[e] = tf(fromf<T>(float(s))); }
+    }
+    return runs;
+  };
+  std::vector<double> dA, dB;
+  const int runs_a = reduce(G.data(), true, R, x, false, sx, R, K, true, dA);
+  const int runs_b = reduce(dy.data(), false, N, S_ptr, true, R, N, R, false, dB);
+  std::vector<double> Gd(G.begin(), G.end()), dxd(M * K);
+  for (int64_t e = 0; e < M * K; ++e) dxd[e] = tf(dx[e]);
+  double eg = relerr(Gd, G_ref), ex = relerr(dxd, dx_ref), ea = relerr(dA, dA_ref), eb = relerr(dB, dB_ref);
+  expect(eg <= 1e-5, std::string(buf) + " G err " + std::to_string(eg));
+  expect(ex <= tol * 1.5 && std::isfinite(ex), std::string(buf) + " dx err " + std::to_string(ex));
+  expect(ea <= tol * 1.5 && std::isfinite(ea), std::string(buf) + " dA err " + std::to_string(ea));
+  expect(eb <= tol * 1.5 && std::isfinite(eb), std::string(buf) + " dB err " + std::to_string(eb));
+  for (int l = 0; l < L; ++l) for (int j = ranks[l]; j < R; ++j) {
+    for (int64_t k = 0; k < K; ++k) expect(dA[(l * R + j) * K + k] == 0, std::string(buf) + " dA past rank");
+    for (int64_t n = 0; n < N; ++n) expect(dB[(l * N + n) * R + j] == 0, std::string(buf) + " dB past rank");
+  }
+  std::printf("%-88s y %.1e S %.1e G %.1e dx %.1e dA %.1e dB %.1e (splits: fwd %d, G %d, dA %d, dB %d)\n", buf, e1,
+              e2, eg, ex, ea, eb, split, gs, runs_a, runs_b);
+}
+
+int main(int argc, char** argv) {
+  std::mt19937 rng(1234);
+  const bool full = argc > 1 && std::string(argv[1]) == "full";
+  // M, K, N, R, L, sms, decode, ranks (NaN past them), x_pad (misaligned rows), none, bad indices
+  std::vector<Case> cases = {
+    {1, 40, 24, 5, 3, 132, true, false, 0, 0.0, false},      // one row, scalar paths (R % 8 != 0)
+    {7, 64, 48, 16, 3, 132, true, true, 0, 0.3, true},       // decode: K split, -1 rows, out-of-range rows
+    {7, 64, 48, 16, 3, 132, false, true, 0, 0.3, true},      // segment: the same batch
+    {20, 520, 264, 24, 3, 132, true, false, 3, 0.1, false},  // misaligned x rows: scalar loads of x
+    {20, 520, 264, 24, 3, 132, false, false, 3, 0.1, false},
+    {9, 300, 100, 130, 2, 132, false, true, 0, 0.0, false},  // r_max > 64: three rank blocks
+    {9, 300, 100, 130, 2, 132, true, true, 0, 0.0, false},
+    {7, 2049, 40, 16, 2, 132, false, false, 0, 0.0, false},  // K = 2049: segment shrink split in K
+    {600, 64, 72, 16, 1, 132, false, false, 0, 0.0, false},  // one long segment: dA/dB in row runs
+  };
+  if (full) {
+    cases.push_back({7, 40, 24, 5, 3, 132, false, true, 0, 0.3, false});
+    cases.push_back({70, 72, 40, 16, 4, 1, false, false, 0, 0.2, false});
+    cases.push_back({70, 72, 40, 16, 4, 132, false, false, 0, 0.2, false});
+    cases.push_back({133, 128, 136, 8, 5, 132, false, true, 0, 0.2, false});
+    cases.push_back({133, 128, 136, 8, 5, 132, true, true, 0, 0.2, false});
+    cases.push_back({300, 64, 64, 16, 1, 4, false, false, 0, 0.0, false});
+  }
+  for (const Case& c : cases) {
+    run_case<float>(c, 1e-5, rng);
+    run_case<__nv_bfloat16>(c, 1e-2, rng);
+    run_case<__half>(c, 2e-3, rng);
+  }
+  std::printf("failures: %d\n", failures);
+  return failures != 0;
+}
