@@ -31,7 +31,7 @@ for s in $stages; do
       nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv | tee -a "$summary"
       python -m lora_kernels info | tee -a "$summary" ;;
     tests)
-      run_stage tests ${TESTS_LIMIT:-240} python -m pytest tests -q -p no:cacheprovider --durations=8 -rfE
+      run_stage tests ${TESTS_LIMIT:-240} python -m pytest tests -q -p no:cacheprovider --durations=8 -rfE ${TESTS_ARGS:-}
       grep -E "passed|failed|error|^FAILED|^ERROR" "$OUT/tests.log" | tail -n 30 >> "$summary" ;;
     multitests)
       run_stage multitests ${MULTITESTS_LIMIT:-480} python -m pytest tests/test_multi_lora.py -q -m gpu \
@@ -52,7 +52,7 @@ for s in $stages; do
       run_stage e2e ${E2E_LIMIT:-200} python -m lora_kernels bench --only e2e --json "$OUT/e2e.json"
       sed -n '/^bench /,$p' "$OUT/e2e.log" >> "$summary" ;;
     multi)
-      run_stage multi ${MULTI_LIMIT:-200} python -m lora_kernels bench --only multi --json "$OUT/multi.json"
+      run_stage multi ${MULTI_LIMIT:-200} python -m lora_kernels bench --only multi ${MULTI_QUICK:+--quick} --json "$OUT/multi.json"
       sed -n '/^bench /,$p' "$OUT/multi.log" >> "$summary" ;;
     *) echo "unknown stage $s" ;;
   esac
