@@ -30,6 +30,18 @@ def gpu_time_ms(fn, warmup_ms: int = 25, rep_ms: int = 100) -> float:
     return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
+def graph_time_ms(fn, rep_ms: int = 40) -> float | None:
+    """Median ms of fn() replayed from a CUDA graph: the GPU time with the host's launch overhead
+    gone (what torch.compile(mode="reduce-overhead") or a captured training step sees). None when
+    fn cannot be captured."""
+    import triton.testing
+
+    try:
+        return float(triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median"))
+    except Exception:
+        return None
+
+
 def load(name: str):
     return importlib.import_module(f"{__name__}.{name}")
 

@@ -7,7 +7,8 @@ Every case times, in one run on one GPU (bf16, scale = alpha / r = 2, no bias):
     peft   peft.tuners.lora.Linear(nn.Linear(K, N), r, alpha = 2 r, lora_dropout = p), bf16 adapters
 "fwd" is a training forward (x, A, B require grad); "fwd+bwd" adds torch.autograd.grad of
 (x, A, B) for a fixed dy (no .grad accumulation kernels). Times are medians of CUDA-event timings
-(triton.testing.do_bench). "kept" is the memory one training forward leaves allocated (output +
+(triton.testing.do_bench): eager, what a Python caller sees, host launch overhead included; and,
+in the note, the same callable replayed from a CUDA graph (the GPU time alone). "kept" is the memory one training forward leaves allocated (output +
 what autograd saved), the quantity the issue bounds by base + M * r * 4 bytes.
 Decode rows time inference (torch.no_grad, p = 0) at small M.
 """
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 
 import lora_kernels as lk
 
-from . import Row, gpu_time_ms
+from . import Row, gpu_time_ms, graph_time_ms
 
 GRID_P = (0.0, 0.05, 0.1)
 GRID_M = (2048, 8192, 16384)
@@ -118,15 +119,22 @@ def memory_kept(fwd, x) -> int:
 
 
 def time_case(case: Case, modes=("fwd", "fwd+bwd"), impls=IMPLS, warmup_ms=10, rep_ms=40,
-              with_memory=True) -> list[Row]:
+              with_memory=True, graphs=True) -> list[Row]:
     x, dy, fns = build(case, impls=("base",) + tuple(impls))
     rows = []
     for mode in modes:
-        base_ms = gpu_time_ms(step_fn(*fns["base"], x, dy, mode), warmup_ms, rep_ms)
-        rows.append(Row("linear", f"{case.name} {mode}", "base", base_ms, 1.0))
+        base_fn = step_fn(*fns["base"], x, dy, mode)
+        base_ms = gpu_time_ms(base_fn, warmup_ms, rep_ms)
+        base_g = graph_time_ms(base_fn) if graphs else None
+        note = f"graph {base_g:.4f} ms" if base_g else ""
+        rows.append(Row("linear", f"{case.name} {mode}", "base", base_ms, 1.0, note, {"graph_ms": base_g}))
         for impl in impls:
-            ms = gpu_time_ms(step_fn(*fns[impl], x, dy, mode), warmup_ms, rep_ms)
-            rows.append(Row("linear", f"{case.name} {mode}", impl, ms, ms / base_ms))
+            fn = step_fn(*fns[impl], x, dy, mode)
+            ms = gpu_time_ms(fn, warmup_ms, rep_ms)
+            g = graph_time_ms(fn) if graphs else None
+            note = f"graph {g:.4f} ms ({g / base_g:.2f}x)" if g and base_g else ""
+            rows.append(Row("linear", f"{case.name} {mode}", impl, ms, ms / base_ms, note,
+                            {"graph_ms": g, "graph_ratio": g / base_g if g and base_g else None}))
     if with_memory and "fwd" in modes:
         base_kept = memory_kept(fns["base"][0], x)
         bound = base_kept + case.M * case.r * 4
@@ -143,11 +151,14 @@ def time_case(case: Case, modes=("fwd", "fwd+bwd"), impls=IMPLS, warmup_ms=10, r
 def time_decode(M, K, N, r) -> list[Row]:
     case = Case(M, K, N, r, 0.0)
     x, dy, fns = build(case, impls=("base", "fused", "naive"))
-    base_ms = gpu_time_ms(step_fn(*fns["base"], x, dy, "infer"))
-    rows = [Row("linear", f"{case.name} decode", "base", base_ms, 1.0)]
+    base_fn = step_fn(*fns["base"], x, dy, "infer")
+    base_ms, base_g = gpu_time_ms(base_fn), graph_time_ms(base_fn)
+    rows = [Row("linear", f"{case.name} decode", "base", base_ms, 1.0, f"graph {base_g:.4f} ms" if base_g else "")]
     for impl in ("fused", "naive"):
-        ms = gpu_time_ms(step_fn(*fns[impl], x, dy, "infer"))
-        rows.append(Row("linear", f"{case.name} decode", impl, ms, ms / base_ms))
+        fn = step_fn(*fns[impl], x, dy, "infer")
+        ms, g = gpu_time_ms(fn), graph_time_ms(fn)
+        rows.append(Row("linear", f"{case.name} decode", impl, ms, ms / base_ms,
+                        f"graph {g:.4f} ms ({g / base_g:.2f}x)" if g and base_g else "", {"graph_ms": g}))
     return rows
 
 
@@ -173,8 +184,8 @@ def run(quick: bool = False) -> list[Row]:
         return _cpu_probe()
     rows = []
     cases = [Case(*c) for c in QUICK] if quick else list(full_grid())
-    for case in cases:
-        rows.extend(time_case(case, with_memory=case.p > 0 or quick))
+    for case in cases:  # graph timings for the quick set (the full grid would double its run time)
+        rows.extend(time_case(case, with_memory=case.p > 0 or quick, graphs=quick))
     for d in DECODE[: 2 if quick else None]:
         rows.extend(time_decode(*d))
     return rows

@@ -53,6 +53,11 @@ MAX_CUDA_RANK = 256  # r_max the CUDA kernels take (a row of S sits in shared me
 # (M >= 4 L); under 128 rows the set-up costs more than the re-reads. Estimates: the benchmark
 # (`python -m lora_kernels bench --only multi`) times both regimes on every case to check them.
 SEGMENT_MIN_ROWS = 128
+# Decode re-reads each row's adapter (cost ~ rows x r), segment reads each adapter once per 64-row
+# tile: measured on an H100 (bf16, H = 4096, CUDA graphs), decode wins up to 32 rows per adapter at
+# r = 16 (1024 rows / 128 adapters: 0.074 vs 0.168 ms) and segment wins at 16 rows per adapter at
+# r = 64 (0.163 vs 0.287 ms), so the crossover falls as 1 / r: rows per adapter ~ 512 / r.
+SEGMENT_ROWS_PER_ADAPTER_X_RANK = 512
 SEGMENT_MIN_ROWS_PER_ADAPTER = 4
 REGIME_ENV = "LORA_KERNELS_MULTI_REGIME"  # auto (default) | decode | segment: force one (CUDA only)
 CHECK_ENV = "LORA_KERNELS_CHECK_INDICES"  # 1 (default) | 0: skip the host-side value check
@@ -60,7 +65,11 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
-def _regime(M: int, L: int) -> str:
+def _min_rows_per_adapter(r_max: int) -> int:
+    return max(SEGMENT_MIN_ROWS_PER_ADAPTER, SEGMENT_ROWS_PER_ADAPTER_X_RANK // max(1, r_max))
+
+
+def _regime(M: int, L: int, r_max: int = 16) -> str:
     """The regime choose_regime names, without building its reason (the per-call path)."""
     forced = os.environ.get(REGIME_ENV)
     if forced:
@@ -69,23 +78,24 @@ def _regime(M: int, L: int) -> str:
             return forced
         if forced != "auto":
             raise ValueError(f"{REGIME_ENV}={forced!r} is not understood; expected auto, decode or segment")
-    if M < SEGMENT_MIN_ROWS or M < SEGMENT_MIN_ROWS_PER_ADAPTER * L:
+    if M < SEGMENT_MIN_ROWS or M < _min_rows_per_adapter(r_max) * L:
         return "decode"
     return "segment"
 
 
-def choose_regime(M: int, L: int) -> tuple[str, str]:
-    """(regime, reason) for the CUDA forward of M rows over L adapters: "decode" or "segment"."""
-    regime = _regime(M, L)
+def choose_regime(M: int, L: int, r_max: int = 16) -> tuple[str, str]:
+    """(regime, reason) for the CUDA forward of M rows over L adapters of rank <= r_max."""
+    regime = _regime(M, L, r_max)
     if os.environ.get(REGIME_ENV, "auto").strip().lower() != "auto":
         return regime, f"{REGIME_ENV}={regime}"
     if M < SEGMENT_MIN_ROWS:
         return regime, f"M = {M} < {SEGMENT_MIN_ROWS} rows: sorting costs more than re-reading adapters"
-    if M < SEGMENT_MIN_ROWS_PER_ADAPTER * L:
-        return regime, (f"M = {M} < {SEGMENT_MIN_ROWS_PER_ADAPTER} x L = {SEGMENT_MIN_ROWS_PER_ADAPTER * L}: "
-                        "rows rarely share an adapter")
-    return regime, (f"M = {M} >= {SEGMENT_MIN_ROWS} and >= {SEGMENT_MIN_ROWS_PER_ADAPTER} x L: rows share "
-                    "adapters, each adapter is read once per 64-row tile")
+    k = _min_rows_per_adapter(r_max)
+    if M < k * L:
+        return regime, (f"M = {M} < {k} x L = {k * L} (rows per adapter below 512 / r = {k}): re-reading "
+                        "each row's adapter costs less than sorting rows into segments")
+    return regime, (f"M = {M} >= {SEGMENT_MIN_ROWS} and >= {k} x L: rows share adapters, each adapter is "
+                    "read once per 64-row tile")
 
 
 @dataclass(frozen=True)
@@ -277,14 +287,14 @@ def _route(x: torch.Tensor, lora_A: torch.Tensor) -> tuple[str, str]:
         return ("cpu", "loop") if _ext_ops() is not None else ("torch", "reference")
     if kind != "cuda" or _ext_ops() is None or not _ext.has_cuda_kernels() or lora_A.shape[1] > MAX_CUDA_RANK:
         return "torch", "reference"
-    return "cuda", _regime(math.prod(x.shape[:-1]), lora_A.shape[0])
+    return "cuda", _regime(math.prod(x.shape[:-1]), lora_A.shape[0], lora_A.shape[1])
 
 
 def multi_lora_dispatch(x: torch.Tensor, lora_A: torch.Tensor) -> Dispatch:
     """Which implementation `multi_lora` runs for these tensors, and why (builds the extension on first use)."""
     backend, regime = _route(x, lora_A)
     if backend == "cuda":
-        return Dispatch("cuda", regime, choose_regime(math.prod(x.shape[:-1]), lora_A.shape[0])[1])
+        return Dispatch("cuda", regime, choose_regime(math.prod(x.shape[:-1]), lora_A.shape[0], lora_A.shape[1])[1])
     if backend == "cpu":
         return Dispatch("cpu", "loop", "CPU tensors: the extension's C++ implementation")
     if _backend.requested() == "torch":
