@@ -5,7 +5,7 @@ Each test records, in benchmark.extra_info, the median GPU time from CUDA events
 own statistics time a synchronized block of calls. `python benchmarks/summarize.py BENCH.json`
 prints the ratios as a table.
 LORA_KERNELS_BENCH_GRID=full runs the issue's whole grid (~3000 timings); the default grid keeps
-every (M, K, N) and p at r = 16 and adds r = 64, 128 at M = 8192.
+every (M, K, N) and p at r = 16 and adds r = 64, 128 at M = 8192; =quick takes the headline cases.
 """
 import os
 

@@ -14,6 +14,8 @@ from .conftest import GRID, timed_block
 def _cases():
     if GRID == "full":
         return list(L.full_grid())
+    if GRID == "quick":
+        return [L.Case(*c) for c in L.QUICK]
     cases = [L.Case(M, K, N, 16, p) for M, (K, N), p in itertools.product(L.GRID_M, L.GRID_KN, L.GRID_P)]
     cases += [L.Case(8192, K, N, r, p) for (K, N), r, p in itertools.product(L.GRID_KN, (64, 128), L.GRID_P)]
     return cases
