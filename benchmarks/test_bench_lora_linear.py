@@ -36,7 +36,11 @@ def _base_ms(M, K, N, mode):
     return gpu_time_ms(L.step_fn(*fns["base"], x, dy, mode), 10, 40)
 
 
-@pytest.mark.parametrize("case,impl,mode", PARAMS, ids=[f"{c.name}-{i}-{m}" for c, i, m in PARAMS])
+def _id(c, impl, mode):  # selectable with -k, e.g. -k "M8192_K4096_N4096_r16_p0.05"
+    return f"M{c.M}_K{c.K}_N{c.N}_r{c.r}_p{c.p:g}-{impl}-{mode.replace('+', '_')}"
+
+
+@pytest.mark.parametrize("case,impl,mode", PARAMS, ids=[_id(*t) for t in PARAMS])
 def test_lora_linear(benchmark, case, impl, mode):
     x, dy, fns = _built(case)
     fn = L.step_fn(*fns[impl], x, dy, mode)
