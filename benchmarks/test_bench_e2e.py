@@ -24,7 +24,7 @@ def test_train_step(benchmark, impl):
             torch.cuda.synchronize()
 
         benchmark.group = f"e2e llama {LAYERS}L b{e2e.BATCH}x{e2e.SEQ}"
-        benchmark.extra_info["impl"] = impl
+        benchmark.extra_info.update(bench="e2e", case=f"llama {LAYERS}L b{e2e.BATCH}x{e2e.SEQ} step", impl=impl)
         torch.cuda.reset_peak_memory_stats()
         benchmark.pedantic(step, rounds=8, warmup_rounds=3, iterations=1)
         benchmark.extra_info["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30

@@ -438,51 +438,72 @@ def test_autocast_bf16_matches_peft():
     torch.testing.assert_close(y.float(), yt.float(), **BF16)
 
 
-def _close_to_scale(got, want, rel):
-    """max |got - want| <= rel * max |want|: for low-precision gradients whose scale varies by layer."""
-    err, scale = (got.float() - want.float()).abs().max().item(), want.float().abs().max().item()
-    assert scale > 0 and err <= rel * scale, (err, scale)
+def _adapter_grads(model, names, peft_layout=False) -> torch.Tensor:
+    """All adapter gradients of `names`, flattened into one fp32 vector (fixed order)."""
+    out = []
+    for n in names:
+        m = model.get_submodule(n)
+        for part in (m.lora_A, m.lora_B):
+            t = part["default"]
+            out.append((t.weight if peft_layout else t).grad.float().flatten())
+    return torch.cat(out)
+
+
+def _train_grads(model, ids, names, peft_layout=False):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    return out.logits.float(), _adapter_grads(model, names, peft_layout)
+
+
+def _err(a, b) -> float:
+    return ((a - b).norm() / b.norm()).item()
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("peft_first", [False, True])
 def test_compile_fullgraph_on_gpu(peft_first):
-    """torch.compile(model, fullgraph=True) of a patched bf16 model: forward and backward as eager."""
+    """torch.compile(model, fullgraph=True) of a patched bf16 model: logits and every adapter gradient
+    as close to an fp32 run of the same model as eager bf16 is (within 2x). bf16 rounding through the
+    model differs between inductor's fused code and eager, so the two bf16 runs are compared through
+    the precise reference, not to each other (directly they differ by ~5% of a gradient's largest
+    element, which says nothing about the LoRA path)."""
     if peft_first:
-        model = _peft_llama(lora_dropout=0.0).cuda().to(torch.bfloat16)
+        model = _peft_llama(lora_dropout=0.0).cuda()
         lk.patch(model)
+        names = sorted(n for n, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer"))
     else:
-        model = lk.patch(build("llama").cuda().to(torch.bfloat16), r=R, dropout=0.0)
+        model = lk.patch(build("llama").cuda(), r=R, dropout=0.0)
         randomize_adapters(model)
+        names = sorted(model.lora_kernels_report.patched)
+    assert len(names) == 14
     model.train()
     ids = torch.randint(0, 120, (2, 16), device="cuda")
-    out = model(input_ids=ids, labels=ids)
-    out.loss.backward()
-    eager = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad()
-    compiled = torch.compile(model, fullgraph=True)
-    out_c = compiled(input_ids=ids, labels=ids)
-    out_c.loss.backward()
-    torch.testing.assert_close(out_c.logits.float(), out.logits.float(), **BF16)
-    assert len(eager) == 28
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            _close_to_scale(p.grad, eager[n], 2e-2)
+    logits32, grads32 = _train_grads(model, ids, names, peft_first)
+    model16 = model.to(torch.bfloat16)
+    logits_e, grads_e = _train_grads(model16, ids, names, peft_first)
+    compiled = torch.compile(model16, fullgraph=True)
+    logits_c, grads_c = _train_grads(compiled, ids, names, peft_first)
+    assert torch.isfinite(grads_c).all() and grads_c.abs().sum() > 0
+    assert _err(logits_c, logits32) <= 2 * _err(logits_e, logits32) + 1e-3
+    assert _err(grads_c, grads32) <= 2 * _err(grads_e, grads32) + 1e-3, (_err(grads_c, grads32), _err(grads_e, grads32))
 
 
 @pytest.mark.gpu
-def test_bf16_training_step_on_gpu_matches_peft():
-    base = build("llama").cuda().to(torch.bfloat16)
+def test_bf16_training_step_on_gpu_within_2x_of_peft():
+    """One bf16 training step: our adapter gradients are as close to an fp32 run as PEFT's bf16
+    gradients are (within 2x), on the same weights."""
+    base = build("llama").cuda()
     model = lk.patch(copy.deepcopy(base), r=R, dropout=0.0)
     randomize_adapters(model)
-    twin = peft_twin(base, model, model.lora_kernels_report.patched)
+    names = sorted(model.lora_kernels_report.patched)
+    twin = peft_twin(base, model, names)
+    peft_names = [f"base_model.model.{n}" for n in names]
     ids = torch.randint(0, 120, (2, 32), device="cuda")
     model.train(), twin.train()
-    model(input_ids=ids, labels=ids).loss.backward()
-    twin(input_ids=ids, labels=ids).loss.backward()
-    root = twin.base_model.model
-    for n in model.lora_kernels_report.patched:
-        _close_to_scale(model.get_submodule(n).lora_A["default"].grad, root.get_submodule(n).lora_A["default"].weight.grad,
-                        5e-2)
-        _close_to_scale(model.get_submodule(n).lora_B["default"].grad, root.get_submodule(n).lora_B["default"].weight.grad,
-                        5e-2)
+    _, ref = _train_grads(model, ids, names)  # fp32
+    _, ref_peft = _train_grads(twin, ids, peft_names, peft_layout=True)
+    assert _err(ref_peft, ref) < 1e-4  # fp32: the same maths on the same weights agree
+    _, ours = _train_grads(model.to(torch.bfloat16), ids, names)
+    _, theirs = _train_grads(twin.to(torch.bfloat16), ids, peft_names, peft_layout=True)
+    assert _err(ours, ref) <= 2 * _err(theirs, ref) + 1e-3, (_err(ours, ref), _err(theirs, ref))
