@@ -17,20 +17,17 @@ def main():
     data = json.load(open(args.json_file))
     table = defaultdict(dict)
     impls = []
+    entries = []
+    for b in data["benchmarks"]:
+        info = b.get("extra_info", {})
+        if args.bench and info.get("bench") != args.bench:
+            continue
+        key = (info.get("bench", "?"), info.get("case") or b.get("group") or b["name"])
+        entries.append((key, info.get("impl", b["name"]), info, b["stats"]["median"] * 1e3))
     medians = defaultdict(dict)  # wall-clock medians (synchronized steps) where no GPU-event time is recorded
-    for b in data["benchmarks"]:
-        info = b.get("extra_info", {})
-        if args.bench and info.get("bench") != args.bench:
-            continue
-        key = (info.get("bench", "?"), info.get("case") or b.get("group") or b["name"])
-        impl = info.get("impl", b["name"])
-        medians[key][impl] = b["stats"]["median"] * 1e3
-    for b in data["benchmarks"]:
-        info = b.get("extra_info", {})
-        if args.bench and info.get("bench") != args.bench:
-            continue
-        key = (info.get("bench", "?"), info.get("case") or b.get("group") or b["name"])
-        impl = info.get("impl", b["name"])
+    for key, impl, _, wall_ms in entries:
+        medians[key][impl] = wall_ms
+    for key, impl, info, _ in entries:
         if impl not in impls:
             impls.append(impl)
         ms = info.get("gpu_ms_median")

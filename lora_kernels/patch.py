@@ -461,14 +461,20 @@ def unpatch(model: nn.Module) -> nn.Module:
     layers = _lora_layers(model)
     if not layers and _STATE not in model.__dict__:
         raise ValueError("lora_kernels.unpatch: this model is not patched")
+    _unwrap_all(model, layers, merge=False)
+    return model
+
+
+def _unwrap_all(model: nn.Module, layers, merge: bool) -> None:
+    """Put the original modules back (LoRALinear -> nn.Linear, merged first if `merge`) and PEFT
+    layers back on PEFT's forward; forget the patch state."""
     pi = _peft_interop()
     for name, m in layers:
         if isinstance(m, LoRALinear):
-            _replace(model, name, m.unwrap(merge=False))
+            _replace(model, name, m.unwrap(merge=merge))
         else:
             pi.restore(m)
     _forget(model)
-    return model
 
 
 def merge(model: nn.Module) -> nn.Module:
@@ -482,13 +488,7 @@ def merge(model: nn.Module) -> nn.Module:
     tuners = _tuner_layers(model)
     if not layers and not tuners:
         raise ValueError("lora_kernels.merge: the model has no LoRA layers (not patched)")
-    pi = _peft_interop()
-    for name, m in layers:
-        if isinstance(m, LoRALinear):
-            _replace(model, name, m.unwrap(merge=True))
-        else:
-            pi.restore(m)
-    _forget(model)
+    _unwrap_all(model, layers, merge=True)
     if tuners:
         if callable(getattr(model, "merge_and_unload", None)):
             return model.merge_and_unload()
