@@ -509,13 +509,17 @@ if not HAS_TRITON:  # custom_op needs its fake kernels spelled out; triton_op tr
         return (x.new_empty(x.shape if need_dx else (0,)), torch.empty_like(lora_A), torch.empty_like(lora_B))
 
 
-def _setup_context(ctx, inputs, output):
+def _save(ctx, inputs, s_lora):
+    """What backward needs: x, W, A, B (references), S [M, r] fp32 and the seed."""
     x, weight, lora_A, lora_B, scale, bias, dropout_p, seed = inputs
-    _, s_lora = output
-    if isinstance(ctx, torch.autograd.function.FunctionCtx) and not isinstance(ctx, _EagerLoRALinear):
-        ctx.mark_non_differentiable(s_lora)  # the op returns S too; the eager Function does not
     ctx.save_for_backward(x, weight, lora_A, lora_B, s_lora, seed)
     ctx.scale, ctx.dropout_p = scale, dropout_p
+
+
+def _setup_context(ctx, inputs, output):
+    _, s_lora = output
+    ctx.mark_non_differentiable(s_lora)  # the op returns S for backward's use, not for gradients
+    _save(ctx, inputs, s_lora)
 
 
 def _grads(ctx, dy, lora_backward):
@@ -552,7 +556,7 @@ class _EagerLoRALinear(torch.autograd.Function):
     def forward(ctx, x, weight, lora_A, lora_B, scale, bias, dropout_p, seed):
         with _raw_launches():
             y, s_lora = _forward_impl(x, weight, lora_A, lora_B, scale, bias, dropout_p, seed)
-        _setup_context(ctx, (x, weight, lora_A, lora_B, scale, bias, dropout_p, seed), (y, s_lora))
+        _save(ctx, (x, weight, lora_A, lora_B, scale, bias, dropout_p, seed), s_lora)
         return y
 
     @staticmethod
