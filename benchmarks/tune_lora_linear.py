@@ -46,19 +46,20 @@ def ceilings():
     return 2 * n * 2 / ms / 1e6  # GB/s, read + write
 
 
-def tune_shape(M, K, N, r, p, copy_gbs):
+def tune_shape(M, K, N, r, p, copy_gbs, adt=torch.bfloat16, table_only=False):
     dt = torch.bfloat16
     x = torch.randn(M, K, device="cuda", dtype=dt)
     W = torch.randn(N, K, device="cuda", dtype=dt) / K**0.5
-    A = torch.randn(r, K, device="cuda", dtype=dt) / K**0.5
-    B = torch.randn(N, r, device="cuda", dtype=dt) / r**0.5
+    A = (torch.randn(r, K, device="cuda", dtype=dt) / K**0.5).to(adt)
+    B = (torch.randn(N, r, device="cuda", dtype=dt) / r**0.5).to(adt)
     dy = torch.randn(M, N, device="cuda", dtype=dt)
     y = torch.randn(M, N, device="cuda", dtype=dt)
     dx = torch.randn(M, K, device="cuda", dtype=dt)
     seed = draw_seed("cuda")
     S = L._shrink(x, A, p, seed)
     G, _ = L._bwd_dy(dy, B, S, 2.0, dt, False)
-    out = {"shape": f"{M}x{K}->{N} r{r} p{p}", "rows": []}
+    adt_name = str(adt).replace("torch.", "")
+    out = {"shape": f"{M}x{K}->{N} r{r} p{p} adapters {adt_name}", "rows": []}
     base = {
         "gemm x@W.T beta0": gpu_time_ms(lambda: torch.mm(x, W.t(), out=y)),
         "gemm x@W.T beta1": gpu_time_ms(lambda: y.addmm_(x, W.t())),
@@ -73,8 +74,8 @@ def tune_shape(M, K, N, r, p, copy_gbs):
     for kern, cfgs in cfg_sets.items():
         for pp in ((0.0, p) if kern in ("shrink", "x") else (p,)):
             best = None
-            for c in cfgs:
-                cfg = L._Cfg(*c)
+            for c in ([None] if table_only else cfgs):  # None: the config table's choice
+                cfg = None if c is None else L._Cfg(*c)
                 if kern == "shrink":
                     fn = lambda: L._shrink(x, A, pp, seed, cfg)  # noqa: E731
                 elif kern == "expand":
@@ -159,17 +160,23 @@ def main():
     ap.add_argument("--json", default="")
     ap.add_argument("--p", type=float, default=0.05)
     ap.add_argument("--shapes", type=int, default=len(SHAPES), help="the first N shapes only")
+    ap.add_argument("--shape", action="append", default=[], help="MxKxNxr instead of the built-in shapes")
+    ap.add_argument("--adapter-dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--table-only", action="store_true", help="time the config table's choice only")
     args = ap.parse_args()
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shape] or SHAPES[: args.shapes]
+    adt = getattr(torch, args.adapter_dtype)
     copy_gbs = ceilings()
     print(f"device copy: {copy_gbs:.0f} GB/s (read + write)")
     with set_wrap_triton_enabled(False):  # launch as the op does in eager: no tracing wrapper
-        for name, us in host_overhead_us().items():
-            print(f"  host us/call  {name:<32} {us:8.1f}")
-        results = [tune_shape(*s, args.p, copy_gbs) for s in SHAPES[: args.shapes]]
+        if not args.table_only:
+            for name, us in host_overhead_us().items():
+                print(f"  host us/call  {name:<32} {us:8.1f}")
+        results = [tune_shape(*s, args.p, copy_gbs, adt, args.table_only) for s in shapes]
     for res in results:
         print(f"\n== {res['shape']}")
         for name, cfg, ms, note in res["rows"]:
-            if "BEST" in name or name.startswith(("gemm", "op")):
+            if "BEST" in name or name.startswith(("gemm", "op")) or args.table_only:
                 print(f"  {name:<22} {cfg:<20} {'-' if ms is None else f'{ms:.4f} ms':>12}  {note}")
     if args.json:
         json.dump({"copy_gbs": copy_gbs, "results": results}, open(args.json, "w"), indent=1)

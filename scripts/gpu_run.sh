@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU run: tests, kernel tuning and benchmarks in one call, logs under $OUT, short table last.
-#   bash scripts/gpu_run.sh [stage ...]     stages: info tests multitests tune bench cli e2e multi
+#   bash scripts/gpu_run.sh [stage ...]     stages: info tests ptests multitests tune kt profile ncu
+#                                                   bench cli e2e multi
 #                                           (default: info tests tune bench cli)
 # Each stage has its own time limit, so one stage that hangs cannot eat the whole call.
 set -uo pipefail
@@ -33,6 +34,25 @@ for s in $stages; do
     tests)
       run_stage tests ${TESTS_LIMIT:-240} python -m pytest tests -q -p no:cacheprovider --durations=8 -rfE ${TESTS_ARGS:-}
       grep -E "passed|failed|error|^FAILED|^ERROR" "$OUT/tests.log" | tail -n 30 >> "$summary" ;;
+    ptests)  # the whole suite (or TESTS_ARGS) in PTESTS_N processes: kernel compiles are CPU-bound
+      run_stage ptests ${TESTS_LIMIT:-300} python scripts/par_pytest.py -n ${PTESTS_N:-6} --log-dir /tmp/ptests -- \
+        ${TESTS_ARGS:-tests}
+      grep -E "tests in|^FAILED|^ERROR|part " "$OUT/ptests.log" | head -n 40 >> "$summary"
+      grep -h -B2 -A25 "^___" /tmp/ptests/*.log 2>/dev/null | head -n 400 >> "$OUT/ptests.log" ;;
+    kt)  # each kernel with the config table's choice, at the e2e model's shapes, bf16 vs fp32 adapters
+      for adt in bfloat16 float32; do
+        run_stage "kt_$adt" ${KT_LIMIT:-90} python benchmarks/tune_lora_linear.py --table-only --adapter-dtype $adt \
+          ${KT_SHAPES:---shape 8192x4096x4096x16 --shape 8192x2048x2048x16 --shape 8192x2048x512x16 --shape 8192x2048x8192x16 --shape 8192x8192x2048x16}
+        grep -E "^==|table|op |gemm" "$OUT/kt_$adt.log" >> "$summary"
+      done ;;
+    profile)
+      run_stage profile ${PROFILE_LIMIT:-150} python benchmarks/profile_e2e.py --layers ${PROFILE_LAYERS:-4}
+      sed -n '/^CUDA ms/,/TOTAL/p' "$OUT/profile.log" >> "$summary" ;;
+    ncu)
+      run_stage ncu ${NCU_LIMIT:-120} ncu --clock-control none --kernel-name regex:_lora_ --section SpeedOfLight --section MemoryWorkloadAnalysis \
+        --section Occupancy --section WarpStateStats --section LaunchStats python benchmarks/ncu_kernels.py ${NCU_SHAPE:-}
+      grep -E "^  _lora|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|Block Limit|Dynamic Shared" \
+        "$OUT/ncu.log" >> "$summary" ;;
     multitests)
       run_stage multitests ${MULTITESTS_LIMIT:-480} python -m pytest tests/test_multi_lora.py -q -m gpu \
         -p no:cacheprovider --durations=8 -rfE
