@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU run: tests, kernel tuning and benchmarks in one call, logs under $OUT, short table last.
-#   bash scripts/gpu_run.sh [stage ...]     stages: info tests ptests multitests tune kt profile ncu
+#   bash scripts/gpu_run.sh [stage ...]     stages: info tests ptests multitests tune kt variants profile ncu
 #                                                   bench cli e2e multi
 #                                           (default: info tests tune bench cli)
 # Each stage has its own time limit, so one stage that hangs cannot eat the whole call.
@@ -45,6 +45,10 @@ for s in $stages; do
           ${KT_SHAPES:---shape 8192x4096x4096x16 --shape 8192x2048x2048x16 --shape 8192x2048x512x16 --shape 8192x2048x8192x16 --shape 8192x8192x2048x16}
         grep -E "^==|table|op |gemm" "$OUT/kt_$adt.log" >> "$summary"
       done ;;
+    variants)
+      run_stage variants ${VARIANTS_LIMIT:-120} python benchmarks/tune_lora_linear.py --variants --adapter-dtype float32 \
+        ${KT_SHAPES:---shape 8192x4096x4096x16 --shape 8192x2048x2048x16 --shape 8192x8192x2048x16 --shape 8192x4096x4096x128}
+      grep -E "==|mask_select" "$OUT/variants.log" >> "$summary" ;;
     profile)
       run_stage profile ${PROFILE_LIMIT:-150} python benchmarks/profile_e2e.py --layers ${PROFILE_LAYERS:-4}
       sed -n '/^CUDA ms/,/TOTAL/p' "$OUT/profile.log" >> "$summary" ;;
