@@ -124,6 +124,17 @@ __device__ __forceinline__ int rank_of(IntVec ranks, int l, int R) {
 // rank rows j = warp, warp + 8, ... and streams A[l, j, k-chunk] with 16-byte loads, reducing
 // with shuffles. 256 threads: 8 warps cover r = 16 in two passes; the x chunk (<= 32 KB) is read
 // from global memory once per block whatever the rank.
+//
+// Why the decode regime is far from HBM bandwidth once rows share adapters (H100, bf16, K = N =
+// 4096, r = 16; an adapter's A or B is 128 KB): every row re-reads its adapter, from L2 when
+// another row brought it in. T = 1024 rows over 128 adapters moves 48 MB from HBM (x 8 MB, y 8 MB,
+// adapters 32 MB) but 1024 x 2 x 128 KB = 256 MB through L2 -> SM; at the ~5-7 TB/s an H100's L2
+// delivers that is 37-50 us, against the 75 us measured and 16 us at HBM speed. T = 256 over 32
+// adapters: 12 MB from HBM (4 us at HBM speed) but 64 MB through L2 (9-12 us) plus two kernels'
+// ramp, 24 us measured. No tuning of this kernel gets under the L2 traffic: only reading an
+// adapter once for the rows that share it does (the segment regime; see the regime rule in
+// lora_kernels/ops/multi_lora.py). This regime is for few rows per adapter (T < 128, or fewer
+// than ~512 / r rows per adapter), where its L2 re-reads are few and it needs no sort.
 constexpr int kShrinkThreads = 256;
 
 template <typename T>
