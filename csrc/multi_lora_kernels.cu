@@ -567,8 +567,9 @@ __global__ void __launch_bounds__(kTileThreads) sgmv_shrink_kernel(SgmvShrinkArg
         T* Bs = As + Lay::A_ELEMS;
         const int64_t d0 = d_begin + static_cast<int64_t>(step) * BK;
         const int d_ok = static_cast<int>(dmin<int64_t>(BK, d_end - d0));
-        load_tile_async<T, BM, BK>(As, Lay::LDA, [&](int o) { return P + static_cast<int64_t>(rows[o]) * a.stride_pm + d0; },
-                                   nrows, d_ok, vec_p);
+        load_tile_async<T, BM, BK>(
+            As, Lay::LDA, [&](int o) { return P + static_cast<int64_t>(rows[o]) * a.stride_pm + d0; }, nrows, d_ok,
+            vec_p);
         if constexpr (W_D) {
           load_tile_async<T, BN, BK>(Bs, Lay::LDB, [&](int o) { return Wl + static_cast<int64_t>(c0 + o) * a.D + d0; },
                                      c_ok, d_ok, vec_w);
