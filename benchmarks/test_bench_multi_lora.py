@@ -106,3 +106,35 @@ def test_prefill(benchmark, L, phase, impl):
             benchmark.pedantic(block, rounds=3, warmup_rounds=1)
     else:
         benchmark.pedantic(block, rounds=3, warmup_rounds=1)
+
+
+MODEL = [(s, p) for p in ("fwd", "train") for s in MB.MODEL_SETTINGS]
+
+
+@functools.lru_cache(maxsize=1)
+def _model():
+    torch.cuda.empty_cache()
+    model, names = MB.adapter_model(MB.MODEL, device="cuda")
+    return MB.adapter_model_steps(model, names, MB.MODEL_BATCH, MB.MODEL_SEQ)
+
+
+@functools.lru_cache(maxsize=None)
+def _model_ms(setting, phase):
+    from lora_kernels._bench.e2e import time_steps
+
+    contexts, steps = _model()
+    with contexts[setting]():
+        return time_steps(steps[phase], warmup=3, iters=10)[0]
+
+
+@pytest.mark.parametrize("setting,phase", MODEL, ids=[f"model {p}-{s}" for s, p in MODEL])
+def test_mixed_batch_model(benchmark, setting, phase):
+    """The patched 4-layer Llama, 8 seq x 1024 tok, 8 adapters: mixed vs single (target <= 1.3x)."""
+    contexts, steps = _model()
+    ms, base = _model_ms(setting, phase), _model_ms("single", phase)
+    case = f"llama 4L mixed batch {phase}"
+    benchmark.group = case
+    benchmark.extra_info.update(bench="multi", case=case, impl=setting, gpu_ms_median=ms, base_ms=base,
+                                ratio_to_base=ms / base)
+    with contexts[setting]():
+        benchmark.pedantic(steps[phase], rounds=3, warmup_rounds=1)

@@ -53,6 +53,32 @@ __host__ __device__ constexpr int vec_elems() { return 16 / static_cast<int>(siz
 __device__ __forceinline__ uint4 ld16(const void* p) { return *reinterpret_cast<const uint4*>(p); }
 __device__ __forceinline__ void st16(void* p, const uint4& v) { *reinterpret_cast<uint4*>(p) = v; }
 
+// Asynchronous 16-byte global -> shared copies (sm_80+ cp.async.cg: bypasses L1, the tiles are
+// streamed once). They let a block issue the loads of step s + 2 before it computes step s, so that
+// a 64-row tile keeps ~10 KB in flight instead of the 5 KB of one synchronous step. Elsewhere (the
+// host pass, the CPU emulation) a plain 16-byte copy: same result, no overlap.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem) : "memory");
+#else
+  st16(smem, ld16(gmem));
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+// Wait until at most N of this thread's committed groups are still in flight (then __syncthreads
+// makes every thread's copies visible to the block).
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
 template <typename T>
 __device__ __forceinline__ void load_vec_f32(const T* p, float* out) {
   const uint4 raw = ld16(p);
@@ -98,6 +124,17 @@ __device__ __forceinline__ int rank_of(IntVec ranks, int l, int R) {
 // rank rows j = warp, warp + 8, ... and streams A[l, j, k-chunk] with 16-byte loads, reducing
 // with shuffles. 256 threads: 8 warps cover r = 16 in two passes; the x chunk (<= 32 KB) is read
 // from global memory once per block whatever the rank.
+//
+// Why the decode regime is far from HBM bandwidth once rows share adapters (H100, bf16, K = N =
+// 4096, r = 16; an adapter's A or B is 128 KB): every row re-reads its adapter, from L2 when
+// another row brought it in. T = 1024 rows over 128 adapters moves 48 MB from HBM (x 8 MB, y 8 MB,
+// adapters 32 MB) but 1024 x 2 x 128 KB = 256 MB through L2 -> SM; at the ~5-7 TB/s an H100's L2
+// delivers that is 37-50 us, against the 75 us measured and 16 us at HBM speed. T = 256 over 32
+// adapters: 12 MB from HBM (4 us at HBM speed) but 64 MB through L2 (9-12 us) plus two kernels'
+// ramp, 24 us measured. No tuning of this kernel gets under the L2 traffic: only reading an
+// adapter once for the rows that share it does (the segment regime; see the regime rule in
+// lora_kernels/ops/multi_lora.py). This regime is for few rows per adapter (T < 128, or fewer
+// than ~512 / r rows per adapter), where its L2 re-reads are few and it needs no sort.
 constexpr int kShrinkThreads = 256;
 
 template <typename T>
@@ -328,7 +365,7 @@ struct WmmaTile {
       for (int j = 0; j < 2; ++j) nvcuda::wmma::fill_fragment(acc[i][j], 0.f);
   }
 
-  __device__ __forceinline__ void step(const T* As, const T* Bs) {
+  __device__ __forceinline__ void step(const T* As, const T* Bs, int lda = Lay::LDA, int ldb = Lay::LDB) {
     const int warp = threadIdx.x >> 5;
     const int wm = (warp >> 1) * 32;
     const int wn = (warp & 1) * 32;
@@ -339,12 +376,12 @@ struct WmmaTile {
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
         const int m = wm + 16 * i;
-        nvcuda::wmma::load_matrix_sync(fa[i], A_ROW ? As + m * Lay::LDA + kk : As + kk * Lay::LDA + m, Lay::LDA);
+        nvcuda::wmma::load_matrix_sync(fa[i], A_ROW ? As + m * lda + kk : As + kk * lda + m, lda);
       }
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
         const int n = wn + 16 * j;
-        nvcuda::wmma::load_matrix_sync(fb[j], B_COL ? Bs + n * Lay::LDB + kk : Bs + kk * Lay::LDB + n, Lay::LDB);
+        nvcuda::wmma::load_matrix_sync(fb[j], B_COL ? Bs + n * ldb + kk : Bs + kk * ldb + n, ldb);
       }
 #pragma unroll
       for (int i = 0; i < 2; ++i)
@@ -379,16 +416,16 @@ struct SimtTile {
       for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
   }
 
-  __device__ __forceinline__ void step(const float* As, const float* Bs) {
+  __device__ __forceinline__ void step(const float* As, const float* Bs, int lda = Lay::LDA, int ldb = Lay::LDB) {
     const int m0 = (threadIdx.x >> 4) * 8;
     const int n0 = (threadIdx.x & 15) * 4;
 #pragma unroll 4
     for (int k = 0; k < BK; ++k) {
       float av[8], bv[4];
 #pragma unroll
-      for (int i = 0; i < 8; ++i) av[i] = A_ROW ? As[(m0 + i) * Lay::LDA + k] : As[k * Lay::LDA + m0 + i];
+      for (int i = 0; i < 8; ++i) av[i] = A_ROW ? As[(m0 + i) * lda + k] : As[k * lda + m0 + i];
 #pragma unroll
-      for (int j = 0; j < 4; ++j) bv[j] = B_COL ? Bs[(n0 + j) * Lay::LDB + k] : Bs[k * Lay::LDB + n0 + j];
+      for (int j = 0; j < 4; ++j) bv[j] = B_COL ? Bs[(n0 + j) * ldb + k] : Bs[k * ldb + n0 + j];
 #pragma unroll
       for (int i = 0; i < 8; ++i)
 #pragma unroll
@@ -448,20 +485,64 @@ __device__ __forceinline__ void load_tile(T* sm, int ld, RowPtr row, int outer_o
   }
 }
 
+// load_tile for TS == T through cp.async: whole in-bounds vectors are copied asynchronously (the
+// caller commits the group and waits before reading), edges and padding are stored directly.
+// Without vec every element is stored directly (misaligned rows: no 16-byte access is legal).
+template <typename T, int OUTER, int INNER, typename RowPtr>
+__device__ __forceinline__ void load_tile_async(T* sm, int ld, RowPtr row, int outer_ok, int inner_ok, bool vec) {
+  constexpr int V = vec_elems<T>();
+  static_assert(INNER % V == 0, "tile width must hold whole vectors");
+  if (!vec) {
+    load_tile<T, T, OUTER, INNER>(sm, ld, row, outer_ok, inner_ok, false);
+    return;
+  }
+  constexpr int VPR = INNER / V;
+  for (int e = threadIdx.x; e < OUTER * VPR; e += blockDim.x) {
+    const int o = e / VPR;
+    const int i = (e % VPR) * V;
+    T* dst = sm + o * ld + i;
+    if (o < outer_ok && i + V <= inner_ok) {
+      cp_async16(dst, row(o) + i);
+    } else {
+      const bool ok = o < outer_ok;
+#pragma unroll
+      for (int u = 0; u < V; ++u) dst[u] = (ok && i + u < inner_ok) ? row(o)[i + u] : from_f<T>(0.f);
+    }
+  }
+}
+
 // =============================================================================================
 // segment regime (SGMV)
 // =============================================================================================
 // Shrink, block (tile, rank block, split): part[s, rows, c0:c0+64] = P[rows, d-range] @ W_l[d-range, c0:c0+64]
 // with the tile's rows gathered through perm. W_D: W_l is [R, D] with d contiguous (A), else
 // [D, R] with c contiguous (B); either way the global loads run along the contiguous dimension.
+//
+// Why the first version ran at 13% of HBM bandwidth (T = 4096 rows over 128 adapters, r = 16,
+// K = 4096, bf16; 96 MB to move, 0.254 ms): each step loaded a 64 x 32 tile of x (4 KB) and of A
+// (1 KB at r = 16), waited for it behind a __syncthreads, then computed: one step's 5 KB in flight
+// per block, ~3 blocks per SM, ~15 KB per SM, while 2.95 TB/s x ~0.8 us of latency / 132 SMs needs
+// ~18 KB per SM *continuously*; load and compute never overlapped, so the SM idled every step.
+// Now: kStages-deep cp.async ring (3 stages for 16-bit types: steps s + 1 and s + 2 are in flight
+// while step s computes, ~10 KB per block) and a split of D sized for ~6 blocks per SM (see
+// sgmv_shrink_split), i.e. ~50 KB in flight per SM; the C staging tile reuses the ring's memory.
+template <typename T>
+struct ShrinkSmem {
+  static constexpr int kStages = sizeof(T) == 2 ? 3 : 2;  // fp32: 2 x 20 KB (48 KB of static shared memory)
+};
+
 template <typename T, bool W_D>
 __global__ void __launch_bounds__(kTileThreads) sgmv_shrink_kernel(SgmvShrinkArgs a, bool vec_p, bool vec_w) {
   using Mma = TileMma<T, true, W_D>;
   using Lay = SmemTiles<T, true, W_D>;
-  __shared__ __align__(128) T As[Lay::A_ELEMS];
-  __shared__ __align__(128) T Bs[Lay::B_ELEMS];
-  __shared__ __align__(128) float Cs[BM * LDC];
+  constexpr int kStages = ShrinkSmem<T>::kStages;
+  constexpr int kStageElems = Lay::A_ELEMS + Lay::B_ELEMS;  // multiples of 64 elements: 128-byte aligned stages
+  constexpr int kRingBytes = kStages * kStageElems * static_cast<int>(sizeof(T));
+  constexpr int kBytes = kRingBytes > BM * LDC * 4 ? kRingBytes : BM * LDC * 4;
+  __shared__ __align__(128) unsigned char smem[kBytes];
   __shared__ int rows[BM];
+  T* ring = reinterpret_cast<T*>(smem);
+  float* Cs = reinterpret_cast<float*>(smem);  // after the ring is drained
 
   Tile t;
   if (!find_tile(blockIdx.x, a.seg, a.L, t)) return;
@@ -476,25 +557,42 @@ __global__ void __launch_bounds__(kTileThreads) sgmv_shrink_kernel(SgmvShrinkArg
   __syncthreads();
 
   const int c_ok = dmax(0, r - c0);  // rank columns of this block that carry values (block-uniform)
-  if (c_ok > 0) {
+  const int n_steps = d_end > d_begin ? static_cast<int>((d_end - d_begin + BK - 1) / BK) : 0;
+  if (c_ok > 0 && n_steps > 0) {
     const T* P = static_cast<const T*>(a.P);
     const T* Wl = static_cast<const T*>(a.W) + static_cast<int64_t>(g) * a.D * a.R;
+    auto issue = [&](int step) {  // loads of one step into its ring slot, as one cp.async group
+      if (step < n_steps) {
+        T* As = ring + (step % kStages) * kStageElems;
+        T* Bs = As + Lay::A_ELEMS;
+        const int64_t d0 = d_begin + static_cast<int64_t>(step) * BK;
+        const int d_ok = static_cast<int>(dmin<int64_t>(BK, d_end - d0));
+        load_tile_async<T, BM, BK>(
+            As, Lay::LDA, [&](int o) { return P + static_cast<int64_t>(rows[o]) * a.stride_pm + d0; }, nrows, d_ok,
+            vec_p);
+        if constexpr (W_D) {
+          load_tile_async<T, BN, BK>(Bs, Lay::LDB, [&](int o) { return Wl + static_cast<int64_t>(c0 + o) * a.D + d0; },
+                                     c_ok, d_ok, vec_w);
+        } else {
+          load_tile_async<T, BK, BN>(Bs, Lay::LDB, [&](int o) { return Wl + (d0 + o) * a.R + c0; }, d_ok, c_ok, vec_w);
+        }
+      }
+      cp_async_commit();  // an empty group past the end keeps the wait counts uniform
+    };
     Mma mma;
     mma.zero();
-    for (int64_t d0 = d_begin; d0 < d_end; d0 += BK) {
-      const int d_ok = static_cast<int>(dmin<int64_t>(BK, d_end - d0));
-      load_tile<T, T, BM, BK>(As, Lay::LDA, [&](int o) { return P + static_cast<int64_t>(rows[o]) * a.stride_pm + d0; },
-                              nrows, d_ok, vec_p);
-      if constexpr (W_D) {
-        load_tile<T, T, BN, BK>(Bs, Lay::LDB, [&](int o) { return Wl + static_cast<int64_t>(c0 + o) * a.D + d0; },
-                                c_ok, d_ok, vec_w);
-      } else {
-        load_tile<T, T, BK, BN>(Bs, Lay::LDB, [&](int o) { return Wl + (d0 + o) * a.R + c0; }, d_ok, c_ok, vec_w);
-      }
-      __syncthreads();
-      mma.step(As, Bs);
-      __syncthreads();
+#pragma unroll 1
+    for (int p = 0; p < kStages - 1; ++p) issue(p);
+#pragma unroll 1
+    for (int step = 0; step < n_steps; ++step) {
+      cp_async_wait<kStages - 2>();  // this thread's copies of `step` have landed
+      __syncthreads();               // everyone's have, and everyone is done with step - 1's slot
+      issue(step + kStages - 1);     // refill the slot of step - 1
+      const T* As = ring + (step % kStages) * kStageElems;
+      mma.step(As, As + Lay::A_ELEMS);
     }
+    cp_async_wait<0>();
+    __syncthreads();  // the ring is about to become Cs
     mma.store(Cs);
   }
   __syncthreads();
@@ -504,7 +602,7 @@ __global__ void __launch_bounds__(kTileThreads) sgmv_shrink_kernel(SgmvShrinkArg
   for (int e = threadIdx.x; e < nrows * c_n; e += blockDim.x) {
     const int o = e / c_n;
     const int cc = e % c_n;
-    out[static_cast<int64_t>(rows[o]) * a.R + c0 + cc] = cc < c_ok ? Cs[o * LDC + cc] : 0.f;
+    out[static_cast<int64_t>(rows[o]) * a.R + c0 + cc] = (cc < c_ok && n_steps > 0) ? Cs[o * LDC + cc] : 0.f;
   }
 }
 
@@ -512,14 +610,25 @@ __global__ void __launch_bounds__(kTileThreads) sgmv_shrink_kernel(SgmvShrinkArg
 //   out[rows, d0:d0+64] = s_l * S[rows, :r] @ V_l[:r, d0:d0+64]
 // with S the sum of the shrink's split partials rounded to T for the tensor cores (what a bf16
 // matmul chain does too). A block walks several column blocks (strided by gridDim.y) so that the
-// tile lookup and the row gather are paid once per block, not once per 64 columns; its S tile is
-// re-read from L1. V_C: V_l(c, d) has c contiguous (B [N, R]); else d contiguous (A [R, K]).
+// tile lookup and the row gather are paid once per block, not once per 64 columns.
+// V_C: V_l(c, d) has c contiguous (B [N, R]); else d contiguous (A [R, K]).
+//
+// Why the first version ran at 13-17% of HBM bandwidth (T = 4096 over 128 adapters, r = 16,
+// N = 4096: a block walks ~11 column blocks): for every column block it rebuilt the 64 x 32 S
+// tile from `split` fp32 partials in global memory (6 K scalar loads at split 3, their latency
+// exposed behind a __syncthreads), then loaded the 2 KB B tile synchronously, so per column block
+// the SM waited for two round trips before writing its 8 KB of y. Now the S tile is built once per
+// block (r <= 64 for 16-bit types, <= 32 for fp32: it stays in shared memory, 9 KB) and the B tile
+// of the next column block is fetched by cp.async while this one multiplies and writes y; what is
+// left per column block is the y stores, which do not wait.
 template <typename T, bool V_C>
 __global__ void __launch_bounds__(kTileThreads) sgmv_expand_kernel(SgmvExpandArgs a, bool vec_v, bool vec_o) {
   using Mma = TileMma<T, true, V_C>;
   using Lay = SmemTiles<T, true, V_C>;
-  __shared__ __align__(128) T As[Lay::A_ELEMS];
-  __shared__ __align__(128) T Bs[Lay::B_ELEMS];
+  constexpr int kSCache = sizeof(T) == 2 ? 64 : BK;  // rank columns of S kept for the whole block
+  constexpr int LDS = kSCache + 8;                   // 16-byte rows, 32-byte aligned fragments
+  __shared__ __align__(128) T Ss[BM * LDS];
+  __shared__ __align__(128) T Bs[2 * Lay::B_ELEMS];  // double buffer: next step's tile in flight
   __shared__ __align__(128) float Cs[BM * LDC];
   __shared__ int rows[BM];
 
@@ -530,62 +639,35 @@ __global__ void __launch_bounds__(kTileThreads) sgmv_expand_kernel(SgmvExpandArg
   const int nrows = static_cast<int>(t.end - t.begin);
   for (int e = threadIdx.x; e < BM; e += blockDim.x) rows[e] = e < nrows ? static_cast<int>(a.seg.perm[t.begin + e]) : 0;
   __syncthreads();
+  auto s_value = [&](int o, int c) {  // S[rows[o], c], o < nrows, c < r
+    float v = 0.f;
+    for (int p = 0; p < a.split; ++p) v += a.part[(static_cast<int64_t>(p) * a.M + rows[o]) * a.R + c];
+    return v;
+  };
 
   if (a.s_out != nullptr && blockIdx.y == 0) {  // S for backward, one writer per row
     for (int e = threadIdx.x; e < nrows * a.R; e += blockDim.x) {
       const int o = e / a.R;
       const int c = e % a.R;
-      float v = 0.f;
-      if (c < r) {
-        for (int p = 0; p < a.split; ++p) v += a.part[(static_cast<int64_t>(p) * a.M + rows[o]) * a.R + c];
-      }
-      a.s_out[static_cast<int64_t>(rows[o]) * a.R + c] = v;
+      a.s_out[static_cast<int64_t>(rows[o]) * a.R + c] = c < r ? s_value(o, c) : 0.f;
     }
   }
 
-  const float scale = r > 0 ? a.scales[g] : 0.f;
-  const T* Vl = static_cast<const T*>(a.V) + static_cast<int64_t>(g < a.L ? g : 0) * a.R * a.D;
   T* out = static_cast<T*>(a.out);
   constexpr int V = vec_elems<T>();
   constexpr int VPR = BN / V;
   const int64_t n_dblocks = (a.D + BN - 1) / BN;
-  for (int64_t db = blockIdx.y; db < n_dblocks; db += gridDim.y) {
-    const int64_t d0 = db * BN;
+  // Column blocks of this block: blockIdx.y, blockIdx.y + gridDim.y, ... (gridDim.y <= n_dblocks)
+  const int64_t my_blocks = (n_dblocks - blockIdx.y + gridDim.y - 1) / gridDim.y;
+  auto write_out = [&](int64_t d0, bool zero, float scale) {
     const int d_n = static_cast<int>(dmin<int64_t>(BN, a.D - d0));
-    if (r > 0) {
-      Mma mma;
-      mma.zero();
-      for (int c0 = 0; c0 < r; c0 += BK) {  // only the adapter's own rank: mixed ranks cost their own size
-        const int c_ok = dmin(BK, r - c0);
-        for (int e = threadIdx.x; e < BM * BK; e += blockDim.x) {
-          const int o = e / BK;
-          const int cc = e % BK;
-          float v = 0.f;
-          if (o < nrows && cc < c_ok) {
-            for (int p = 0; p < a.split; ++p) v += a.part[(static_cast<int64_t>(p) * a.M + rows[o]) * a.R + c0 + cc];
-          }
-          As[o * Lay::LDA + cc] = from_f<T>(v);
-        }
-        if constexpr (V_C) {
-          load_tile<T, T, BN, BK>(Bs, Lay::LDB, [&](int o) { return Vl + (d0 + o) * a.R + c0; }, d_n, c_ok, vec_v);
-        } else {
-          load_tile<T, T, BK, BN>(Bs, Lay::LDB, [&](int o) { return Vl + static_cast<int64_t>(c0 + o) * a.D + d0; },
-                                  c_ok, d_n, vec_v);
-        }
-        __syncthreads();
-        mma.step(As, Bs);
-        __syncthreads();
-      }
-      mma.store(Cs);
-    }
-    __syncthreads();
     for (int e = threadIdx.x; e < nrows * VPR; e += blockDim.x) {
       const int o = e / VPR;
       const int dd = (e % VPR) * V;
       T* dst = out + static_cast<int64_t>(rows[o]) * a.stride_om + d0 + dd;
       T vals[V];
 #pragma unroll
-      for (int u = 0; u < V; ++u) vals[u] = from_f<T>(r > 0 ? scale * Cs[o * LDC + dd + u] : 0.f);
+      for (int u = 0; u < V; ++u) vals[u] = from_f<T>(zero ? 0.f : scale * Cs[o * LDC + dd + u]);
       if (vec_o && dd + V <= d_n) {
         uint4 raw;
         memcpy(&raw, vals, sizeof(raw));
@@ -594,8 +676,68 @@ __global__ void __launch_bounds__(kTileThreads) sgmv_expand_kernel(SgmvExpandArg
         for (int u = 0; u < V && dd + u < d_n; ++u) dst[u] = vals[u];
       }
     }
-    __syncthreads();  // Cs is rewritten by the next column block
+  };
+  if (r == 0) {  // rows without adapter (or rank 0): zeros (block-uniform branch)
+    for (int64_t j = 0; j < my_blocks; ++j) write_out((blockIdx.y + j * gridDim.y) * BN, true, 0.f);
+    return;
   }
+
+  const float scale = a.scales[g];
+  const T* Vl = static_cast<const T*>(a.V) + static_cast<int64_t>(g) * a.R * a.D;
+  const bool cached = r <= kSCache;  // block-uniform
+  if (cached) {  // the whole S tile, zero past the rank up to the last 32-column chunk the mma reads
+    const int cw = (r + BK - 1) / BK * BK;
+    for (int e = threadIdx.x; e < BM * cw; e += blockDim.x) {
+      const int o = e / cw;
+      const int c = e % cw;
+      Ss[o * LDS + c] = from_f<T>(o < nrows && c < r ? s_value(o, c) : 0.f);
+    }
+  }
+  // Steps: (column block j, rank chunk c) in that order; one B tile each.
+  const int n_chunks = (r + BK - 1) / BK;
+  const int64_t n_steps = my_blocks * n_chunks;
+  auto issue = [&](int64_t k) {
+    if (k < n_steps) {
+      const int64_t d0 = (blockIdx.y + (k / n_chunks) * gridDim.y) * BN;
+      const int c0 = static_cast<int>(k % n_chunks) * BK;
+      const int d_n = static_cast<int>(dmin<int64_t>(BN, a.D - d0));
+      const int c_ok = dmin(BK, r - c0);
+      T* B = Bs + (k & 1) * Lay::B_ELEMS;
+      if constexpr (V_C) {
+        load_tile_async<T, BN, BK>(B, Lay::LDB, [&](int o) { return Vl + (d0 + o) * a.R + c0; }, d_n, c_ok, vec_v);
+      } else {
+        load_tile_async<T, BK, BN>(B, Lay::LDB, [&](int o) { return Vl + static_cast<int64_t>(c0 + o) * a.D + d0; },
+                                   c_ok, d_n, vec_v);
+      }
+    }
+    cp_async_commit();
+  };
+  issue(0);
+  Mma mma;
+#pragma unroll 1
+  for (int64_t k = 0; k < n_steps; ++k) {
+    const int64_t d0 = (blockIdx.y + (k / n_chunks) * gridDim.y) * BN;
+    const int c0 = static_cast<int>(k % n_chunks) * BK;
+    cp_async_wait<0>();
+    __syncthreads();  // step k's B tile is in; every thread is done with step k - 1 (its slot, Ss, Cs)
+    issue(k + 1);
+    if (!cached) {  // r > kSCache: this chunk of S, rebuilt per column block
+      for (int e = threadIdx.x; e < BM * BK; e += blockDim.x) {
+        const int o = e / BK;
+        const int cc = e % BK;
+        Ss[o * LDS + cc] = from_f<T>(o < nrows && c0 + cc < r ? s_value(o, c0 + cc) : 0.f);
+      }
+      __syncthreads();
+    }
+    if (c0 == 0) mma.zero();
+    mma.step(cached ? Ss + c0 : Ss, Bs + (k & 1) * Lay::B_ELEMS, LDS);
+    if (c0 + BK >= r) {  // the column block's last rank chunk: write it out
+      mma.store(Cs);
+      __syncthreads();
+      write_out(d0, false, scale);
+    }
+  }
+  cp_async_wait<0>();
 }
 
 // Per-adapter reduction, block (q block, p block, adapter * split + run):
@@ -754,9 +896,14 @@ int64_t max_tiles(int64_t M, int L) {
 
 int sgmv_shrink_split(int64_t M, int L, int64_t D, int R, int sm_count, int64_t* d_chunk) {
   // Few tiles (decode-like batches, or one long segment) leave SMs idle: cut D, but keep >= 512
-  // columns (16 steps of 32) per block so each block amortises its tile set-up.
+  // columns (16 steps of 32) per block so each block amortises its tile set-up and fills its
+  // cp.async ring. ~6 blocks per SM (7 fit: 72 registers x 128 threads, 31 KB of shared memory),
+  // each with two 5 KB steps in flight: ~60 KB per SM against the ~18 KB that HBM needs.
+  // T = 4096 rows over 128 adapters (193 tile slots, 128 used), K = 4096: split 5 (832 columns),
+  // 640 blocks, 4.8 per SM (was split 3, 2.9 per SM). The partials cost M x R x 4 x split bytes
+  // written and read once (1.3 MB there, 1.4% of the 96 MB the op moves).
   const int64_t blocks = max_tiles(M, L) * cdiv(R, BN);
-  const int64_t want = 4LL * std::max(sm_count, 1);  // ~4 resident blocks per SM to overlap load latency
+  const int64_t want = 6LL * std::max(sm_count, 1);
   int64_t split = std::min<int64_t>(std::max<int64_t>(1, cdiv(want, std::max<int64_t>(blocks, 1))),
                                     std::max<int64_t>(1, D / 512));
   *d_chunk = std::max<int64_t>(BK, cdiv(cdiv(D, split), BK) * BK);
@@ -785,11 +932,12 @@ cudaError_t sgmv_expand(DType dtype, const SgmvExpandArgs& a, int sm_count, cuda
   const int V = 16 / elem_size(dtype);
   const bool vec_v = aligned16(a.V) && (a.v_c_contiguous ? a.R % V == 0 : a.D % V == 0);
   const bool vec_o = aligned16(a.out) && a.stride_om % V == 0;
-  // Column groups: enough blocks for ~8 resident per SM (27 KB of shared memory each), the rest of
-  // the 64-column blocks walked inside a block. T = 1024 rows over 128 adapters, N = 4096: 145
-  // tiles x 8 groups of 8 column blocks, instead of 145 x 64 blocks that each look their tile up.
+  // Column groups: enough blocks for ~5 resident per SM (bf16: 96 registers x 128 threads -> 5,
+  // 37 KB of shared memory -> 6), the rest of the 64-column blocks walked inside a block, which
+  // builds its S tile once and prefetches the next B tile. T = 4096 rows over 128 adapters, N =
+  // 4096: 193 tile slots (128 used) x 4 groups of 16 column blocks = 512 blocks, 3.9 per SM.
   const int64_t d_blocks = cdiv(a.D, BN);
-  const int64_t groups = std::min<int64_t>(d_blocks, std::max<int64_t>(1, cdiv(8LL * std::max(sm_count, 1),
+  const int64_t groups = std::min<int64_t>(d_blocks, std::max<int64_t>(1, cdiv(5LL * std::max(sm_count, 1),
                                                                                a.seg.n_tiles_max)));
   const dim3 grid(static_cast<unsigned>(a.seg.n_tiles_max), static_cast<unsigned>(groups));
   return with_dtype(dtype, [&](auto tag) {

@@ -151,3 +151,28 @@ def test_peft_model_mixed_batch(served):
     with lk.adapter_batch(pm, NAMES):
         torch.testing.assert_close(pm(input_ids=ids).logits, ref, **FP32)
     torch.testing.assert_close(pm(input_ids=ids, adapter_names=peft_names).logits, ref, **FP32)
+
+
+def test_mixed_batch_benchmark_model_runs_on_cpu():
+    """The patched-model mixed-batch benchmark (lora_kernels/_bench/multi.py) in a tiny configuration:
+    every setting runs forward and a training step; mixed trains all 8 adapters, single only a0."""
+    from lora_kernels._bench import multi as MB
+
+    model, names = MB.adapter_model(MB.MODEL_TINY, dtype=torch.float32)
+    contexts, steps = MB.adapter_model_steps(model, names, batch=8, seq=5)
+    logits = {}
+    for st in MB.MODEL_SETTINGS:
+        with contexts[st]():
+            logits[st] = steps["fwd"]()
+    assert logits["mixed"].shape == (8, 5, MB.MODEL_TINY["vocab_size"])
+    torch.testing.assert_close(logits["single (batch)"], logits["single"], **FP32)
+    assert (logits["mixed"][1:] - logits["single"][1:]).abs().amax(dim=(1, 2)).min() > 1e-3  # a1..a7 differ
+    torch.testing.assert_close(logits["mixed"][0], logits["single"][0], **FP32)  # sequence 0 is on a0
+    for st, trained in (("single", {"a0"}), ("mixed", set(names))):
+        model.zero_grad(set_to_none=True)
+        with contexts[st]():
+            model(input_ids=torch.randint(0, 128, (8, 5)), labels=torch.randint(0, 128, (8, 5))).loss.backward()
+        got = {n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if ".lora_" in n and p.grad is not None}
+        assert got == trained, st
+        with contexts[st]():
+            assert torch.isfinite(steps["train"]())

@@ -21,6 +21,17 @@ Implementations per case ("x gather" = ratio to gather+bmm in the same run):
   ext:auto    lora_kernels.multi_lora (the regime multi_lora_regime picks)
   ext:decode / ext:segment   the same with the regime forced, to check the regime rule
 
+Mixed batch through a patched model (the issue's two 1.3x targets, end to end): a Llama built from
+a config (4 layers, hidden 2048, intermediate 8192, 32 / 8 heads, vocab 32000, bf16, random weights)
+patched with 8 named adapters (r = 16, alpha = 32, dropout 0 on q, k, v, o, gate, up, down), a batch
+of 8 sequences x 1024 tokens:
+  single          every sequence on adapter a0 the ordinary way (set_adapter: the fused lora_linear op)
+  single (batch)  adapter_batch(model, ["a0"] * 8): the multi-adapter op with one adapter
+  mixed           adapter_batch(model, ["a0", ..., "a7"]): each sequence its own adapter
+timed for (a) the inference forward (logits of every position, no_grad) and (b) one training step
+(forward + causal-LM loss + backward + AdamW over the adapters that got gradients); ratio = ms /
+single ms of the same run (targets: mixed <= 1.3 in both).
+
 Each implementation is timed twice: eager (triton.testing.do_bench: what a Python caller sees,
 launch overheads included) and inside a CUDA graph (do_bench_cudagraph: the GPU time alone, what a
 serving engine that captures its decode step sees). Rows give both; the ratio uses the eager times
@@ -28,6 +39,7 @@ serving engine that captures its decode step sees). Rows give both; the ratio us
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -230,6 +242,106 @@ def _decode_cases(quick: bool):
     return cases
 
 
+# ================================================================================================
+# mixed batch through a patched model
+# ================================================================================================
+MODEL = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=4, num_attention_heads=32,
+             num_key_value_heads=8, vocab_size=32000)
+MODEL_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=128)
+MODEL_BATCH, MODEL_SEQ, MODEL_ADAPTERS, MODEL_R = 8, 1024, 8, 16
+MODEL_SETTINGS = ("single", "single (batch)", "mixed")
+
+
+def adapter_model(config: dict, n_adapters: int = MODEL_ADAPTERS, r: int = MODEL_R, device="cpu",
+                  dtype=torch.bfloat16, seed: int = 0):
+    """(Llama from `config` patched with adapters "a0".."a{n-1}" on every projection, their names).
+
+    r and alpha = 2r alike, dropout 0 (a mixed batch applies none: the single-adapter runs must not
+    either), A and B random (B is zero at init, which would make every adapter the same function).
+    """
+    import lora_kernels
+    from lora_kernels.layers import LoRALinear
+
+    from .e2e import TARGETS, build_llama
+
+    names = [f"a{i}" for i in range(n_adapters)]
+    model = build_llama(config, device, dtype, seed=seed)
+    lora_kernels.patch(model, r=r, alpha=2 * r, dropout=0.0, target_modules=TARGETS, adapter_name=names[0])
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in layers:
+        for n in names[1:]:
+            m.add_adapter(n, r=r, alpha=2 * r, dropout=0.0)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for m in layers:
+            for n in names:
+                for p in (m.lora_A[n], m.lora_B[n]):
+                    p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]))
+    return model, names
+
+
+def adapter_model_steps(model, names, batch: int, seq: int, seed: int = 1):
+    """(contexts, steps) for one batch of token ids: contexts[setting]() is the context manager of one
+    of MODEL_SETTINGS, steps[phase] the callable to time inside it (phase "fwd" or "train").
+
+    fwd: logits of every position under no_grad; train: forward + loss + backward + AdamW step (one
+    optimizer over every adapter; in the single settings only a0's parameters get gradients). The
+    context is entered once around the timed calls, as a server or trainer enters adapter_batch
+    once per batch: it builds each layer's plan (small host-to-device copies) on entry.
+    """
+    import lora_kernels
+
+    dev = next(model.parameters()).device
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
+    ids = ids.to(dev)
+    lora_kernels.set_adapter(model, names[0])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    per_seq = {"single": None, "single (batch)": [names[0]] * batch,
+               "mixed": [names[i % len(names)] for i in range(batch)]}
+    contexts = {st: (lambda n=n: lora_kernels.adapter_batch(model, n) if n else contextlib.nullcontext())
+                for st, n in per_seq.items()}
+
+    def fwd():
+        with torch.no_grad():
+            return model(input_ids=ids).logits
+
+    def train():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return contexts, {"fwd": fwd, "train": train}
+
+
+def _model_rows(quick: bool, dev) -> list[Row]:
+    """The mixed-batch targets through the patched Llama (see the module docstring)."""
+    from .e2e import time_steps
+
+    model, names = adapter_model(MODEL, device=dev)
+    contexts, steps = adapter_model_steps(model, names, MODEL_BATCH, MODEL_SEQ)
+    case = (f"llama {MODEL['num_hidden_layers']}L h{MODEL['hidden_size']} i{MODEL['intermediate_size']}, "
+            f"{MODEL_BATCH} seq x {MODEL_SEQ} tok, bf16, {len(names)} adapters r{MODEL_R}")
+    ms, gib = {}, {}
+    for setting in MODEL_SETTINGS:
+        with contexts[setting]():
+            for phase in ("fwd", "train"):
+                ms[setting, phase], gib[setting, phase] = time_steps(steps[phase], warmup=2 if quick else 3,
+                                                                     iters=5 if quick else 10)
+    rows = []
+    for phase, what in (("fwd", "inference forward"), ("train", "training step")):
+        for setting in MODEL_SETTINGS:
+            t = ms[setting, phase]
+            rows.append(Row("multi", f"{case} {phase}", setting, t, t / ms["single", phase],
+                            note=f"{what}; peak {gib[setting, phase]:.1f} GiB; ratio = to single "
+                                 "(target: mixed <= 1.3)", extra={"peak_gib": gib[setting, phase]}))
+    del model, contexts, steps
+    torch.cuda.empty_cache()
+    return rows
+
+
 def _cpu_probe() -> list[Row]:
     import lora_kernels
 
@@ -238,8 +350,23 @@ def _cpu_probe() -> list[Row]:
     idx = torch.tensor([0, 2, -1, 1, 1, 0, 2])
     d = lora_kernels.multi_lora_dispatch(x, A)
     err = (lora_kernels.multi_lora(x, A, B, idx, s) - lora_kernels.multi_lora_reference(x, A, B, idx, s)).abs().max()
-    return [Row("multi", "cpu probe 7x33->20 L3 r4", f"{d.backend}:{d.regime}", None,
+    rows = [Row("multi", "cpu probe 7x33->20 L3 r4", f"{d.backend}:{d.regime}", None,
                 note=f"max |ext - reference| = {float(err):.2e}; GPU timings need CUDA")]
+    model, names = adapter_model(MODEL_TINY, dtype=torch.float32)
+    contexts, steps = adapter_model_steps(model, names, MODEL_BATCH, 8)
+    logits, losses = {}, {}
+    for st in MODEL_SETTINGS:  # every forward before the first optimizer step changes a0
+        with contexts[st]():
+            logits[st] = steps["fwd"]()
+    for st in MODEL_SETTINGS:
+        with contexts[st]():
+            losses[st] = float(steps["train"]())
+    for st in MODEL_SETTINGS:
+        loss = losses[st]
+        rows.append(Row("multi", "cpu probe: tiny llama, 8 seq x 8 tok, 8 adapters", st, None,
+                        note=f"loss {loss:.4f}; max |logits - single| = "
+                             f"{float((logits[st] - logits['single']).abs().max()):.2e}; GPU timings need CUDA"))
+    return rows
 
 
 def run(quick: bool) -> list[Row]:
@@ -290,6 +417,7 @@ def run(quick: bool) -> list[Row]:
                 note = f"graph {g:.4f} ms"
             rows.append(Row("multi", case, name, e, e / base_e, note=note, extra=extra))
     rows.extend(_prefill_rows(quick, dev, dt))
+    rows.extend(_model_rows(quick, dev))
     return rows
 
 

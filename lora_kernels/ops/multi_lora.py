@@ -57,6 +57,11 @@ SEGMENT_MIN_ROWS = 128
 # tile: measured on an H100 (bf16, H = 4096, CUDA graphs), decode wins up to 32 rows per adapter at
 # r = 16 (1024 rows / 128 adapters: 0.074 vs 0.168 ms) and segment wins at 16 rows per adapter at
 # r = 64 (0.163 vs 0.287 ms), so the crossover falls as 1 / r: rows per adapter ~ 512 / r.
+# Those segment times predate the pipelined segment kernels (cp.async ring in the shrink, S built
+# once per expand block): if segment reaches ~60% of HBM bandwidth, T1024 L128 r16 costs ~0.03 ms
+# + ~0.01 ms of sort and tile table, under decode's 0.075 ms (bound by 256 MB of L2 re-reads), which
+# would move the crossover to ~128 / r. Unchanged until the benchmark's ext:decode / ext:segment
+# rows (both timed on every case) confirm it.
 SEGMENT_ROWS_PER_ADAPTER_X_RANK = 512
 SEGMENT_MIN_ROWS_PER_ADAPTER = 4
 REGIME_ENV = "LORA_KERNELS_MULTI_REGIME"  # auto (default) | decode | segment: force one (CUDA only)

@@ -183,6 +183,11 @@ int main(int argc, char** argv) {
     {9, 300, 100, 130, 2, 132, true, true, 0, 0.0, false},
     {7, 2049, 40, 16, 2, 132, false, false, 0, 0.0, false},  // K = 2049: segment shrink split in K
     {600, 64, 72, 16, 1, 132, false, false, 0, 0.0, false},  // one long segment: dA/dB in row runs
+    // one SM: the shrink's cp.async ring runs 16+ steps per block (K = 1000, not a multiple of 32),
+    // expand blocks walk every column block with two rank chunks (S kept for 16-bit types, rebuilt
+    // per chunk for fp32, r_max = 40 > 32)
+    {40, 1000, 200, 40, 3, 1, false, true, 0, 0.1, false},
+    {40, 1000, 131, 37, 3, 1, false, false, 0, 0.1, false},  // R % 8 != 0: scalar B tiles in the pipelines
   };
   if (full) {
     cases.push_back({7, 40, 24, 5, 3, 132, false, true, 0, 0.3, false});
