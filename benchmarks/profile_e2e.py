@@ -10,12 +10,15 @@ top kernels by total time. The difference between impls is what LoRA costs, kern
 """
 import argparse
 import re
+import time
 from collections import defaultdict
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from lora_kernels._bench import e2e
+
+HOST_WALL: dict = {}  # impl -> (host ms per step, wall ms per step)
 
 KINDS = [  # (kind, regex on the kernel name), first match wins
     ("lora shrink", r"_lora_shrink"),
@@ -38,11 +41,27 @@ def kind_of(name: str) -> str:
     return "other"
 
 
+def host_and_wall_ms(step, n: int = 3) -> tuple[float, float]:
+    """(host ms until step() returns, wall ms until the GPU is done), each step started on an idle
+    GPU: host ~ wall means the host is the bottleneck (the GPU waits on launches)."""
+    host, wall = [], []
+    for _ in range(n):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        host.append(t1 - t0)
+        wall.append(time.perf_counter() - t0)
+    return 1e3 * min(host), 1e3 * min(wall)
+
+
 def profile_impl(impl: str, layers: int, steps: int = 2):
     setup = e2e.make_setup(impl, dict(e2e.FULL, num_hidden_layers=layers))
     try:
         for _ in range(3):
             setup.step()
+        HOST_WALL[impl] = host_and_wall_ms(setup.step)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(steps):
@@ -82,6 +101,7 @@ def main():
                      if kind == "TOTAL" else totals[impl][kind])
             cells.append(f"{us / 1e3:8.2f} ms /{n:5.0f}")
         print(f"  {kind:<14}" + "".join(f"{c:>22}" for c in cells))
+    print(f"  {'host / wall':<14}" + "".join(f"{f'{h:.1f} / {w:.1f} ms':>22}" for h, w in HOST_WALL.values()))
     for impl, by_name in results.items():
         print(f"\n== {impl}: top {args.top} kernels (us per step, launches per step)")
         for name, (us, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[: args.top]:

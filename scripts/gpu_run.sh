@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU run: tests, kernel tuning and benchmarks in one call, logs under $OUT, short table last.
-#   bash scripts/gpu_run.sh [stage ...]     stages: info tests ptests multitests tune kt variants profile ncu
+#   bash scripts/gpu_run.sh [stage ...]     stages: info tests ptests multitests tune kt variants diag hostprof profile ncu
 #                                                   bench cli e2e multi
 #                                           (default: info tests tune bench cli)
 # Each stage has its own time limit, so one stage that hangs cannot eat the whole call.
@@ -36,7 +36,7 @@ for s in $stages; do
       grep -E "passed|failed|error|^FAILED|^ERROR" "$OUT/tests.log" | tail -n 30 >> "$summary" ;;
     ptests)  # the whole suite (or TESTS_ARGS) in PTESTS_N processes: kernel compiles are CPU-bound
       run_stage ptests ${TESTS_LIMIT:-300} python scripts/par_pytest.py -n ${PTESTS_N:-6} --log-dir /tmp/ptests -- \
-        ${TESTS_ARGS:-tests}
+        ${TESTS_ARGS:-tests} ${PTESTS_K:+-k "$PTESTS_K"}
       grep -E "tests in|^FAILED|^ERROR|part " "$OUT/ptests.log" | head -n 40 >> "$summary"
       grep -h -B2 -A25 "^___" /tmp/ptests/*.log 2>/dev/null | head -n 400 >> "$OUT/ptests.log" ;;
     kt)  # each kernel with the config table's choice, at the e2e model's shapes, bf16 vs fp32 adapters
@@ -49,6 +49,12 @@ for s in $stages; do
       run_stage variants ${VARIANTS_LIMIT:-120} python benchmarks/tune_lora_linear.py --variants --adapter-dtype float32 \
         ${KT_SHAPES:---shape 8192x4096x4096x16 --shape 8192x2048x2048x16 --shape 8192x8192x2048x16 --shape 8192x4096x4096x128}
       grep -E "==|mask_select" "$OUT/variants.log" >> "$summary" ;;
+    diag)
+      run_stage diag ${DIAG_LIMIT:-90} python scripts/diag_model_precision.py
+      grep -E "grads err" "$OUT/diag.log" >> "$summary" ;;
+    hostprof)
+      run_stage hostprof ${HOSTPROF_LIMIT:-90} python benchmarks/profile_host.py 8192 1024 1024 16
+      head -n 60 "$OUT/hostprof.log" >> "$summary" ;;
     profile)
       run_stage profile ${PROFILE_LIMIT:-150} python benchmarks/profile_e2e.py --layers ${PROFILE_LAYERS:-4}
       sed -n '/^CUDA ms/,/TOTAL/p' "$OUT/profile.log" >> "$summary" ;;
