@@ -73,6 +73,29 @@ def main():
     pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(16)
     print("\n".join(line[:150] for line in buf.getvalue().splitlines()[6:]))
 
+    # the module path a patched model takes: LoRALinear, fp32 adapters (PEFT's default) on bf16,
+    # at a size where the GPU waits on the host (what the end-to-end step is bound by)
+    lin = torch.nn.Linear(2048, 2048, bias=False, device=dev, dtype=dt)
+    mod = lk.LoRALinear.from_linear(lin, r=16, dropout=0.05).train()
+    xm = torch.randn(2, 128, 2048, device=dev, dtype=dt, requires_grad=True)
+    dym = torch.randn(2, 128, 2048, device=dev, dtype=dt)
+    mstep = lambda: mod(xm).backward(dym)  # noqa: E731
+    fstep = lambda: lin(xm).backward(dym)  # noqa: E731
+    print(f"host us  {'LoRALinear fwd+bwd':<24} {host_us(mstep):8.1f}")
+    print(f"host us  {'nn.Linear fwd+bwd':<24} {host_us(fstep):8.1f}")
+    L._FAST_LAUNCH = False
+    print(f"host us  {'LoRALinear, Triton launch':<24} {host_us(mstep):8.1f}")
+    L._FAST_LAUNCH = True
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(100):
+        mstep()
+    torch.cuda.synchronize()
+    prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(30)
+    print("\n".join(line[:150] for line in buf.getvalue().splitlines()[6:]))
+
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as tp:
         step()
         torch.cuda.synchronize()

@@ -105,27 +105,6 @@ def tune_shape(M, K, N, r, p, copy_gbs, adt=torch.bfloat16, table_only=False):
     return out
 
 
-def time_variants(shapes, p, adt):
-    """Each kernel variant of lora_linear._VARIANT (mask construction, dx by FMA or dot), table configs."""
-    import itertools
-
-    saved = dict(L._VARIANT)
-    print(f"\n== variants (adapters {adt}, p{p}): us per kernel")
-    for M, K, N, r in shapes:
-        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-        A = (torch.randn(r, K, device="cuda") / K**0.5).to(adt)
-        G = torch.randn(M, r, device="cuda")
-        seed = draw_seed("cuda")
-        for ms, fma in itertools.product((True, False), (False, True)):
-            L._VARIANT.update(mask_select=ms, fma_dx=fma)
-            t_x = gpu_time_ms(lambda: L._bwd_x(x, A, G, seed, 2.0, p, True)) * 1e3
-            t_s = gpu_time_ms(lambda: L._shrink(x, A, p, seed)) * 1e3 if not fma else float("nan")
-            print(f"  {M}x{K}->{N} r{r}  mask_select={ms!s:<5} fma_dx={fma!s:<5}  x-pass {t_x:7.1f}  shrink {t_s:7.1f}")
-        del x, A, G
-    L._VARIANT.clear()
-    L._VARIANT.update(saved)
-
-
 def host_overhead_us():
     """Host time per call (us) of small launches: what bounds tiny shapes, where the GPU waits."""
     import time
@@ -184,14 +163,9 @@ def main():
     ap.add_argument("--shape", action="append", default=[], help="MxKxNxr instead of the built-in shapes")
     ap.add_argument("--adapter-dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--table-only", action="store_true", help="time the config table's choice only")
-    ap.add_argument("--variants", action="store_true", help="time the kernel variants (lora_linear._VARIANT) only")
     args = ap.parse_args()
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shape] or SHAPES[: args.shapes]
     adt = getattr(torch, args.adapter_dtype)
-    if args.variants:
-        with set_wrap_triton_enabled(False):
-            time_variants(shapes, args.p, adt)
-        return
     copy_gbs = ceilings()
     print(f"device copy: {copy_gbs:.0f} GB/s (read + write)")
     with set_wrap_triton_enabled(False):  # launch as the op does in eager: no tracing wrapper

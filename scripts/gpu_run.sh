@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU run: tests, kernel tuning and benchmarks in one call, logs under $OUT, short table last.
-#   bash scripts/gpu_run.sh [stage ...]     stages: info tests ptests multitests tune kt variants diag hostprof profile ncu
+#   bash scripts/gpu_run.sh [stage ...]     stages: info tests ptests multitests tune kt diag hostprof profile ncu sanitize extout
 #                                                   bench cli e2e multi
 #                                           (default: info tests tune bench cli)
 # Each stage has its own time limit, so one stage that hangs cannot eat the whole call.
@@ -45,10 +45,6 @@ for s in $stages; do
           ${KT_SHAPES:---shape 8192x4096x4096x16 --shape 8192x2048x2048x16 --shape 8192x2048x512x16 --shape 8192x2048x8192x16 --shape 8192x8192x2048x16}
         grep -E "^==|table|op |gemm" "$OUT/kt_$adt.log" >> "$summary"
       done ;;
-    variants)
-      run_stage variants ${VARIANTS_LIMIT:-120} python benchmarks/tune_lora_linear.py --variants --adapter-dtype float32 \
-        ${KT_SHAPES:---shape 8192x4096x4096x16 --shape 8192x2048x2048x16 --shape 8192x8192x2048x16 --shape 8192x4096x4096x128}
-      grep -E "==|mask_select" "$OUT/variants.log" >> "$summary" ;;
     diag)
       run_stage diag ${DIAG_LIMIT:-90} python scripts/diag_model_precision.py
       grep -E "grads err" "$OUT/diag.log" >> "$summary" ;;
@@ -63,6 +59,14 @@ for s in $stages; do
         --section Occupancy --section WarpStateStats --section LaunchStats python benchmarks/ncu_kernels.py ${NCU_SHAPE:-}
       grep -E "^  _lora|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|Block Limit|Dynamic Shared" \
         "$OUT/ncu.log" >> "$summary" ;;
+    sanitize)  # the multi-adapter kernels' small case under compute-sanitizer (memory, races, barriers)
+      for tool in memcheck racecheck synccheck; do
+        run_stage "san_$tool" ${SAN_LIMIT:-120} compute-sanitizer --tool $tool --error-exitcode 9 \
+          python -m pytest tests/test_multi_lora.py -q -m gpu -k sanitizer -p no:cacheprovider
+        grep -E "ERROR SUMMARY|passed|failed" "$OUT/san_$tool.log" | tail -n 3 >> "$summary"
+      done ;;
+    extout)  # bring the built extension back (carry .build into later calls while csrc/ is unchanged)
+      tar czf "$OUT/ext.tgz" .build/ext 2>/dev/null && ls -la "$OUT/ext.tgz" | tee -a "$summary" ;;
     multitests)
       run_stage multitests ${MULTITESTS_LIMIT:-480} python -m pytest tests/test_multi_lora.py -q -m gpu \
         -p no:cacheprovider --durations=8 -rfE

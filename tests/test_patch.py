@@ -499,11 +499,15 @@ def test_bf16_training_step_on_gpu_within_2x_of_peft():
     names = sorted(model.lora_kernels_report.patched)
     twin = peft_twin(base, model, names)
     peft_names = [f"base_model.model.{n}" for n in names]
-    ids = torch.randint(0, 120, (2, 32), device="cuda")
+    # a fixed batch: on some random batches this 2-layer random model's bf16 gradients are mostly
+    # rounding noise (PEFT's own error reached 22% of the fp32 gradient on the GPU), and comparing
+    # two noise levels says nothing; the check below makes sure this batch is not one of those
+    ids = torch.randint(0, 120, (2, 32), generator=torch.Generator().manual_seed(0)).cuda()
     model.train(), twin.train()
     _, ref = _train_grads(model, ids, names)  # fp32
     _, ref_peft = _train_grads(twin, ids, peft_names, peft_layout=True)
     assert _err(ref_peft, ref) < 1e-4  # fp32: the same maths on the same weights agree
     _, ours = _train_grads(model.to(torch.bfloat16), ids, names)
     _, theirs = _train_grads(twin.to(torch.bfloat16), ids, peft_names, peft_layout=True)
-    assert _err(ours, ref) <= 2 * _err(theirs, ref) + 1e-3, (_err(ours, ref), _err(theirs, ref))
+    assert _err(theirs, ref) < 0.15, "ill-conditioned batch: bf16 gradients are mostly noise"
+    assert _err(ours, ref) <= 2 * _err(theirs, ref), (_err(ours, ref), _err(theirs, ref))

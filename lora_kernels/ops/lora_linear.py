@@ -48,10 +48,6 @@ try:
 except Exception:  # no triton: the PyTorch path serves every call
     HAS_TRITON = False
 
-# Kernel variants under measurement (benchmarks/tune_lora_linear.py --variants); the defaults are
-# what the op runs.
-_VARIANT = {"mask_select": True, "fma_dx": False}
-
 MAX_TRITON_RANK = 256  # BLOCK_R = 256 keeps the [BLOCK_M, BLOCK_R] fp32 accumulators in registers
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -161,27 +157,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _keep_mask(seed, rows, k0, keep_thr, BLOCK_K: tl.constexpr):
-        """keep[BM, BLOCK_K] for int64 `rows` and columns k0 .. k0 + BLOCK_K - 1 (k0 % 8 == 0).
-
-        One Philox call per row and group of 8 columns, [BM, BK/8, 1]; column j of the group picks
-        its 16 bits by a select on [BM, BK/8, 8], and one reshape gives [BM, BK]. No interleave:
-        a thread that holds 8 neighbouring columns (the loads' layout) holds its group's words, so
-        nothing moves between threads (interleaving cost 6-8 shared-memory layout conversions).
-        """
-        groups = (k0 // 8 + tl.arange(0, BLOCK_K // 8)).to(tl.uint32)  # [BK/8]
-        c0 = groups[None, :, None] + tl.zeros_like(rows)[:, None, None].to(tl.uint32)  # [BM, BK/8, 1]
-        c1 = (rows & 0xFFFFFFFF).to(tl.uint32)[:, None, None]  # [BM, 1, 1]: broadcast by Philox's rounds
-        c2 = (rows >> 32).to(tl.uint32)[:, None, None]
-        c3 = tl.zeros_like(c1)
-        r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c3, _ROUNDS)
-        j = tl.arange(0, 8)[None, None, :]  # column within the group
-        word = tl.where(j < 4, tl.where(j < 2, r0, r1), tl.where(j < 6, r2, r3))  # [BM, BK/8, 8]
-        bits = (word >> ((j & 1) * 16).to(tl.uint32)) & 0xFFFF  # half j % 2 of word j // 2
-        return tl.reshape(bits.to(tl.int32) >= keep_thr, (rows.shape[0], BLOCK_K))
-
-    @triton.jit
-    def _keep_mask_interleave(seed, rows, k0, keep_thr, BLOCK_K: tl.constexpr):
-        """The same mask as _keep_mask, built by interleaving the four words' halves: keep[BM, BLOCK_K] for int64 `rows` and columns k0 .. k0 + BLOCK_K - 1 (k0 % 8 == 0)."""
+        """keep[BM, BLOCK_K] for int64 `rows` and columns k0 .. k0 + BLOCK_K - 1 (k0 % 8 == 0)."""
         groups = (k0 // 8 + tl.arange(0, BLOCK_K // 8)).to(tl.uint32)  # [BK/8]
         c0 = groups[None, :] + tl.zeros_like(rows)[:, None].to(tl.uint32)  # [BM, BK/8]
         c1 = (rows & 0xFFFFFFFF).to(tl.uint32)[:, None]  # [BM, 1]: broadcast by Philox's rounds
@@ -201,7 +177,7 @@ if HAS_TRITON:
         M, K, R, K_PER_SPLIT,
         stride_xm, stride_xk, stride_ar, stride_ak,
         keep_thr, inv_keep,
-        HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, MASK_SELECT: tl.constexpr,
+        HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
         """S[split] = drop(x[:, k-range]) @ A[:, k-range].T; one [BLOCK_M, R] tile per program."""
@@ -222,10 +198,7 @@ if HAS_TRITON:
             x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk,
                         mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             if HAS_DROPOUT:
-                if MASK_SELECT:
-                    x = tl.where(_keep_mask(seed, rows, k0, keep_thr, BLOCK_K), x, 0.0)
-                else:
-                    x = tl.where(_keep_mask_interleave(seed, rows, k0, keep_thr, BLOCK_K), x, 0.0)
+                x = tl.where(_keep_mask(seed, rows, k0, keep_thr, BLOCK_K), x, 0.0)
             a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :].to(tl.int64) * stride_ak,
                         mask=r_ok[:, None] & k_ok[None, :], other=0.0)
             acc = tl.dot(x.to(a.dtype), tl.trans(a), acc, input_precision=DOT_PRECISION)
@@ -309,7 +282,6 @@ if HAS_TRITON:
         stride_xm, stride_xk, stride_ar, stride_ak, stride_dxm, stride_dxk,
         keep_thr, coef,  # coef = s * keep_scale(p) = s / (1 - p)
         HAS_DROPOUT: tl.constexpr, WRITE_DX: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        MASK_SELECT: tl.constexpr, FMA_DX: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
         """One pass over x for a [M-range, BLOCK_K] strip:
@@ -336,23 +308,11 @@ if HAS_TRITON:
             x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :].to(tl.int64) * stride_xk,
                         mask=row_ok[:, None] & col_ok[None, :], other=0.0)
             if HAS_DROPOUT:
-                if MASK_SELECT:
-                    keep = _keep_mask(seed, rows, k0, keep_thr, BLOCK_K)
-                else:
-                    keep = _keep_mask_interleave(seed, rows, k0, keep_thr, BLOCK_K)
+                keep = _keep_mask(seed, rows, k0, keep_thr, BLOCK_K)
                 x = tl.where(keep, x, 0.0)
             da = tl.dot(tl.trans(g), x.to(a.dtype), da, input_precision=DOT_PRECISION)
             if WRITE_DX:
-                if FMA_DX:  # dx = G @ A as BLOCK_R rank-1 updates (no tensor-core layout for dx)
-                    dx = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-                    for rr in tl.static_range(BLOCK_R):
-                        g_col = tl.load(g_ptr + rows * R + rr, mask=row_ok & (rr < R), other=0.0)
-                        a_row = tl.load(a_ptr + rr * stride_ar + cols.to(tl.int64) * stride_ak,
-                                        mask=col_ok & (rr < R), other=0.0).to(tl.float32)
-                        dx += g_col[:, None] * a_row[None, :]
-                    dx = dx * coef
-                else:
-                    dx = tl.dot(g, a, input_precision=DOT_PRECISION) * coef
+                dx = tl.dot(g, a, input_precision=DOT_PRECISION) * coef
                 if HAS_DROPOUT:
                     dx = tl.where(keep, dx, 0.0)
                 tl.store(dx_ptr + rows[:, None] * stride_dxm + cols[None, :].to(tl.int64) * stride_dxk,
@@ -429,16 +389,16 @@ def _shrink(x, A, p, seed, cfg: _Cfg | None = None) -> torch.Tensor:
     split = _split(n_m, _cdiv(K, cfg.block_b), x.device)  # decode: few rows, cut K instead
     k_per_split = _cdiv(_cdiv(K, split), cfg.block_b) * cfg.block_b
     split = _cdiv(K, k_per_split)
-    parts = torch.empty((split, M, R), dtype=torch.float32, device=x.device)
+    parts = torch.empty((split, M, R) if split > 1 else (M, R), dtype=torch.float32, device=x.device)
     _launch(_lora_shrink_kernel, (n_m, split),
             x, A, parts, seed if seed is not None else parts,
             M, K, R, k_per_split,
             x.stride(0), x.stride(1), A.stride(0), A.stride(1),
             keep_threshold(p), keep_scale(p),
-            HAS_DROPOUT=p > 0, DOT_PRECISION=_dot_precision(x.dtype, A.dtype), MASK_SELECT=_VARIANT["mask_select"],
+            HAS_DROPOUT=p > 0, DOT_PRECISION=_dot_precision(x.dtype, A.dtype),
             BLOCK_M=cfg.block_a, BLOCK_K=cfg.block_b, BLOCK_R=_block_r(R),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return parts[0] if split == 1 else parts.sum(0)
+    return parts.sum(0) if split > 1 else parts
 
 
 def _expand(S, B, scale, bias, y, cfg: _Cfg | None = None) -> None:
@@ -465,7 +425,7 @@ def _bwd_dy(dy, B, S, scale, x_dtype, deterministic, cfg: _Cfg | None = None):
     split = _split(n_m, _cdiv(N, cfg.block_b), dy.device)
     n_per_split = _cdiv(_cdiv(N, split), cfg.block_b) * cfg.block_b
     split = _cdiv(N, n_per_split)
-    g_parts = torch.empty((split, M, R), dtype=torch.float32, device=dy.device)
+    g_parts = torch.empty((split, M, R) if split > 1 else (M, R), dtype=torch.float32, device=dy.device)
     db = g_parts if deterministic else torch.zeros((N, R), dtype=torch.float32, device=dy.device)
     _launch(_lora_bwd_dy_kernel, (n_m, split),
             dy, B, S, g_parts, db,
@@ -475,7 +435,7 @@ def _bwd_dy(dy, B, S, scale, x_dtype, deterministic, cfg: _Cfg | None = None):
             COMPUTE_DB=not deterministic, DOT_PRECISION=_dot_precision(x_dtype, B.dtype),
             BLOCK_M=cfg.block_a, BLOCK_N=cfg.block_b, BLOCK_R=_block_r(R),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    G = g_parts[0] if split == 1 else g_parts.sum(0)
+    G = g_parts.sum(0) if split > 1 else g_parts
     if deterministic:  # no atomics: dB by one more (cuBLAS) read of dy
         db = torch.mm(dy.t().to(torch.float32), S).mul_(scale)
     return G, db
@@ -492,7 +452,7 @@ def _bwd_x(x, A, G, seed, scale, p, need_dx, cfg: _Cfg | None = None):
     m_per_split = _cdiv(_cdiv(max(M, 1), split), cfg.block_a) * cfg.block_a
     split = max(1, _cdiv(M, m_per_split))
     alloc = torch.zeros if M == 0 else torch.empty
-    da_parts = alloc((split, R, K), dtype=torch.float32, device=x.device)
+    da_parts = alloc((split, R, K) if split > 1 else (R, K), dtype=torch.float32, device=x.device)
     dx = torch.empty((M, K), dtype=x.dtype, device=x.device) if need_dx else None
     _launch(_lora_bwd_x_kernel, (n_k, split if M > 0 else 0),
             x, A, G, seed if seed is not None else G, dx if need_dx else da_parts, da_parts,
@@ -501,10 +461,9 @@ def _bwd_x(x, A, G, seed, scale, p, need_dx, cfg: _Cfg | None = None):
             dx.stride(0) if need_dx else 0, dx.stride(1) if need_dx else 0,
             keep_threshold(p), scale * keep_scale(p),
             HAS_DROPOUT=p > 0, WRITE_DX=need_dx, DOT_PRECISION=_dot_precision(x.dtype, A.dtype),
-            MASK_SELECT=_VARIANT["mask_select"], FMA_DX=_VARIANT["fma_dx"] and R <= 32,
             BLOCK_M=cfg.block_a, BLOCK_K=cfg.block_b, BLOCK_R=_block_r(R),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return (da_parts[0] if split == 1 else da_parts.sum(0)), dx
+    return (da_parts.sum(0) if split > 1 else da_parts), dx
 
 
 def _fwd_triton(x, weight, A, B, scale, bias, p, seed):
