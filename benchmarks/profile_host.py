@@ -96,6 +96,13 @@ def main():
     pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(30)
     print("\n".join(line[:150] for line in buf.getvalue().splitlines()[6:]))
 
+    # host time by operator (self CPU time), module path
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as cp:
+        for _ in range(20):
+            mstep()
+        torch.cuda.synchronize()
+    print(cp.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=50))
+
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as tp:
         step()
         torch.cuda.synchronize()
