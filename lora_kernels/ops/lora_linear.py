@@ -20,10 +20,13 @@ Why cuBLAS keeps the base GEMM: the GEMM is ~98% of the FLOPs (r / K = 0.4% extr
 K = 4096) and cuBLAS runs it at ~800 TFLOP/s on an H100, where a plain Triton bf16 GEMM reached
 ~580 (72%). Everything else rides on passes over memory that the LoRA term needs anyway.
 
-Precision: the LoRA products use tensor-core dots in the adapter dtype (bf16/fp16 operands, fp32
-accumulation); with fp32 adapters on 16-bit activations they run as TF32, with fp32 activations as
-full fp32 (`input_precision="ieee"`). S and G are kept in fp32. The base GEMM follows torch's own
-matmul settings (TF32 for fp32 only if torch.backends.cuda.matmul allows it).
+Precision: the LoRA products run on tensor cores with operands in the activations' dtype and fp32
+accumulation. With 16-bit activations and fp32 adapters (PEFT's default), A, B, S and G are rounded
+to the activations' dtype as dot operands, as torch.autocast runs PEFT's fp32 adapters in a bf16
+model; the adapters themselves, S, G and the gradients dA, dB stay fp32. (As TF32 dots on fp32 tiles
+the x and dy passes took 8-16% longer on an H100.) fp32 activations run full fp32 dots
+(`input_precision="ieee"`). The base GEMM follows torch's own matmul settings (TF32 for fp32 only
+if torch.backends.cuda.matmul allows it).
 """
 from __future__ import annotations
 
@@ -142,10 +145,8 @@ def _x_cfg(M: int, R: int, dropout: bool = False) -> _Cfg:
 
 
 def _dot_precision(x_dtype: torch.dtype, adapter_dtype: torch.dtype) -> str:
-    # fp32 activations: full fp32 FMA dots (what an fp32 user expects); fp32 adapters on 16-bit
-    # activations: TF32 (exact for the bf16/fp16 x operand, 10-bit mantissa for A and B).
-    if adapter_dtype != torch.float32:
-        return "tf32"  # unused for 16-bit operands
+    # Dot operands are in the activations' dtype. fp32 activations (so fp32 adapters): full fp32
+    # FMA dots, what an fp32 user expects; 16-bit activations: the precision flag does not apply.
     return "ieee" if x_dtype == torch.float32 else "tf32"
 
 
@@ -201,7 +202,7 @@ if HAS_TRITON:
                 x = tl.where(_keep_mask(seed, rows, k0, keep_thr, BLOCK_K), x, 0.0)
             a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :].to(tl.int64) * stride_ak,
                         mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-            acc = tl.dot(x.to(a.dtype), tl.trans(a), acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(x, tl.trans(a.to(x.dtype)), acc, input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
             acc = acc * inv_keep
         s_ptrs = s_ptr + pid_s.to(tl.int64) * M * R + rows[:, None] * R + offs_r[None, :]
@@ -226,7 +227,8 @@ if HAS_TRITON:
         s = tl.load(s_ptr + rows[:, None] * R + offs_r[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
         b = tl.load(b_ptr + cols[:, None] * stride_bn + offs_r[None, :] * stride_br,
                     mask=col_ok[:, None] & r_ok[None, :], other=0.0)
-        acc = tl.dot(s.to(b.dtype), tl.trans(b), input_precision=DOT_PRECISION) * scale
+        dt = y_ptr.dtype.element_ty  # dot operands in the activations' dtype (module docstring)
+        acc = tl.dot(s.to(dt), tl.trans(b.to(dt)), input_precision=DOT_PRECISION) * scale
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn,
@@ -254,7 +256,7 @@ if HAS_TRITON:
         r_ok = offs_r < R
         if COMPUTE_DB:
             s = tl.load(s_ptr + rows[:, None] * R + offs_r[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
-            s = s.to(b_ptr.dtype.element_ty)
+            s = s.to(dy_ptr.dtype.element_ty)
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         n_begin = pid_s * N_PER_SPLIT  # N_PER_SPLIT is a multiple of BLOCK_N; only the last split runs past N
         n_blocks = N_PER_SPLIT // BLOCK_N
@@ -264,9 +266,8 @@ if HAS_TRITON:
             col_ok = cols < N
             dy = tl.load(dy_ptr + rows[:, None] * stride_dym + cols[None, :] * stride_dyn,
                          mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-            dy = dy.to(b_ptr.dtype.element_ty)
             b = tl.load(b_ptr + cols[:, None] * stride_bn + offs_r[None, :] * stride_br,
-                        mask=col_ok[:, None] & r_ok[None, :], other=0.0)
+                        mask=col_ok[:, None] & r_ok[None, :], other=0.0).to(dy.dtype)
             acc = tl.dot(dy, b, acc, input_precision=DOT_PRECISION)
             if COMPUTE_DB:
                 db = tl.dot(tl.trans(dy), s, input_precision=DOT_PRECISION) * scale  # [BN, BR]
@@ -295,7 +296,7 @@ if HAS_TRITON:
         col_ok = cols < K
         r_ok = offs_r < R
         a = tl.load(a_ptr + offs_r[:, None] * stride_ar + cols[None, :].to(tl.int64) * stride_ak,
-                    mask=r_ok[:, None] & col_ok[None, :], other=0.0)
+                    mask=r_ok[:, None] & col_ok[None, :], other=0.0).to(x_ptr.dtype.element_ty)
         if HAS_DROPOUT:
             seed = tl.load(seed_ptr)
         da = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
@@ -310,7 +311,7 @@ if HAS_TRITON:
             if HAS_DROPOUT:
                 keep = _keep_mask(seed, rows, k0, keep_thr, BLOCK_K)
                 x = tl.where(keep, x, 0.0)
-            da = tl.dot(tl.trans(g), x.to(a.dtype), da, input_precision=DOT_PRECISION)
+            da = tl.dot(tl.trans(g), x, da, input_precision=DOT_PRECISION)
             if WRITE_DX:
                 dx = tl.dot(g, a, input_precision=DOT_PRECISION) * coef
                 if HAS_DROPOUT:
