@@ -29,6 +29,19 @@ def host_us(fn, n=200):
     return (time.perf_counter() - t0) / n * 1e6
 
 
+def print_cprofile(fn, n: int, rows: int) -> None:
+    """cProfile of n calls of fn, the `rows` functions with the most time of their own."""
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(rows)
+    print("\n".join(line[:150] for line in buf.getvalue().splitlines()[6:]))
+
+
 def main():
     M, K, N, r = (int(v) for v in sys.argv[1:5]) if len(sys.argv) > 4 else (8192, 1024, 1024, 16)
     dt, dev, p = torch.bfloat16, "cuda", 0.05
@@ -63,15 +76,7 @@ def main():
     print(f"host us  {'lora_linear fwd+bwd':<24} {host_us(step):8.1f}")
     print(f"host us  {'base fwd+bwd':<24} {host_us(lambda: torch.autograd.grad(F.linear(xg, W), [xg], dy)):8.1f}")
 
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(50):
-        step()
-    torch.cuda.synchronize()
-    prof.disable()
-    buf = io.StringIO()
-    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(16)
-    print("\n".join(line[:150] for line in buf.getvalue().splitlines()[6:]))
+    print_cprofile(step, 50, 16)
 
     # the module path a patched model takes: LoRALinear, fp32 adapters (PEFT's default) on bf16,
     # at a size where the GPU waits on the host (what the end-to-end step is bound by)
@@ -86,15 +91,7 @@ def main():
     L._FAST_LAUNCH = False
     print(f"host us  {'LoRALinear, Triton launch':<24} {host_us(mstep):8.1f}")
     L._FAST_LAUNCH = True
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(100):
-        mstep()
-    torch.cuda.synchronize()
-    prof.disable()
-    buf = io.StringIO()
-    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(30)
-    print("\n".join(line[:150] for line in buf.getvalue().splitlines()[6:]))
+    print_cprofile(mstep, 100, 30)
 
     # host time by operator (self CPU time), module path
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as cp:

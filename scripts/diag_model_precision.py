@@ -14,19 +14,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lora_kernels as lk  # noqa: E402
 from tests._models import R, build, peft_twin, randomize_adapters  # noqa: E402
-from tests.test_patch import _adapter_grads, _err  # noqa: E402
-
-
-def grads(model, ids, names, peft_layout=False):
-    model.zero_grad(set_to_none=True)
-    out = model(input_ids=ids, labels=ids)
-    out.loss.backward()
-    return out.logits.float(), _adapter_grads(model, names, peft_layout)
+from tests.test_patch import _err, _train_grads  # noqa: E402
 
 
 def main():
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    for backend in ("torch", "triton"):
+    for backend in ("torch", "triton") if dev == "cuda" else ("torch",):  # Triton kernels need CUDA
         os.environ["LORA_KERNELS_BACKEND"] = backend
         for dt in (torch.bfloat16, torch.float16):
             base = build("llama").to(dev)
@@ -37,9 +30,9 @@ def main():
             pn = [f"base_model.model.{n}" for n in names]
             ids = torch.randint(0, 120, (2, 32), generator=torch.Generator().manual_seed(0)).to(dev)
             model.train(), twin.train()
-            l32, ref = grads(model, ids, names)
-            lo, ours = grads(model.to(dt), ids, names)
-            lt, theirs = grads(twin.to(dt), ids, pn, peft_layout=True)
+            l32, ref = _train_grads(model, ids, names)
+            lo, ours = _train_grads(model.to(dt), ids, names)
+            lt, theirs = _train_grads(twin.to(dt), ids, pn, peft_layout=True)
             print(f"{backend:<7} {str(dt):<15} adapter grads err ours {_err(ours, ref):.4f} peft {_err(theirs, ref):.4f}"
                   f"   logits err ours {_err(lo, l32):.4f} peft {_err(lt, l32):.4f}")
 

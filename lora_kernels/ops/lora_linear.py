@@ -144,7 +144,7 @@ def _x_cfg(M: int, R: int, dropout: bool = False) -> _Cfg:
     return _Cfg(_rows_block(M), 64, 8, 2)
 
 
-def _dot_precision(x_dtype: torch.dtype, adapter_dtype: torch.dtype) -> str:
+def _dot_precision(x_dtype: torch.dtype) -> str:
     # Dot operands are in the activations' dtype. fp32 activations (so fp32 adapters): full fp32
     # FMA dots, what an fp32 user expects; 16-bit activations: the precision flag does not apply.
     return "ieee" if x_dtype == torch.float32 else "tf32"
@@ -396,7 +396,7 @@ def _shrink(x, A, p, seed, cfg: _Cfg | None = None) -> torch.Tensor:
             M, K, R, k_per_split,
             x.stride(0), x.stride(1), A.stride(0), A.stride(1),
             keep_threshold(p), keep_scale(p),
-            HAS_DROPOUT=p > 0, DOT_PRECISION=_dot_precision(x.dtype, A.dtype),
+            HAS_DROPOUT=p > 0, DOT_PRECISION=_dot_precision(x.dtype),
             BLOCK_M=cfg.block_a, BLOCK_K=cfg.block_b, BLOCK_R=_block_r(R),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return parts.sum(0) if split > 1 else parts
@@ -412,7 +412,7 @@ def _expand(S, B, scale, bias, y, cfg: _Cfg | None = None) -> None:
             M, N, R,
             B.stride(0), B.stride(1), y.stride(0), y.stride(1),
             scale,
-            HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(y.dtype, B.dtype),
+            HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(y.dtype),
             BLOCK_M=cfg.block_a, BLOCK_N=cfg.block_b, BLOCK_R=_block_r(R),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
@@ -433,7 +433,7 @@ def _bwd_dy(dy, B, S, scale, x_dtype, deterministic, cfg: _Cfg | None = None):
             M, N, R, n_per_split,
             dy.stride(0), dy.stride(1), B.stride(0), B.stride(1),
             scale,
-            COMPUTE_DB=not deterministic, DOT_PRECISION=_dot_precision(x_dtype, B.dtype),
+            COMPUTE_DB=not deterministic, DOT_PRECISION=_dot_precision(x_dtype),
             BLOCK_M=cfg.block_a, BLOCK_N=cfg.block_b, BLOCK_R=_block_r(R),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     G = g_parts.sum(0) if split > 1 else g_parts
@@ -461,7 +461,7 @@ def _bwd_x(x, A, G, seed, scale, p, need_dx, cfg: _Cfg | None = None):
             x.stride(0), x.stride(1), A.stride(0), A.stride(1),
             dx.stride(0) if need_dx else 0, dx.stride(1) if need_dx else 0,
             keep_threshold(p), scale * keep_scale(p),
-            HAS_DROPOUT=p > 0, WRITE_DX=need_dx, DOT_PRECISION=_dot_precision(x.dtype, A.dtype),
+            HAS_DROPOUT=p > 0, WRITE_DX=need_dx, DOT_PRECISION=_dot_precision(x.dtype),
             BLOCK_M=cfg.block_a, BLOCK_K=cfg.block_b, BLOCK_R=_block_r(R),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return (da_parts.sum(0) if split > 1 else da_parts), dx
