@@ -13,6 +13,12 @@
 //     dB[l]  = s[l] * sum_{i: idx[i] = l} dy[i].T S[i]      (columns past the rank: 0)
 //   Each adapter's gradient comes from its own rows only; an adapter without rows gets zeros. dx, dA,
 //   dB are [0] when not asked for.
+// lora_kernels_ext::multi_lora_segments(indices, L) -> (perm [M] int64, seg_start [L + 2] int32,
+//     tile_start [L + 2] int32): the rows sorted by adapter that the segment regime works on (CUDA).
+//     fwd and bwd take them as optional last arguments, so that a caller running many calls on one
+//     indices tensor (the layers of a model during one batch) sorts once; without them each call sorts.
+//     Only their shapes are checked: they must be what multi_lora_segments returned for the same
+//     indices and L (the Python layer passes nothing else).
 //
 // Index and rank values: the CPU implementation raises IndexError / ValueError on a value outside
 // [-1, L) / [1, R]. The CUDA implementation does not read values back to the host (that would be a
@@ -26,6 +32,8 @@
 #include <cstdint>
 #include <tuple>
 #include <vector>
+
+#include "multi_lora_ops.h"
 
 namespace lora_kernels {
 
@@ -85,6 +93,30 @@ void check_regime(c10::string_view regime) {
                          std::string(regime), "'");
 }
 
+// Precomputed segments (internal: the Python layer passes what multi_lora_segments returned for the
+// same indices and L, cached across the layers of one batch): all three or none, shapes and dtypes.
+OptSegments segments_arg(const std::optional<Tensor>& perm, const std::optional<Tensor>& seg_start,
+                         const std::optional<Tensor>& tile_start, const Tensor& x, const Dims& d) {
+  const bool any = perm.has_value() || seg_start.has_value() || tile_start.has_value();
+  if (!any) return {};
+  MULTI_LORA_CHECK_VALUE(perm.has_value() && seg_start.has_value() && tile_start.has_value(),
+                         "perm, seg_start and tile_start come together (from multi_lora_segments) or not at all");
+  MULTI_LORA_CHECK_VALUE(perm->dim() == 1 && perm->size(0) == d.M && perm->scalar_type() == at::kLong &&
+                             perm->is_contiguous(),
+                         "perm must be a contiguous [M] = [", d.M, "] int64 tensor, got ", perm->sizes(), " ",
+                         perm->scalar_type());
+  for (const Tensor* t : {&*seg_start, &*tile_start}) {
+    MULTI_LORA_CHECK_VALUE(t->dim() == 1 && t->size(0) == d.L + 2 && t->scalar_type() == at::kInt &&
+                               t->is_contiguous(),
+                           "seg_start and tile_start must be contiguous [L + 2] = [", d.L + 2,
+                           "] int32 tensors, got ", t->sizes(), " ", t->scalar_type());
+  }
+  MULTI_LORA_CHECK_VALUE(perm->device() == x.device() && seg_start->device() == x.device() &&
+                             tile_start->device() == x.device(),
+                         "the segments must be on x's device ", x.device());
+  return {perm, seg_start, tile_start};
+}
+
 // ---------------------------------------------------------------------------------------------
 // CPU implementation: one pass per row (forward, dx) and per adapter (dA, dB), fp32 accumulation.
 // ---------------------------------------------------------------------------------------------
@@ -117,9 +149,11 @@ HostIndex read_and_check_cpu(const Tensor& indices, const std::optional<Tensor>&
 
 std::tuple<Tensor, Tensor> fwd_cpu(const Tensor& x_in, const Tensor& A_in, const Tensor& B_in, const Tensor& indices,
                                    const Tensor& scales_in, const std::optional<Tensor>& ranks,
-                                   c10::string_view regime, bool save_s) {
+                                   c10::string_view regime, bool save_s, const std::optional<Tensor>& perm,
+                                   const std::optional<Tensor>& seg_start, const std::optional<Tensor>& tile_start) {
   const Dims d = check_inputs(x_in, A_in, B_in, indices, scales_in, ranks);
   check_regime(regime);  // one loop serves both regimes on the CPU
+  segments_arg(perm, seg_start, tile_start, x_in, d);  // checked, not needed: the loop goes row by row
   const HostIndex h = read_and_check_cpu(indices, ranks, d.L, d.R);
   const Tensor x = x_in.contiguous(), A = A_in.contiguous(), B = B_in.contiguous(), sc = scales_in.contiguous();
   Tensor y = at::empty({d.M, d.N}, x.options());
@@ -164,8 +198,12 @@ std::tuple<Tensor, Tensor> fwd_cpu(const Tensor& x_in, const Tensor& A_in, const
 std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cpu(const Tensor& dy_in, const Tensor& x_in, const Tensor& A_in,
                                                    const Tensor& B_in, const Tensor& indices, const Tensor& scales_in,
                                                    const std::optional<Tensor>& ranks, const Tensor& S_in,
-                                                   bool need_dx, bool need_dA, bool need_dB) {
+                                                   bool need_dx, bool need_dA, bool need_dB,
+                                                   const std::optional<Tensor>& perm,
+                                                   const std::optional<Tensor>& seg_start,
+                                                   const std::optional<Tensor>& tile_start) {
   const Dims d = check_inputs(x_in, A_in, B_in, indices, scales_in, ranks);
+  segments_arg(perm, seg_start, tile_start, x_in, d);
   MULTI_LORA_CHECK_VALUE(dy_in.dim() == 2 && dy_in.size(0) == d.M && dy_in.size(1) == d.N,
                          "grad_output must be [M, N] = [", d.M, ", ", d.N, "], got ", dy_in.sizes());
   MULTI_LORA_CHECK_TYPE(dy_in.scalar_type() == x_in.scalar_type(), "grad_output must have x's dtype");
@@ -260,27 +298,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cpu(const Tensor& dy_in, const Te
 }
 
 #ifdef WITH_CUDA
-// multi_lora_cuda.cpp: launch the kernels of multi_lora_kernels.cu (inputs already checked).
-std::tuple<Tensor, Tensor> fwd_cuda_impl(const Tensor& x, const Tensor& A, const Tensor& B, const Tensor& indices,
-                                         const Tensor& scales, const std::optional<Tensor>& ranks,
-                                         c10::string_view regime, bool save_s);
-std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cuda_impl(const Tensor& dy, const Tensor& x, const Tensor& A,
-                                                         const Tensor& B, const Tensor& indices, const Tensor& scales,
-                                                         const std::optional<Tensor>& ranks, const Tensor& S,
-                                                         bool need_dx, bool need_dA, bool need_dB);
-
 std::tuple<Tensor, Tensor> fwd_cuda(const Tensor& x, const Tensor& A, const Tensor& B, const Tensor& indices,
                                     const Tensor& scales, const std::optional<Tensor>& ranks,
-                                    c10::string_view regime, bool save_s) {
-  check_inputs(x, A, B, indices, scales, ranks);
+                                    c10::string_view regime, bool save_s, const std::optional<Tensor>& perm,
+                                    const std::optional<Tensor>& seg_start, const std::optional<Tensor>& tile_start) {
+  const Dims d = check_inputs(x, A, B, indices, scales, ranks);
   check_regime(regime);
-  return fwd_cuda_impl(x, A, B, indices, scales, ranks, regime, save_s);
+  return fwd_cuda_impl(x, A, B, indices, scales, ranks, regime, save_s,
+                       segments_arg(perm, seg_start, tile_start, x, d));
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cuda(const Tensor& dy, const Tensor& x, const Tensor& A,
                                                     const Tensor& B, const Tensor& indices, const Tensor& scales,
                                                     const std::optional<Tensor>& ranks, const Tensor& S,
-                                                    bool need_dx, bool need_dA, bool need_dB) {
+                                                    bool need_dx, bool need_dA, bool need_dB,
+                                                    const std::optional<Tensor>& perm,
+                                                    const std::optional<Tensor>& seg_start,
+                                                    const std::optional<Tensor>& tile_start) {
   const Dims d = check_inputs(x, A, B, indices, scales, ranks);
   MULTI_LORA_CHECK_VALUE(dy.dim() == 2 && dy.size(0) == d.M && dy.size(1) == d.N, "grad_output must be [M, N] = [",
                          d.M, ", ", d.N, "], got ", dy.sizes());
@@ -289,7 +323,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cuda(const Tensor& dy, const Tens
   MULTI_LORA_CHECK_VALUE(!need_dB || (S.dim() == 2 && S.size(0) == d.M && S.size(1) == d.R &&
                                       S.scalar_type() == at::kFloat),
                          "the saved S must be [M, r_max] float32 to compute dB, got ", S.sizes());
-  return bwd_cuda_impl(dy, x, A, B, indices, scales, ranks, S, need_dx, need_dA, need_dB);
+  return bwd_cuda_impl(dy, x, A, B, indices, scales, ranks, S, need_dx, need_dA, need_dB,
+                       segments_arg(perm, seg_start, tile_start, x, d));
+}
+
+std::tuple<Tensor, Tensor, Tensor> segments_cuda(const Tensor& indices, int64_t L) {
+  MULTI_LORA_CHECK_VALUE(indices.dim() == 1, "indices must be 1-D, got shape ", indices.sizes());
+  MULTI_LORA_CHECK_TYPE(is_index_dtype(indices.scalar_type()), "indices must be int32 or int64, got ",
+                        indices.scalar_type());
+  MULTI_LORA_CHECK_VALUE(L >= 0 && L < (1 << 16), "L must lie in [0, 65536), got ", L);
+  return segments_cuda_impl(indices, L);
 }
 #endif
 
@@ -297,9 +340,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cuda(const Tensor& dy, const Tens
 
 TORCH_LIBRARY(lora_kernels_ext, m) {
   m.def("multi_lora_fwd(Tensor x, Tensor lora_A, Tensor lora_B, Tensor indices, Tensor scales, Tensor? ranks, "
-        "str regime, bool save_s) -> (Tensor, Tensor)");
+        "str regime, bool save_s, Tensor? perm=None, Tensor? seg_start=None, Tensor? tile_start=None) "
+        "-> (Tensor, Tensor)");
   m.def("multi_lora_bwd(Tensor grad_out, Tensor x, Tensor lora_A, Tensor lora_B, Tensor indices, Tensor scales, "
-        "Tensor? ranks, Tensor s, bool need_dx, bool need_dA, bool need_dB) -> (Tensor, Tensor, Tensor, Tensor)");
+        "Tensor? ranks, Tensor s, bool need_dx, bool need_dA, bool need_dB, Tensor? perm=None, "
+        "Tensor? seg_start=None, Tensor? tile_start=None) -> (Tensor, Tensor, Tensor, Tensor)");
+  // (perm [M] int64, seg_start [L + 2] int32, tile_start [L + 2] int32): rows sorted by adapter (stable)
+  // and the kTileRows-row tile table, for the segment regime; CUDA only (the CPU loop needs none).
+  m.def("multi_lora_segments(Tensor indices, int L) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(lora_kernels_ext, CPU, m) {
@@ -311,5 +359,6 @@ TORCH_LIBRARY_IMPL(lora_kernels_ext, CPU, m) {
 TORCH_LIBRARY_IMPL(lora_kernels_ext, CUDA, m) {
   m.impl("multi_lora_fwd", &lora_kernels::fwd_cuda);
   m.impl("multi_lora_bwd", &lora_kernels::bwd_cuda);
+  m.impl("multi_lora_segments", &lora_kernels::segments_cuda);
 }
 #endif

@@ -10,6 +10,7 @@
 #include <tuple>
 
 #include "multi_lora_kernels.cuh"
+#include "multi_lora_ops.h"
 
 namespace lora_kernels {
 
@@ -72,11 +73,25 @@ SegmentTensors make_segments(const Tensor& indices, int64_t M, int L, cudaStream
   return s;
 }
 
+// The segments of a call: the precomputed ones when given (multi_lora_segments of the same indices and
+// L, e.g. cached across the layers of a model for one batch), else sorted here.
+SegmentTensors segments_of(const Tensor& indices, int64_t M, int L, const OptSegments& given, cudaStream_t stream) {
+  if (!std::get<0>(given).has_value()) return make_segments(indices, M, L, stream);
+  SegmentTensors s;
+  s.perm = *std::get<0>(given);
+  s.seg_start = *std::get<1>(given);
+  s.tile_start = *std::get<2>(given);
+  s.view = Segments{s.perm.data_ptr<int64_t>(), s.seg_start.data_ptr<int32_t>(), s.tile_start.data_ptr<int32_t>(),
+                    max_tiles(M, L)};
+  return s;
+}
+
 }  // namespace
 
 std::tuple<Tensor, Tensor> fwd_cuda_impl(const Tensor& x_in, const Tensor& A_in, const Tensor& B_in,
                                          const Tensor& indices_in, const Tensor& scales_in,
-                                         const std::optional<Tensor>& ranks_in, c10::string_view regime, bool save_s) {
+                                         const std::optional<Tensor>& ranks_in, c10::string_view regime, bool save_s,
+                                         const OptSegments& segments) {
   const c10::cuda::CUDAGuard guard(x_in.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const int64_t M = x_in.size(0), K = x_in.size(1), N = B_in.size(1), R = A_in.size(1), L = A_in.size(0);
@@ -115,7 +130,7 @@ std::tuple<Tensor, Tensor> fwd_cuda_impl(const Tensor& x_in, const Tensor& A_in,
                              sms, stream),
                  "bgmv_expand");
   } else {
-    const SegmentTensors seg = make_segments(indices, M, static_cast<int>(L), stream);
+    const SegmentTensors seg = segments_of(indices, M, static_cast<int>(L), segments, stream);
     int64_t d_chunk = 0;
     split = sgmv_shrink_split(M, static_cast<int>(L), K, static_cast<int>(R), sms, &d_chunk);
     part = at::empty({split, M, R}, f32);
@@ -142,7 +157,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cuda_impl(const Tensor& dy_in, co
                                                          const Tensor& B_in, const Tensor& indices_in,
                                                          const Tensor& scales_in, const std::optional<Tensor>& ranks_in,
                                                          const Tensor& S_in, bool need_dx, bool need_dA,
-                                                         bool need_dB) {
+                                                         bool need_dB, const OptSegments& segments) {
   const c10::cuda::CUDAGuard guard(x_in.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const int64_t M = x_in.size(0), K = x_in.size(1), N = B_in.size(1), R = A_in.size(1), L = A_in.size(0);
@@ -162,7 +177,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cuda_impl(const Tensor& dy_in, co
   const DType dt = dtype_of(x);
   const int sms = sm_count(x_in.get_device());
   const int Li = static_cast<int>(L), Ri = static_cast<int>(R);
-  const SegmentTensors seg = make_segments(indices, M, Li, stream);
+  const SegmentTensors seg = segments_of(indices, M, Li, segments, stream);
 
   // G = dy @ B_l: the shrink with W = B [L, N, R] read along its contiguous rank dimension
   int64_t d_chunk = 0;
@@ -206,6 +221,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cuda_impl(const Tensor& dy_in, co
     dB = reduce(dy, false, S, true, N, R, /*rank_on_p=*/false, B, "seg_outer (dB)");
   }
   return {dx, dA, dB, G};
+}
+
+std::tuple<Tensor, Tensor, Tensor> segments_cuda_impl(const Tensor& indices_in, int64_t L) {
+  const c10::cuda::CUDAGuard guard(indices_in.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const Tensor indices = indices_in.contiguous();
+  const SegmentTensors s = make_segments(indices, indices.size(0), static_cast<int>(L), stream);
+  return {s.perm, s.seg_start, s.tile_start};
 }
 
 }  // namespace lora_kernels

@@ -14,7 +14,7 @@ The helpers `fused_lora_forward` and `mixed_lora_forward` are shared with the PE
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import torch
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ops.lora_linear import lora_linear
-from .ops.multi_lora import multi_lora_linear
+from .ops.multi_lora import RowIndex, multi_lora_linear_rows
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INITS = ("default", "gaussian")
@@ -72,15 +72,92 @@ def fused_lora_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
 def stack_adapters(As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor], dtype: torch.dtype
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad each adapter to r_max with zeros and stack: A [L, r_max, K], B [L, N, r_max].
+    """Pad each adapter to r_max with zeros and stack: A [L, r_max, K], B [L, N, r_max] in `dtype`.
 
-    Built from F.pad and torch.stack, both differentiable, so each adapter's own A_l / B_l receives the
-    gradient of its slice (the padded rows and columns are constants).
+    No autograd graph (see stacked_adapters for the differentiable, cached form). Equal ranks: one
+    stack and one cast per factor; else one zero fill and one copy per adapter.
     """
-    r_max = max(a.shape[0] for a in As)
-    A = torch.stack([F.pad(a.to(dtype), (0, 0, 0, r_max - a.shape[0])) for a in As])
-    B = torch.stack([F.pad(b.to(dtype), (0, r_max - b.shape[1])) for b in Bs])
+    ranks = [a.shape[0] for a in As]
+    r_max = max(ranks)
+    with torch.no_grad():
+        if all(r == r_max for r in ranks):
+            return torch.stack(list(As)).to(dtype), torch.stack(list(Bs)).to(dtype)
+        A = As[0].new_zeros((len(As), r_max, As[0].shape[1]), dtype=dtype)
+        B = Bs[0].new_zeros((len(Bs), Bs[0].shape[0], r_max), dtype=dtype)
+        for l, (a, b) in enumerate(zip(As, Bs)):
+            A[l, : a.shape[0]].copy_(a)
+            B[l, :, : b.shape[1]].copy_(b)
+        return A, B
+
+
+class _StackedGrad(torch.autograd.Function):
+    """Identity on the stacked (A, B); backward hands adapter l its slice dA[l, :r_l], dB[l, :, :r_l],
+    cast once per dtype (not once per adapter) to the adapters' own dtype."""
+
+    @staticmethod
+    def forward(ctx, A, B, n, *params):
+        ctx.n = n
+        ctx.shapes = [p.shape for p in params]
+        ctx.dtypes = [p.dtype for p in params]
+        return A.view_as(A), B.view_as(B)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dA, dB):
+        n = ctx.n
+        grads = []
+        for g, shapes, dtypes, is_a in ((dA, ctx.shapes[:n], ctx.dtypes[:n], True),
+                                        (dB, ctx.shapes[n:], ctx.dtypes[n:], False)):
+            cast = {dt: g.to(dt) for dt in set(dtypes)} if g is not None else {}
+            for l, (shape, dt) in enumerate(zip(shapes, dtypes)):
+                if g is None:
+                    grads.append(None)
+                else:
+                    grads.append(cast[dt][l, : shape[0]] if is_a else cast[dt][l, :, : shape[1]])
+        return (None, None, None, *grads)
+
+
+def stacked_adapters(As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor], dtype: torch.dtype,
+                     cache: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """stack_adapters, differentiable: each A_l / B_l receives the gradient of its own slice.
+
+    With `cache` (a dict the caller keeps, e.g. one per layer for one adapter_batch), the stacked
+    copy is kept and reused while no adapter changed: the key holds each adapter's storage and
+    version counter, which every in-place write (an optimizer step, load_adapter) bumps. A serving
+    batch then stacks once, not on every forward; a training step, whose optimizer changes the
+    adapters, restacks once per step. Memory: the used adapters once more, in `dtype`.
+    """
+    params = (*As, *Bs)
+    key = (dtype,) + tuple((p.data_ptr(), p._version, tuple(p.shape)) for p in params)
+    if cache is not None and cache.get("key") == key:
+        A, B = cache["A"], cache["B"]
+    else:
+        A, B = stack_adapters(As, Bs, dtype)
+        if cache is not None:
+            cache.update(key=key, A=A, B=B)
+    if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+        return _StackedGrad.apply(A, B, len(As), *params)
     return A, B
+
+
+class PlanRows:
+    """A batch's row indices per tokens-per-sequence count, shared by the layers whose plans have the
+    same seq_index: built, value-checked and sorted (see RowIndex) once per batch, not per layer."""
+
+    MAX_KEPT = 8  # distinct T kept at once: generate's prefill and its one-token steps, with room
+
+    def __init__(self, seq_index: torch.Tensor):
+        self.seq_index = seq_index
+        self._by_t: dict[int, RowIndex] = {}
+
+    def get(self, t: int) -> RowIndex:
+        """The RowIndex of x [n_seq, t, K] (flattened: sequence b's rows all carry seq_index[b])."""
+        rows = self._by_t.get(t)
+        if rows is None:
+            if len(self._by_t) >= self.MAX_KEPT:
+                self._by_t.clear()
+            rows = self._by_t[t] = RowIndex(self.seq_index.repeat_interleave(t))
+        return rows
 
 
 @dataclass(frozen=True)
@@ -89,12 +166,16 @@ class BatchPlan:
 
     adapters: the names this layer holds that the batch uses, in stacking order (L of them);
     seq_index [n_seq] int64: each sequence's position in `adapters`, -1 for none;
-    scales [L] float32 and ranks [L] int64: on the layer's device.
+    scales [L] float32 and ranks [L] int64: on the layer's device;
+    rows: the row indices (shared with the other layers of the batch with this seq_index);
+    stack: this layer's cache of stacked adapters (see stacked_adapters).
     """
     adapters: tuple[str, ...]
     seq_index: torch.Tensor
     scales: torch.Tensor
     ranks: torch.Tensor
+    rows: PlanRows
+    stack: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 def mixed_lora_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -103,8 +184,8 @@ def mixed_lora_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
     x [n_seq, ..., K] (one adapter per leading index, e.g. [B, T, K]), W [N, K], A_l [r_l, K],
     B_l [N, r_l] (the layer's adapters named in plan.adapters) -> y [n_seq, ..., N]. No dropout.
-    Runs lora_kernels.multi_lora_linear on the zero-padded stack (see stack_adapters), rows of
-    sequence b all with index seq_index[b].
+    Runs lora_kernels.multi_lora_linear on the zero-padded stack (see stacked_adapters, kept in the
+    plan while the adapters are unchanged), rows of sequence b all with index seq_index[b].
     """
     n_seq = plan.seq_index.shape[0]
     if x.dim() < 2 or x.shape[0] != n_seq:
@@ -120,28 +201,36 @@ def mixed_lora_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         bias = bias.to(dt) if bias is not None else None
         with torch.autocast(dev, enabled=False):
             return mixed_lora_forward(x, weight, bias, As, Bs, plan)
-    A, B = stack_adapters(As, Bs, x.dtype)
-    index = plan.seq_index.repeat_interleave(math.prod(x.shape[1:-1]))
-    return multi_lora_linear(x, weight, A, B, index, plan.scales, bias, plan.ranks)
+    traced = torch.compiler.is_compiling()  # no Python-side caches inside a traced graph
+    A, B = stacked_adapters(As, Bs, x.dtype, None if traced else plan.stack)
+    t = math.prod(x.shape[1:-1])
+    rows = RowIndex(plan.seq_index.repeat_interleave(t)) if traced else plan.rows.get(t)
+    return multi_lora_linear_rows(x, weight, A, B, rows, plan.scales, bias, plan.ranks)
 
 
-def batch_plan(layer: nn.Module, names: Sequence[str | None]) -> BatchPlan:
+def batch_plan(layer: nn.Module, names: Sequence[str | None], shared: dict | None = None) -> BatchPlan:
     """The BatchPlan of one layer (LoRALinear or FusedPeftLinear) for per-sequence adapter `names`.
 
     A name this layer does not hold maps to -1 there (that adapter does not target this layer), as
-    does None; adapter_batch rejects names that no layer of the model holds.
+    does None; adapter_batch rejects names that no layer of the model holds. `shared` (a dict the
+    caller keeps for one batch) lets layers with the same seq_index share one PlanRows.
     """
     held = set(layer.held_adapters())
     used = [n for n in dict.fromkeys(names) if n is not None and n in held]
     pos = {n: i for i, n in enumerate(used)}
     dev = layer.weight.device
     tensors = [layer.adapter_tensors(n) for n in used]
+    seq = [pos.get(n, -1) if n is not None else -1 for n in names]
+    shared = {} if shared is None else shared
+    rows = shared.get((tuple(seq), dev))
+    if rows is None:
+        rows = shared[(tuple(seq), dev)] = PlanRows(torch.tensor(seq, dtype=torch.int64, device=dev))
     return BatchPlan(
         adapters=tuple(used),
-        seq_index=torch.tensor([pos.get(n, -1) if n is not None else -1 for n in names], dtype=torch.int64,
-                               device=dev),
+        seq_index=rows.seq_index,
         scales=torch.tensor([t[2] for t in tensors], dtype=torch.float32, device=dev),
         ranks=torch.tensor([t[0].shape[0] for t in tensors], dtype=torch.int64, device=dev),
+        rows=rows,
     )
 
 

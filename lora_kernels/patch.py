@@ -554,9 +554,10 @@ def adapter_batch(model: nn.Module, names: Sequence[str | None]):
     if unknown:
         raise KeyError(f"adapter_batch: unknown adapter(s) {unknown}; the model has {sorted(known)}")
     previous = [(m, m.__dict__.get("_lora_batch")) for _, m in layers]
+    shared: dict = {}  # one PlanRows per distinct seq_index: its rows are checked and sorted once
     try:
         for _, m in layers:
-            m._lora_batch = batch_plan(m, names)
+            m._lora_batch = batch_plan(m, names, shared)
         yield model
     finally:
         for m, p in previous:

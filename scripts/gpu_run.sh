@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU run: tests, kernel tuning and benchmarks in one call, logs under $OUT, short table last.
-#   bash scripts/gpu_run.sh [stage ...]     stages: info tests ptests multitests tune kt diag hostprof profile ncu sanitize extout
+#   bash scripts/gpu_run.sh [stage ...]     stages: info tests ptests multitests tune kt diag hostprof mprof profile ncu sanitize extout
 #                                                   bench cli e2e multi
 #                                           (default: info tests tune bench cli)
 # Each stage has its own time limit, so one stage that hangs cannot eat the whole call.
@@ -51,6 +51,9 @@ for s in $stages; do
     hostprof)
       run_stage hostprof ${HOSTPROF_LIMIT:-90} python benchmarks/profile_host.py 8192 1024 1024 16
       head -n 60 "$OUT/hostprof.log" >> "$summary" ;;
+    mprof)  # the mixed-batch model: host vs wall, syncs, kernel time by kind per setting
+      run_stage mprof ${MPROF_LIMIT:-240} python benchmarks/profile_multi_model.py --layers ${PROFILE_LAYERS:-4}
+      sed -n '/^== /,$p' "$OUT/mprof.log" | grep -v -- "--" | grep -v "^  .*us  *[0-9]*  \[" >> "$summary" ;;
     profile)
       run_stage profile ${PROFILE_LIMIT:-150} python benchmarks/profile_e2e.py --layers ${PROFILE_LAYERS:-4}
       sed -n '/^CUDA ms/,/TOTAL/p' "$OUT/profile.log" >> "$summary" ;;

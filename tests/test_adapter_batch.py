@@ -101,6 +101,43 @@ def test_mixed_batch_generate(served):
         assert torch.equal(out[b], alone[0]), (b, name)
 
 
+def test_cached_stack_follows_adapter_changes_and_layers_share_rows(served):
+    """adapter_batch keeps each layer's stacked adapters while they are unchanged and one row index
+    per distinct seq_index: an in-place change to an adapter (an optimizer step) must show in the
+    next forward of the same context, as must a training step's gradients."""
+    model, _ = served
+    model.eval()
+    ids = _ids(seed=5)
+    q = model.get_submodule("model.layers.0.self_attn.q_proj")
+    A = q.lora_A["tenant_b"]
+    with lk.adapter_batch(model, NAMES):
+        plans = [m._lora_batch for m in model.modules() if isinstance(m, lk.LoRALinear)]
+        seqs = {tuple(p.seq_index.tolist()) for p in plans}
+        assert len({id(p.rows) for p in plans}) == len(seqs)  # shared per seq_index, not per layer
+        first = model(ids).logits
+        assert q._lora_batch.stack  # stacked once, kept
+        kept = q._lora_batch.stack["A"]
+        again = model(ids).logits
+        assert q._lora_batch.stack["A"] is kept and torch.equal(first, again)
+        with torch.no_grad():
+            A.mul_(-1.5)
+        try:
+            changed = model(ids).logits
+            assert q._lora_batch.stack["A"] is not kept
+        except BaseException:
+            with torch.no_grad():
+                A.div_(-1.5)
+            raise
+    b = NAMES.index("tenant_b")
+    try:
+        torch.testing.assert_close(changed[b], _alone(model, ids[b], "tenant_b").logits[0], **FP32)
+    finally:
+        with torch.no_grad():
+            A.div_(-1.5)
+    assert (changed[b] - first[b]).abs().max() > 1e-3
+    torch.testing.assert_close(changed[0], first[0], **FP32)  # tenant_a's rows unchanged
+
+
 def test_bad_batches(served):
     model, _ = served
     ids = _ids()

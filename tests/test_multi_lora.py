@@ -228,19 +228,50 @@ def test_leading_dims_and_non_contiguous_x():
                                                                                device=x.device)), want)
 
 
-def test_multi_lora_linear_matches_linear_plus_term():
-    x, A, B, idx, s, _ = case(10, 32, 24, 3, 4, torch.float32, "uniform", 0.3, requires_grad=True)
-    W = torch.randn(24, 32, device=x.device, requires_grad=True)
-    b = torch.randn(24, device=x.device, requires_grad=True)
-    y = lora_kernels.multi_lora_linear(x.reshape(2, 5, 32), W, A, B, idx, s, bias=b)
-    ref = torch.nn.functional.linear(x.double(), W.double(), b.double()) + ref64(x, A, B, idx, s)
-    assert y.shape == (2, 5, 24) and rel_err(y.reshape(10, 24), ref) < 2e-5
-    y.sum().backward()
-    assert W.grad is not None and b.grad is not None and x.grad is not None
+def check_linear(x, W, b, A, B, idx, s, ranks=None):
+    """multi_lora_linear, forward and the gradients of x, W, b, A, B and scales, against float64."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, W, b, A, B, s)]
+    y = lora_kernels.multi_lora_linear(leaves[0], leaves[1], leaves[3], leaves[4], idx, leaves[5], bias=leaves[2],
+                                       ranks=ranks)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    l64 = [t.detach().double().requires_grad_(True) for t in (x, W, b, A, B, s)]
+    ref = torch.nn.functional.linear(l64[0], l64[1], l64[2]) + ref64(l64[0], l64[3], l64[4], idx, l64[5], ranks)
+    ref.backward(dy.double())
+    tol = BWD_TOL[x.dtype]
+    assert y.shape == ref.shape and rel_err(y, ref) <= FWD_TOL[x.dtype]
+    for name, got, want in zip(("dx", "dW", "db", "dA", "dB", "ds"), leaves, l64):
+        err = rel_err(got.grad, want.grad)
+        assert err <= (tol if name != "ds" else 10 * tol), f"{name}: relative error {err:.3g} > {tol} ({x.dtype})"
+
+
+@pytest.mark.parametrize("with_ranks", [False, True])
+def test_multi_lora_linear_forward_and_every_gradient(with_ranks):
+    x, A, B, idx, s, _ = case(10, 32, 24, 3, 4, torch.float32, "uniform", 0.3)
+    g = torch.Generator().manual_seed(7)
+    W = torch.randn(24, 32, generator=g).to(DEVICE)
+    b = torch.randn(24, generator=g).to(DEVICE)
+    ranks = torch.tensor([4, 1, 3], device=DEVICE) if with_ranks else None
+    check_linear(x.reshape(2, 5, 32), W, b, A, B, idx, s, ranks)
     with pytest.raises(ValueError, match="weight must be"):
         lora_kernels.multi_lora_linear(x, W.t(), A, B, idx, s)
     with pytest.raises(ValueError, match="bias must be"):
         lora_kernels.multi_lora_linear(x, W, A, B, idx, s, bias=b[:3])
+
+
+def test_segment_arguments_are_checked():
+    """The ops' optional precomputed segments (internal; see csrc/multi_lora.cpp) come as three or none,
+    with their shapes and dtypes checked."""
+    x, A, B, idx, s, _ = case(6, 16, 8, 3, 4, torch.float32)
+    fwd = torch.ops.lora_kernels_ext.multi_lora_fwd
+    perm = torch.arange(6, device=DEVICE)
+    starts = torch.zeros(5, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="come together"):
+        fwd(x, A, B, idx, s, None, "segment", False, perm)
+    with pytest.raises(ValueError, match=r"perm must be a contiguous \[M\] = \[6\] int64"):
+        fwd(x, A, B, idx, s, None, "segment", False, perm[:5], starts, starts)
+    with pytest.raises(ValueError, match=r"seg_start and tile_start must be contiguous \[L \+ 2\] = \[5\] int32"):
+        fwd(x, A, B, idx, s, None, "segment", False, perm, starts.long(), starts)
 
 
 def test_autocast_casts_like_a_linear():
@@ -573,6 +604,35 @@ def test_cuda_opcheck(dtype, regime):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_multi_lora_linear_gradients(regime, dtype):
+    x, A, B, idx, s, _ = case(300, 1000, 520, 5, 16, dtype, "zipf", 0.2, seed=3, device="cuda")
+    g = torch.Generator().manual_seed(8)
+    W = (torch.randn(520, 1000, generator=g) / 32).to("cuda", dtype)
+    b = torch.randn(520, generator=g).to("cuda", dtype)
+    check_linear(x, W, b, A, B, idx, s, torch.tensor([16, 3, 9, 1, 12], device="cuda"))
+
+
+@pytest.mark.gpu
+def test_cuda_precomputed_segments_give_the_same_results():
+    """Segments sorted once (RowIndex, as adapter_batch shares them across layers) and passed to the
+    ops give bit-identical results to the ops sorting themselves; the RowIndex keeps them."""
+    x, A, B, idx, s, _ = case(700, 520, 264, 6, 16, torch.bfloat16, "zipf", 0.2, device="cuda")
+    rows = ml.RowIndex(idx)
+    seg = rows.segments(6)
+    assert rows.segments(6) is seg and seg[0].dtype == torch.int64 and tuple(seg[1].shape) == (8,)
+    ops = torch.ops.lora_kernels_ext
+    y0, S0 = ops.multi_lora_fwd(x, A, B, idx, s, None, "segment", True)
+    y1, S1 = ops.multi_lora_fwd(x, A, B, idx, s, None, "segment", True, *seg)
+    assert torch.equal(y0, y1) and torch.equal(S0, S1)
+    dy = torch.randn(700, 264, device="cuda", dtype=torch.bfloat16)
+    g0 = ops.multi_lora_bwd(dy, x, A, B, idx, s, None, S0, True, True, True)
+    g1 = ops.multi_lora_bwd(dy, x, A, B, idx, s, None, S0, True, True, True, *seg)
+    for a, b in zip(g0, g1):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
 def test_cuda_matches_cpu_extension():
     x, A, B, idx, s, _ = case(133, 520, 264, 5, 24, torch.float32, "zipf", 0.2, device="cpu")
     want = lora_kernels.multi_lora(x, A, B, idx, s)
@@ -587,3 +647,5 @@ def test_cuda_small_case_for_sanitizer(regime):
         x, A, B, idx, s, _ = case(7, 40, 24, 3, 5, dtype, "uniform", 0.3, device="cuda", requires_grad=True)
         check_forward(x, A, B, idx, s, naive_factor=math.inf)
         check_backward(x, A, B, idx, s, torch.tensor([5, 2, 3], device="cuda"))
+        W, b = torch.randn(24, 40, device="cuda", dtype=dtype), torch.randn(24, device="cuda", dtype=dtype)
+        check_linear(x, W, b, A, B, idx, s)  # precomputed segments shared by forward and backward

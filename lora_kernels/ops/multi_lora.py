@@ -239,35 +239,45 @@ def multi_lora_reference(x, lora_A, lora_B, indices, scales, ranks=None):
 _registered = False
 
 
-def _fwd_fake(x, lora_A, lora_B, indices, scales, ranks, regime, save_s):
+def _fwd_fake(x, lora_A, lora_B, indices, scales, ranks, regime, save_s, perm=None, seg_start=None, tile_start=None):
     M, R, N = x.shape[0], lora_A.shape[1], lora_B.shape[1]
     return x.new_empty((M, N)), x.new_empty((M, R) if save_s else (0,), dtype=torch.float32)
 
 
-def _bwd_fake(grad_out, x, lora_A, lora_B, indices, scales, ranks, s, need_dx, need_dA, need_dB):
+def _bwd_fake(grad_out, x, lora_A, lora_B, indices, scales, ranks, s, need_dx, need_dA, need_dB, perm=None,
+              seg_start=None, tile_start=None):
     return (x.new_empty(tuple(x.shape) if need_dx else (0,)),
             lora_A.new_empty(tuple(lora_A.shape) if need_dA else (0,)),
             lora_B.new_empty(tuple(lora_B.shape) if need_dB else (0,)),
             x.new_empty((x.shape[0], lora_A.shape[1]), dtype=torch.float32))
 
 
+def _segments_fake(indices, L):
+    return (indices.new_empty(indices.shape, dtype=torch.int64), indices.new_empty((L + 2,), dtype=torch.int32),
+            indices.new_empty((L + 2,), dtype=torch.int32))
+
+
 def _setup_context(ctx, inputs, output):
-    x, lora_A, lora_B, indices, scales, ranks, _regime, _save_s = inputs
+    x, lora_A, lora_B, indices, scales, ranks = inputs[:6]
     _, S = output
     ctx.mark_non_differentiable(S)
     ctx.save_for_backward(x, lora_A, lora_B, indices, scales, ranks, S)
 
 
+def _scale_grad(scales, indices, S, G):
+    """ds[l] = sum over the rows of adapter l of S[i] . G[i] (S, G are 0 on rows without adapter, so
+    clamping -1 to 0 adds nothing)."""
+    return torch.zeros_like(scales).index_add_(0, indices.clamp(min=0).long(), (S * G).sum(1))
+
+
 def _backward(ctx, dy, _dS):
     """dx, dA, dB from the extension's backward op (see the module docstring); ds from S and G."""
     x, lora_A, lora_B, indices, scales, ranks, S = ctx.saved_tensors
-    need_x, need_a, need_b, _, need_s, _, _, _ = ctx.needs_input_grad
+    need_x, need_a, need_b, _, need_s = ctx.needs_input_grad[:5]
     dx, dA, dB, G = torch.ops.lora_kernels_ext.multi_lora_bwd(
         dy, x, lora_A, lora_B, indices, scales, ranks, S, need_x, need_a, need_b)
-    ds = None
-    if need_s:  # S and G are 0 on rows without adapter, so clamping -1 to 0 adds nothing
-        ds = torch.zeros_like(scales).index_add_(0, indices.clamp(min=0).long(), (S * G).sum(1))
-    return (dx if need_x else None, dA if need_a else None, dB if need_b else None, None, ds, None, None, None)
+    ds = _scale_grad(scales, indices, S, G) if need_s else None
+    return (dx if need_x else None, dA if need_a else None, dB if need_b else None, None, ds) + (None,) * 6
 
 
 def _ext_ops():
@@ -278,6 +288,7 @@ def _ext_ops():
     if not _registered:
         torch.library.register_fake("lora_kernels_ext::multi_lora_fwd")(_fwd_fake)
         torch.library.register_fake("lora_kernels_ext::multi_lora_bwd")(_bwd_fake)
+        torch.library.register_fake("lora_kernels_ext::multi_lora_segments")(_segments_fake)
         torch.library.register_autograd("lora_kernels_ext::multi_lora_fwd", _backward, setup_context=_setup_context)
         _registered = True
     return torch.ops.lora_kernels_ext
@@ -360,14 +371,98 @@ def multi_lora(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, indi
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], lora_B.shape[1])
 
 
+class RowIndex:
+    """An indices tensor [M] with its segments (CUDA: rows sorted by adapter, what the segment regime
+    and every backward work on), sorted on first need and then kept.
+
+    One RowIndex serves every call on the same rows, e.g. the layers of a model during one
+    adapter_batch, forward and backward: one sort per batch instead of two per layer. Its value check
+    (see the module docstring) is also paid once, since the indices tensor is the same object.
+    """
+
+    __slots__ = ("indices", "_segments")
+
+    def __init__(self, indices: torch.Tensor):
+        self.indices = indices
+        self._segments: dict[int, tuple] = {}
+
+    def segments(self, L: int) -> tuple:
+        """(perm, seg_start, tile_start) over L adapters (lora_A.shape[0]) for the extension's CUDA
+        ops, or three Nones where there is nothing to keep (CPU, tracing): the op then sorts itself."""
+        seg = self._segments.get(L)
+        if seg is None:
+            if not self.indices.is_cuda or torch.compiler.is_compiling():
+                return (None, None, None)
+            with torch._C._AutoDispatchBelowAutograd():
+                seg = self._segments[L] = torch.ops.lora_kernels_ext.multi_lora_segments(self.indices, L)
+        return seg
+
+
+class _MultiLinear(torch.autograd.Function):
+    """y = x @ W.T + b + multi_lora(x, ...) on the extension, as one autograd node.
+
+        forward:  y  = addmm(T, x, W.T) (+ b)          T = the LoRA term [M, N], cuBLAS's C operand
+        backward: dx = addmm(dX_lora, dy, W)           dX_lora [M, K] from the extension's backward
+                  dW = dy.T @ x, db = sum_i dy[i]      (only when W / b require grad)
+    so neither the LoRA term nor its share of dx costs a separate pass over y or dx (autograd would
+    otherwise add the two branches' dx in an extra elementwise kernel). Segments come from `rows`.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, indices, scales, ranks, regime, rows):
+        need = ctx.needs_input_grad
+        save_s = need[3] or need[4] or need[6]  # dB and ds need S = x @ A_l.T
+        seg = rows.segments(lora_A.shape[0]) if regime == "segment" else (None, None, None)
+        with torch._C._AutoDispatchBelowAutograd():
+            term, S = torch.ops.lora_kernels_ext.multi_lora_fwd(x, lora_A, lora_B, indices, scales, ranks, regime,
+                                                               save_s, *seg)
+            y = torch.addmm(term, x, weight.t())
+            if bias is not None:
+                y.add_(bias)
+        ctx.rows = rows
+        ctx.save_for_backward(x, weight, lora_A, lora_B, indices, scales, ranks, S)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, weight, lora_A, lora_B, indices, scales, ranks, S = ctx.saved_tensors
+        need_x, need_w, need_b, need_a, need_bb, _, need_s = ctx.needs_input_grad[:7]
+        dx = dW = db = dA = dB = ds = None
+        with torch._C._AutoDispatchBelowAutograd():
+            if need_x or need_a or need_bb or need_s:
+                dxl, dA, dB, G = torch.ops.lora_kernels_ext.multi_lora_bwd(
+                    dy, x, lora_A, lora_B, indices, scales, ranks, S, need_x, need_a, need_bb,
+                    *ctx.rows.segments(lora_A.shape[0]))
+                if need_x:
+                    dx = torch.addmm(dxl, dy, weight)
+                ds = _scale_grad(scales, indices, S, G) if need_s else None
+            if need_w:
+                dW = dy.t() @ x
+            if need_b:
+                db = dy.sum(0)
+        return (dx, dW, db, dA if need_a else None, dB if need_bb else None, None, ds, None, None, None)
+
+
 def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
                       indices: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
                       ranks: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T + bias + multi_lora(x, ...): the base linear with each row's adapter. -> [..., N]
 
     weight [N, K] and bias [N] (or None) in x's dtype. The base GEMM is one cuBLAS addmm that adds the
-    LoRA term as its C operand (beta = 1), so the term costs no extra pass over y.
+    LoRA term as its C operand (beta = 1), so the term costs no extra pass over y; in backward the
+    LoRA share of dx is likewise the C operand of dy @ W. Gradients flow to x, weight and bias (when
+    they require grad), lora_A, lora_B and scales.
     """
+    return multi_lora_linear_rows(x, weight, lora_A, lora_B, RowIndex(indices), scales, bias, ranks)
+
+
+def multi_lora_linear_rows(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                           rows: RowIndex, scales: torch.Tensor, bias: torch.Tensor | None = None,
+                           ranks: torch.Tensor | None = None) -> torch.Tensor:
+    """multi_lora_linear with the indices given as a RowIndex, whose sort is shared by every call that
+    passes the same one (adapter_batch passes one per batch to every layer)."""
+    indices = rows.indices
     for name, t in (("weight", weight),) + ((("bias", bias),) if bias is not None else ()):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"multi_lora_linear: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -381,13 +476,20 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tenso
     if torch.is_autocast_enabled(x.device.type):
         x, weight, bias, lora_A, lora_B = _autocast(x, weight, bias, lora_A, lora_B)
         with torch.autocast(x.device.type, enabled=False):
-            return multi_lora_linear(x, weight, lora_A, lora_B, indices, scales, bias, ranks)
+            return multi_lora_linear_rows(x, weight, lora_A, lora_B, rows, scales, bias, ranks)
     if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
         raise TypeError(f"multi_lora_linear: weight and bias must have x's dtype {x.dtype}, got {weight.dtype}"
                         f"{'' if bias is None else ' and ' + str(bias.dtype)}")
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
-    y = torch.addmm(multi_lora(x2d, lora_A, lora_B, indices, scales, ranks), x2d, weight.t())
-    if bias is not None:
-        y = y + bias
+    backend, regime = _route(x, lora_A)
+    if backend == "torch" or torch.compiler.is_compiling():  # traced: the registered ops, autograd by op
+        y = torch.addmm(multi_lora(x2d, lora_A, lora_B, indices, scales, ranks), x2d, weight.t())
+        if bias is not None:
+            y = y + bias
+        return y.reshape(*lead, N)
+    L, R, _ = lora_A.shape
+    _check_values(indices, ranks, L, R, fn="multi_lora_linear")
+    y = _MultiLinear.apply(x2d, weight, bias, lora_A, lora_B, indices, scales.to(torch.float32), ranks,
+                           regime if backend == "cuda" else "segment", rows)
     return y.reshape(*lead, N)
