@@ -200,12 +200,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cuda_impl(const Tensor& dy_in, co
   }
 
   // dA[l] = s * G_l.T @ x_l, dB[l] = s * dy_l.T @ S_l, per adapter over its own rows
-  auto reduce = [&](const Tensor& U, bool u_fp32, const Tensor& V, bool v_fp32, int64_t P, int64_t Q, bool rank_on_p,
-                    const Tensor& like, const char* what) {
+  // G and S (fp32, [M, R]) are rounded to x's dtype first, as the tensor-core operands of a 16-bit
+  // matmul chain are, so that both operands stream through the kernel's cp.async ring.
+  auto reduce = [&](const Tensor& U, const Tensor& V, int64_t P, int64_t Q, bool rank_on_p, const Tensor& like,
+                    const char* what) {
     const int runs = seg_outer_split(M, Li, P, Q, sms);
     Tensor out = runs == 1 ? at::empty_like(like) : Tensor();
     Tensor ws = runs > 1 ? at::empty({runs, L, P, Q}, f32) : Tensor();
-    check_launch(seg_outer(dt, SegOuterArgs{U.data_ptr(), u_fp32, U.stride(0), V.data_ptr(), v_fp32, V.stride(0), P, Q,
+    check_launch(seg_outer(dt, SegOuterArgs{U.data_ptr(), U.stride(0), V.data_ptr(), V.stride(0), P, Q,
                                             Ri, Li, rank_on_p, seg.view, rk, scales.data_ptr<float>(),
                                             runs == 1 ? out.data_ptr() : nullptr,
                                             runs > 1 ? ws.data_ptr<float>() : nullptr, runs, M},
@@ -214,12 +216,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cuda_impl(const Tensor& dy_in, co
     return runs == 1 ? out : ws.sum(0).to(like.scalar_type());
   };
   Tensor dA = at::empty({0}, A.options());
-  if (need_dA) dA = reduce(G, true, x, false, R, K, /*rank_on_p=*/true, A, "seg_outer (dA)");
+  if (need_dA) dA = reduce(G.to(x.scalar_type()), x, R, K, /*rank_on_p=*/true, A, "seg_outer (dA)");
   Tensor dB = at::empty({0}, B.options());
-  if (need_dB) {
-    const Tensor S = S_in.contiguous();
-    dB = reduce(dy, false, S, true, N, R, /*rank_on_p=*/false, B, "seg_outer (dB)");
-  }
+  if (need_dB) dB = reduce(dy, S_in.to(x.scalar_type()).contiguous(), N, R, /*rank_on_p=*/false, B, "seg_outer (dB)");
   return {dx, dA, dB, G};
 }
 

@@ -744,15 +744,21 @@ __global__ void __launch_bounds__(kTileThreads) sgmv_expand_kernel(SgmvExpandArg
 //   out[g, p-block, q-block] = s_g * sum over the run's rows of U[rows, p-block].T @ V[rows, q-block]
 // Rows come 32 at a time in sorted order, which the stable sort makes the original row order: the
 // sum is the same bit for bit on every run (no atomics). Blocks past an adapter's rank, and
-// adapters without rows, write zeros.
-template <typename T, typename TU, typename TV>
+// adapters without rows, write zeros. U and V are both in T (the glue rounds the fp32 G and S to T
+// first, as a 16-bit matmul chain would), so both tiles stream through the cp.async ring that the
+// shrink uses: steps s + 1 and s + 2 load while step s multiplies. The synchronous version (one 32-row
+// step in flight per block) ran at ~15% of HBM bandwidth in a training step.
+template <typename T>
 __global__ void __launch_bounds__(kTileThreads) seg_outer_kernel(SegOuterArgs a, bool vec_u, bool vec_v) {
   using Mma = TileMma<T, false, false>;
   using Lay = SmemTiles<T, false, false>;
-  __shared__ __align__(128) T As[Lay::A_ELEMS];
-  __shared__ __align__(128) T Bs[Lay::B_ELEMS];
-  __shared__ __align__(128) float Cs[BM * LDC];
-  __shared__ int rows[BK];
+  constexpr int kStages = ShrinkSmem<T>::kStages;
+  constexpr int kStageElems = Lay::A_ELEMS + Lay::B_ELEMS;  // multiples of 64 elements: 128-byte aligned stages
+  constexpr int kRingBytes = kStages * kStageElems * static_cast<int>(sizeof(T));
+  constexpr int kBytes = kRingBytes > BM * LDC * 4 ? kRingBytes : BM * LDC * 4;
+  __shared__ __align__(128) unsigned char smem[kBytes];
+  T* ring = reinterpret_cast<T*>(smem);
+  float* Cs = reinterpret_cast<float*>(smem);  // after the ring is drained
 
   const int64_t q0 = static_cast<int64_t>(blockIdx.x) * BN;
   const int64_t p0 = static_cast<int64_t>(blockIdx.y) * BM;
@@ -771,25 +777,40 @@ __global__ void __launch_bounds__(kTileThreads) seg_outer_kernel(SegOuterArgs a,
   const bool any = p_ok > 0 && q_ok > 0 && rb < re;  // block-uniform
 
   if (any) {
-    const TU* U = static_cast<const TU*>(a.U);
-    const TV* Vm = static_cast<const TV*>(a.V);
+    const T* U = static_cast<const T*>(a.U);
+    const T* Vm = static_cast<const T*>(a.V);
+    const int64_t* perm = a.seg.perm;
+    const int n_steps = static_cast<int>((re - rb + BK - 1) / BK);
+    auto issue = [&](int step) {  // loads of one step into its ring slot, as one cp.async group
+      if (step < n_steps) {
+        T* As = ring + (step % kStages) * kStageElems;
+        T* Bs = As + Lay::A_ELEMS;
+        const int64_t i0 = rb + static_cast<int64_t>(step) * BK;
+        const int i_ok = static_cast<int>(dmin<int64_t>(BK, re - i0));
+        load_tile_async<T, BK, BM>(As, Lay::LDA, [&](int o) { return U + perm[i0 + o] * a.stride_um + p0; }, i_ok,
+                                   p_ok, vec_u);
+        load_tile_async<T, BK, BN>(Bs, Lay::LDB, [&](int o) { return Vm + perm[i0 + o] * a.stride_vm + q0; }, i_ok,
+                                   q_ok, vec_v);
+      }
+      cp_async_commit();  // an empty group past the end keeps the wait counts uniform
+    };
     Mma mma;
     mma.zero();
-    for (int64_t i0 = rb; i0 < re; i0 += BK) {
-      const int i_ok = static_cast<int>(dmin<int64_t>(BK, re - i0));
-      for (int e = threadIdx.x; e < BK; e += blockDim.x) rows[e] = e < i_ok ? static_cast<int>(a.seg.perm[i0 + e]) : 0;
-      __syncthreads();
-      load_tile<T, TU, BK, BM>(As, Lay::LDA, [&](int o) { return U + static_cast<int64_t>(rows[o]) * a.stride_um + p0; },
-                               i_ok, p_ok, vec_u);
-      load_tile<T, TV, BK, BN>(Bs, Lay::LDB, [&](int o) { return Vm + static_cast<int64_t>(rows[o]) * a.stride_vm + q0; },
-                               i_ok, q_ok, vec_v);
-      __syncthreads();
-      mma.step(As, Bs);
-      __syncthreads();
+#pragma unroll 1
+    for (int st = 0; st < kStages - 1; ++st) issue(st);
+#pragma unroll 1
+    for (int step = 0; step < n_steps; ++step) {
+      cp_async_wait<kStages - 2>();  // this thread's copies of `step` have landed
+      __syncthreads();               // everyone's have, and everyone is done with step - 1's slot
+      issue(step + kStages - 1);     // refill the slot of step - 1
+      const T* As = ring + (step % kStages) * kStageElems;
+      mma.step(As, As + Lay::A_ELEMS);
     }
+    cp_async_wait<0>();
+    __syncthreads();  // the ring is about to become Cs
     mma.store(Cs);
-    __syncthreads();
   }
+  __syncthreads();
 
   const float scale = a.scales[g];
   const int p_n = static_cast<int>(dmin<int64_t>(BM, a.P - p0));
@@ -967,19 +988,14 @@ int seg_outer_split(int64_t M, int L, int64_t P, int64_t Q, int sm_count) {
 
 cudaError_t seg_outer(DType dtype, const SegOuterArgs& a, cudaStream_t stream) {
   if (a.L == 0 || a.P == 0 || a.Q == 0) return cudaSuccess;
-  const int V_T = 16 / elem_size(dtype);
-  const bool vec_u = aligned16(a.U) && a.stride_um % (a.u_fp32 ? 4 : V_T) == 0;
-  const bool vec_v = aligned16(a.V) && a.stride_vm % (a.v_fp32 ? 4 : V_T) == 0;
+  const int V = 16 / elem_size(dtype);
+  const bool vec_u = aligned16(a.U) && a.stride_um % V == 0;
+  const bool vec_v = aligned16(a.V) && a.stride_vm % V == 0;
   const dim3 grid(static_cast<unsigned>(cdiv(a.Q, BN)), static_cast<unsigned>(cdiv(a.P, BM)),
                   static_cast<unsigned>(a.L * a.split));
-  if (a.u_fp32 == a.v_fp32 && dtype != DType::kFloat32) return cudaErrorInvalidValue;
   return with_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    if (a.u_fp32) {
-      seg_outer_kernel<T, float, T><<<grid, kTileThreads, 0, stream>>>(a, vec_u, vec_v);
-    } else {
-      seg_outer_kernel<T, T, float><<<grid, kTileThreads, 0, stream>>>(a, vec_u, vec_v);
-    }
+    seg_outer_kernel<T><<<grid, kTileThreads, 0, stream>>>(a, vec_u, vec_v);
   });
 }
 

@@ -134,16 +134,15 @@ cudaError_t sgmv_expand(DType dtype, const SgmvExpandArgs& a, int sm_count, cuda
 
 // Per-adapter sum over that adapter's rows only, in sorted (= original, the sort is stable) row order:
 //   out[l, p, q] = s[l] * sum_{i : idx[i] = l} U[i, p] * V[i, q]
-// dA = seg_outer(U = G [M, R] fp32, V = x [M, K]) with the rank limiting p;
-// dB = seg_outer(U = dy [M, N], V = S [M, R] fp32) with the rank limiting q.
+// dA = seg_outer(U = G [M, R], V = x [M, K]) with the rank limiting p;
+// dB = seg_outer(U = dy [M, N], V = S [M, R]) with the rank limiting q.
+// U and V are in the adapter dtype (the caller rounds the fp32 G and S), rows contiguous.
 // With split > 1 the rows of each adapter are cut into `split` runs written to ws [split, L, P, Q]
 // (fp32, scaled), to be summed by the caller; else out [L, P, Q] is written in the adapter dtype.
 struct SegOuterArgs {
   const void* U;
-  bool u_fp32;
   int64_t stride_um;
   const void* V;
-  bool v_fp32;
   int64_t stride_vm;
   int64_t P, Q;
   int R, L;

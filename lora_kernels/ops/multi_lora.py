@@ -401,11 +401,13 @@ class RowIndex:
 class _MultiLinear(torch.autograd.Function):
     """y = x @ W.T + b + multi_lora(x, ...) on the extension, as one autograd node.
 
-        forward:  y  = addmm(T, x, W.T) (+ b)          T = the LoRA term [M, N], cuBLAS's C operand
-        backward: dx = addmm(dX_lora, dy, W)           dX_lora [M, K] from the extension's backward
+        forward:  y  = T.addmm_(x, W.T) (+ b)          T = the LoRA term [M, N], cuBLAS's C operand
+        backward: dx = dX_lora.addmm_(dy, W)           dX_lora [M, K] from the extension's backward
                   dW = dy.T @ x, db = sum_i dy[i]      (only when W / b require grad)
-    so neither the LoRA term nor its share of dx costs a separate pass over y or dx (autograd would
-    otherwise add the two branches' dx in an extra elementwise kernel). Segments come from `rows`.
+    so neither the LoRA term nor its share of dx costs a separate pass over y or dx: autograd would
+    otherwise add the two branches' dx in an extra elementwise kernel, and an out-of-place addmm
+    copies its C operand into the result before the GEMM (measured in the patched 4-layer Llama's
+    training step: 2.1 ms of device-to-device copies). Segments come from `rows`.
     """
 
     @staticmethod
@@ -416,7 +418,7 @@ class _MultiLinear(torch.autograd.Function):
         with torch._C._AutoDispatchBelowAutograd():
             term, S = torch.ops.lora_kernels_ext.multi_lora_fwd(x, lora_A, lora_B, indices, scales, ranks, regime,
                                                                save_s, *seg)
-            y = torch.addmm(term, x, weight.t())
+            y = term.addmm_(x, weight.t())  # in place: out-of-place addmm would first copy C into y
             if bias is not None:
                 y.add_(bias)
         ctx.rows = rows
@@ -435,7 +437,7 @@ class _MultiLinear(torch.autograd.Function):
                     dy, x, lora_A, lora_B, indices, scales, ranks, S, need_x, need_a, need_bb,
                     *ctx.rows.segments(lora_A.shape[0]))
                 if need_x:
-                    dx = torch.addmm(dxl, dy, weight)
+                    dx = dxl.addmm_(dy, weight)
                 ds = _scale_grad(scales, indices, S, G) if need_s else None
             if need_w:
                 dW = dy.t() @ x

@@ -139,11 +139,11 @@ void run_case(const Case& c, double tol, std::mt19937& rng) {
   for (int p = 0; p < gs; ++p) for (int64_t e = 0; e < M * R; ++e) G[e] += gpart[p * M * R + e];
   std::vector<T> dx(M * K, fromf<T>(4321.f));
   expect(sgmv_expand(dt<T>(), SgmvExpandArgs{G.data(), 1, A.data(), false, K, R, L, sg.view, rk, scales.data(), dx.data(), K, nullptr, M}, c.sms, nullptr) == cudaSuccess, "dx expand");
-  auto reduce = [&](const void* U, bool uf, int64_t su, const void* V, bool vf, int64_t sv, int64_t P, int64_t Q, bool rank_on_p, std::vector<double>& out) {
+  auto reduce = [&](const void* U, int64_t su, const void* V, int64_t sv, int64_t P, int64_t Q, bool rank_on_p, std::vector<double>& out) {
     int runs = seg_outer_split(M, L, P, Q, c.sms);
     std::vector<T> o(L * P * Q, fromf<T>(555.f));
     std::vector<float> ws(size_t(runs) * L * P * Q, 888.f);
-    expect(seg_outer(dt<T>(), SegOuterArgs{U, uf, su, V, vf, sv, P, Q, R, L, rank_on_p, sg.view, rk, scales.data(), runs == 1 ? o.data() : nullptr, runs > 1 ? ws.data() : nullptr, runs, M}, nullptr) == cudaSuccess, "seg_outer");
+    expect(seg_outer(dt<T>(), SegOuterArgs{U, su, V, sv, P, Q, R, L, rank_on_p, sg.view, rk, scales.data(), runs == 1 ? o.data() : nullptr, runs > 1 ? ws.data() : nullptr, runs, M}, nullptr) == cudaSuccess, "seg_outer");
     out.assign(L * P * Q, 0);
     for (int64_t e = 0; e < L * P * Q; ++e) {
       if (runs == 1) out[e] = tf(o[e]);
@@ -152,8 +152,10 @@ void run_case(const Case& c, double tol, std::mt19937& rng) {
     return runs;
   };
   std::vector<double> dA, dB;
-  const int runs_a = reduce(G.data(), true, R, x, false, sx, R, K, true, dA);
-  const int runs_b = reduce(dy.data(), false, N, S_ptr, true, R, N, R, false, dB);
+  std::vector<T> G_t(M * R), S_t(M * R);  // the glue rounds G and S to T for seg_outer
+  for (int64_t e = 0; e < M * R; ++e) { G_t[e] = fromf<T>(G[e]); S_t[e] = fromf<T>(S_ptr[e]); }
+  const int runs_a = reduce(G_t.data(), R, x, sx, R, K, true, dA);
+  const int runs_b = reduce(dy.data(), N, S_t.data(), R, N, R, false, dB);
   std::vector<double> Gd(G.begin(), G.end()), dxd(M * K);
   for (int64_t e = 0; e < M * K; ++e) dxd[e] = tf(dx[e]);
   double eg = relerr(Gd, G_ref), ex = relerr(dxd, dx_ref), ea = relerr(dA, dA_ref), eb = relerr(dB, dB_ref);
