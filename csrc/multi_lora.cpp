@@ -95,26 +95,24 @@ void check_regime(c10::string_view regime) {
 
 // Precomputed segments (internal: the Python layer passes what multi_lora_segments returned for the
 // same indices and L, cached across the layers of one batch): all three or none, shapes and dtypes.
+void check_segment_tensor(const Tensor& t, int64_t n, at::ScalarType dtype, const Tensor& x, const char* what) {
+  MULTI_LORA_CHECK_VALUE(t.dim() == 1 && t.size(0) == n && t.scalar_type() == dtype && t.is_contiguous(), what,
+                         " must be a contiguous 1-D tensor of ", n, " ", c10::toString(dtype), " (from multi_lora_segments), got shape ",
+                         t.sizes(), " ", c10::toString(t.scalar_type()));
+  MULTI_LORA_CHECK_VALUE(t.device() == x.device(), what, " must be on x's device ", x.device().str(), ", got ",
+                         t.device().str());
+}
+
 OptSegments segments_arg(const std::optional<Tensor>& perm, const std::optional<Tensor>& seg_start,
                          const std::optional<Tensor>& tile_start, const Tensor& x, const Dims& d) {
-  const bool any = perm.has_value() || seg_start.has_value() || tile_start.has_value();
-  if (!any) return {};
-  MULTI_LORA_CHECK_VALUE(perm.has_value() && seg_start.has_value() && tile_start.has_value(),
+  const int given = int(perm.has_value()) + int(seg_start.has_value()) + int(tile_start.has_value());
+  if (given == 0) return OptSegments{};
+  MULTI_LORA_CHECK_VALUE(given == 3,
                          "perm, seg_start and tile_start come together (from multi_lora_segments) or not at all");
-  MULTI_LORA_CHECK_VALUE(perm->dim() == 1 && perm->size(0) == d.M && perm->scalar_type() == at::kLong &&
-                             perm->is_contiguous(),
-                         "perm must be a contiguous [M] = [", d.M, "] int64 tensor, got ", perm->sizes(), " ",
-                         perm->scalar_type());
-  for (const Tensor* t : {&*seg_start, &*tile_start}) {
-    MULTI_LORA_CHECK_VALUE(t->dim() == 1 && t->size(0) == d.L + 2 && t->scalar_type() == at::kInt &&
-                               t->is_contiguous(),
-                           "seg_start and tile_start must be contiguous [L + 2] = [", d.L + 2,
-                           "] int32 tensors, got ", t->sizes(), " ", t->scalar_type());
-  }
-  MULTI_LORA_CHECK_VALUE(perm->device() == x.device() && seg_start->device() == x.device() &&
-                             tile_start->device() == x.device(),
-                         "the segments must be on x's device ", x.device());
-  return {perm, seg_start, tile_start};
+  check_segment_tensor(*perm, d.M, at::kLong, x, "perm");
+  check_segment_tensor(*seg_start, d.L + 2, at::kInt, x, "seg_start");
+  check_segment_tensor(*tile_start, d.L + 2, at::kInt, x, "tile_start");
+  return OptSegments{perm, seg_start, tile_start};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -304,8 +302,8 @@ std::tuple<Tensor, Tensor> fwd_cuda(const Tensor& x, const Tensor& A, const Tens
                                     const std::optional<Tensor>& seg_start, const std::optional<Tensor>& tile_start) {
   const Dims d = check_inputs(x, A, B, indices, scales, ranks);
   check_regime(regime);
-  return fwd_cuda_impl(x, A, B, indices, scales, ranks, regime, save_s,
-                       segments_arg(perm, seg_start, tile_start, x, d));
+  const OptSegments segments = segments_arg(perm, seg_start, tile_start, x, d);
+  return fwd_cuda_impl(x, A, B, indices, scales, ranks, regime, save_s, segments);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cuda(const Tensor& dy, const Tensor& x, const Tensor& A,
@@ -323,8 +321,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cuda(const Tensor& dy, const Tens
   MULTI_LORA_CHECK_VALUE(!need_dB || (S.dim() == 2 && S.size(0) == d.M && S.size(1) == d.R &&
                                       S.scalar_type() == at::kFloat),
                          "the saved S must be [M, r_max] float32 to compute dB, got ", S.sizes());
-  return bwd_cuda_impl(dy, x, A, B, indices, scales, ranks, S, need_dx, need_dA, need_dB,
-                       segments_arg(perm, seg_start, tile_start, x, d));
+  const OptSegments segments = segments_arg(perm, seg_start, tile_start, x, d);
+  return bwd_cuda_impl(dy, x, A, B, indices, scales, ranks, S, need_dx, need_dA, need_dB, segments);
 }
 
 std::tuple<Tensor, Tensor, Tensor> segments_cuda(const Tensor& indices, int64_t L) {

@@ -38,7 +38,10 @@ for s in $stages; do
       run_stage ptests ${TESTS_LIMIT:-300} python scripts/par_pytest.py -n ${PTESTS_N:-6} --log-dir /tmp/ptests -- \
         ${TESTS_ARGS:-tests} ${PTESTS_K:+-k "$PTESTS_K"}
       grep -E "tests in|^FAILED|^ERROR|part " "$OUT/ptests.log" | head -n 40 >> "$summary"
-      grep -h -B2 -A25 "^___" /tmp/ptests/*.log 2>/dev/null | head -n 400 >> "$OUT/ptests.log" ;;
+      grep -h -B2 -A25 "^___" /tmp/ptests/*.log 2>/dev/null | head -n 400 >> "$OUT/ptests.log"
+      for f in /tmp/ptests/*.log; do  # a part without a summary line crashed: keep its last lines
+        grep -qE "[0-9]+ (passed|failed|skipped)" "$f" || { echo "== $f"; tail -n 60 "$f"; } >> "$OUT/ptests.log"
+      done ;;
     kt)  # each kernel with the config table's choice, at the e2e model's shapes, bf16 vs fp32 adapters
       for adt in bfloat16 float32; do
         run_stage "kt_$adt" ${KT_LIMIT:-90} python benchmarks/tune_lora_linear.py --table-only --adapter-dtype $adt \
