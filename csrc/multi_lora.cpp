@@ -30,6 +30,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -46,6 +47,14 @@ struct Dims {
   int64_t M, K, N, R, L;
 };
 
+// "[d0, d1, ...]" built here: error messages do not stream IntArrayRef (a test process on the GPU
+// image crashed inside such a message; std::to_string keeps the formatting local).
+std::string shape_str(const Tensor& t) {
+  std::string out = "[";
+  for (int64_t i = 0; i < t.dim(); ++i) out += (i ? ", " : "") + std::to_string(t.size(i));
+  return out + "]";
+}
+
 bool is_float_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
 }
@@ -55,24 +64,24 @@ bool is_index_dtype(at::ScalarType t) { return t == at::kInt || t == at::kLong; 
 // Shapes, dtypes and devices: everything but the values of indices and ranks.
 Dims check_inputs(const Tensor& x, const Tensor& A, const Tensor& B, const Tensor& indices, const Tensor& scales,
                   const std::optional<Tensor>& ranks) {
-  MULTI_LORA_CHECK_VALUE(x.dim() == 2, "x must be 2-D [M, K], got shape ", x.sizes());
-  MULTI_LORA_CHECK_VALUE(A.dim() == 3, "lora_A must be [L, r_max, K], got shape ", A.sizes());
-  MULTI_LORA_CHECK_VALUE(B.dim() == 3, "lora_B must be [L, N, r_max], got shape ", B.sizes());
+  MULTI_LORA_CHECK_VALUE(x.dim() == 2, "x must be 2-D [M, K], got shape ", shape_str(x));
+  MULTI_LORA_CHECK_VALUE(A.dim() == 3, "lora_A must be [L, r_max, K], got shape ", shape_str(A));
+  MULTI_LORA_CHECK_VALUE(B.dim() == 3, "lora_B must be [L, N, r_max], got shape ", shape_str(B));
   const Dims d{x.size(0), x.size(1), B.size(1), A.size(1), A.size(0)};
-  MULTI_LORA_CHECK_VALUE(A.size(2) == d.K, "x has ", d.K, " features but lora_A is [L, r_max, K] = ", A.sizes());
-  MULTI_LORA_CHECK_VALUE(B.size(0) == d.L && B.size(2) == d.R, "lora_B is ", B.sizes(),
+  MULTI_LORA_CHECK_VALUE(A.size(2) == d.K, "x has ", d.K, " features but lora_A is [L, r_max, K] = ", shape_str(A));
+  MULTI_LORA_CHECK_VALUE(B.size(0) == d.L && B.size(2) == d.R, "lora_B is ", shape_str(B),
                          ", expected [L, N, r_max] with L = ", d.L, ", r_max = ", d.R, " (from lora_A)");
   MULTI_LORA_CHECK_VALUE(d.R >= 1, "r_max = lora_A.shape[1] is 0; adapters need rank >= 1");
   MULTI_LORA_CHECK_VALUE(indices.dim() == 1 && indices.size(0) == d.M, "indices must be [M] = [", d.M,
-                         "] (one per row of x), got shape ", indices.sizes());
+                         "] (one per row of x), got shape ", shape_str(indices));
   MULTI_LORA_CHECK_TYPE(is_index_dtype(indices.scalar_type()), "indices must be int32 or int64, got ",
                         indices.scalar_type());
   MULTI_LORA_CHECK_VALUE(scales.dim() == 1 && scales.size(0) == d.L, "scales must be [L] = [", d.L, "], got shape ",
-                         scales.sizes());
+                         shape_str(scales));
   MULTI_LORA_CHECK_TYPE(scales.scalar_type() == at::kFloat, "scales must be float32, got ", scales.scalar_type());
   if (ranks.has_value()) {
     MULTI_LORA_CHECK_VALUE(ranks->dim() == 1 && ranks->size(0) == d.L, "ranks must be [L] = [", d.L,
-                           "], got shape ", ranks->sizes());
+                           "], got shape ", shape_str(*ranks));
     MULTI_LORA_CHECK_TYPE(is_index_dtype(ranks->scalar_type()), "ranks must be int32 or int64, got ",
                           ranks->scalar_type());
   }
@@ -98,7 +107,7 @@ void check_regime(c10::string_view regime) {
 void check_segment_tensor(const Tensor& t, int64_t n, at::ScalarType dtype, const Tensor& x, const char* what) {
   MULTI_LORA_CHECK_VALUE(t.dim() == 1 && t.size(0) == n && t.scalar_type() == dtype && t.is_contiguous(), what,
                          " must be a contiguous 1-D tensor of ", n, " ", c10::toString(dtype), " (from multi_lora_segments), got shape ",
-                         t.sizes(), " ", c10::toString(t.scalar_type()));
+                         shape_str(t), " ", c10::toString(t.scalar_type()));
   MULTI_LORA_CHECK_VALUE(t.device() == x.device(), what, " must be on x's device ", x.device().str(), ", got ",
                          t.device().str());
 }
@@ -203,11 +212,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cpu(const Tensor& dy_in, const Te
   const Dims d = check_inputs(x_in, A_in, B_in, indices, scales_in, ranks);
   segments_arg(perm, seg_start, tile_start, x_in, d);
   MULTI_LORA_CHECK_VALUE(dy_in.dim() == 2 && dy_in.size(0) == d.M && dy_in.size(1) == d.N,
-                         "grad_output must be [M, N] = [", d.M, ", ", d.N, "], got ", dy_in.sizes());
+                         "grad_output must be [M, N] = [", d.M, ", ", d.N, "], got ", shape_str(dy_in));
   MULTI_LORA_CHECK_TYPE(dy_in.scalar_type() == x_in.scalar_type(), "grad_output must have x's dtype");
   MULTI_LORA_CHECK_VALUE(!need_dB || (S_in.dim() == 2 && S_in.size(0) == d.M && S_in.size(1) == d.R &&
                                       S_in.scalar_type() == at::kFloat),
-                         "the saved S must be [M, r_max] float32 to compute dB, got ", S_in.sizes());
+                         "the saved S must be [M, r_max] float32 to compute dB, got ", shape_str(S_in));
   const HostIndex h = read_and_check_cpu(indices, ranks, d.L, d.R);
   const Tensor dy = dy_in.contiguous(), x = x_in.contiguous(), A = A_in.contiguous(), B = B_in.contiguous();
   const Tensor sc = scales_in.contiguous();
@@ -315,18 +324,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cuda(const Tensor& dy, const Tens
                                                     const std::optional<Tensor>& tile_start) {
   const Dims d = check_inputs(x, A, B, indices, scales, ranks);
   MULTI_LORA_CHECK_VALUE(dy.dim() == 2 && dy.size(0) == d.M && dy.size(1) == d.N, "grad_output must be [M, N] = [",
-                         d.M, ", ", d.N, "], got ", dy.sizes());
+                         d.M, ", ", d.N, "], got ", shape_str(dy));
   MULTI_LORA_CHECK_TYPE(dy.scalar_type() == x.scalar_type(), "grad_output must have x's dtype");
   MULTI_LORA_CHECK_VALUE(dy.device() == x.device() && S.device() == x.device(), "grad_output and S must be on x's device");
   MULTI_LORA_CHECK_VALUE(!need_dB || (S.dim() == 2 && S.size(0) == d.M && S.size(1) == d.R &&
                                       S.scalar_type() == at::kFloat),
-                         "the saved S must be [M, r_max] float32 to compute dB, got ", S.sizes());
+                         "the saved S must be [M, r_max] float32 to compute dB, got ", shape_str(S));
   const OptSegments segments = segments_arg(perm, seg_start, tile_start, x, d);
   return bwd_cuda_impl(dy, x, A, B, indices, scales, ranks, S, need_dx, need_dA, need_dB, segments);
 }
 
 std::tuple<Tensor, Tensor, Tensor> segments_cuda(const Tensor& indices, int64_t L) {
-  MULTI_LORA_CHECK_VALUE(indices.dim() == 1, "indices must be 1-D, got shape ", indices.sizes());
+  MULTI_LORA_CHECK_VALUE(indices.dim() == 1, "indices must be 1-D, got shape ", shape_str(indices));
   MULTI_LORA_CHECK_TYPE(is_index_dtype(indices.scalar_type()), "indices must be int32 or int64, got ",
                         indices.scalar_type());
   MULTI_LORA_CHECK_VALUE(L >= 0 && L < (1 << 16), "L must lie in [0, 65536), got ", L);
