@@ -524,8 +524,9 @@ def adapter_batch(model: nn.Module, names: Sequence[str | None]):
             x [n_seq, ..., in] (e.g. [B, T, in]; T may change between calls, as in generate)
 
     Every LoRALinear and every PEFT layer accelerated by patch() stacks the adapters the batch uses
-    (zero-padded to the largest rank) and runs lora_kernels.multi_lora_linear: one base GEMM, each
-    row its own adapter. Works for inference (model.generate: the batch size must stay len(names))
+    (zero-padded to the largest rank; kept for the context while they are unchanged) and runs
+    lora_kernels.multi_lora_linear: one base GEMM, each row its own adapter. The row index is
+    built, checked and sorted once per context and shared by every layer. Works for inference (model.generate: the batch size must stay len(names))
     and training: each adapter gets gradients only from its own sequences. No dropout is applied
     in a mixed batch. A layer that an adapter does not target uses the base weight for its rows.
 
