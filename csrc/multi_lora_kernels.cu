@@ -511,6 +511,28 @@ __device__ __forceinline__ void load_tile_async(T* sm, int ld, RowPtr row, int o
   }
 }
 
+// The main loop of a kStages-deep cp.async ring: issue(step) loads one step's A and B tiles into slot
+// step % kStages as one commit group (an empty group past the last step); steps s + 1 .. s + kStages - 1
+// load while step s multiplies. Leaves the accumulated tile in Cs, which may alias the ring.
+template <typename T, int kStages, int kStageElems, int kAElems, typename Mma, typename Issue>
+__device__ __forceinline__ void ring_mma(T* ring, int n_steps, Issue& issue, float* Cs) {
+  Mma mma;
+  mma.zero();
+#pragma unroll 1
+  for (int st = 0; st < kStages - 1; ++st) issue(st);
+#pragma unroll 1
+  for (int step = 0; step < n_steps; ++step) {
+    cp_async_wait<kStages - 2>();  // this thread's copies of `step` have landed
+    __syncthreads();               // everyone's have, and everyone is done with step - 1's slot
+    issue(step + kStages - 1);     // refill the slot of step - 1
+    const T* As = ring + (step % kStages) * kStageElems;
+    mma.step(As, As + kAElems);
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // the ring is about to become Cs
+  mma.store(Cs);
+}
+
 // =============================================================================================
 // segment regime (SGMV)
 // =============================================================================================
@@ -579,21 +601,7 @@ __global__ void __launch_bounds__(kTileThreads) sgmv_shrink_kernel(SgmvShrinkArg
       }
       cp_async_commit();  // an empty group past the end keeps the wait counts uniform
     };
-    Mma mma;
-    mma.zero();
-#pragma unroll 1
-    for (int p = 0; p < kStages - 1; ++p) issue(p);
-#pragma unroll 1
-    for (int step = 0; step < n_steps; ++step) {
-      cp_async_wait<kStages - 2>();  // this thread's copies of `step` have landed
-      __syncthreads();               // everyone's have, and everyone is done with step - 1's slot
-      issue(step + kStages - 1);     // refill the slot of step - 1
-      const T* As = ring + (step % kStages) * kStageElems;
-      mma.step(As, As + Lay::A_ELEMS);
-    }
-    cp_async_wait<0>();
-    __syncthreads();  // the ring is about to become Cs
-    mma.store(Cs);
+    ring_mma<T, kStages, kStageElems, Lay::A_ELEMS, Mma>(ring, n_steps, issue, Cs);
   }
   __syncthreads();
 
@@ -794,21 +802,7 @@ __global__ void __launch_bounds__(kTileThreads) seg_outer_kernel(SegOuterArgs a,
       }
       cp_async_commit();  // an empty group past the end keeps the wait counts uniform
     };
-    Mma mma;
-    mma.zero();
-#pragma unroll 1
-    for (int st = 0; st < kStages - 1; ++st) issue(st);
-#pragma unroll 1
-    for (int step = 0; step < n_steps; ++step) {
-      cp_async_wait<kStages - 2>();  // this thread's copies of `step` have landed
-      __syncthreads();               // everyone's have, and everyone is done with step - 1's slot
-      issue(step + kStages - 1);     // refill the slot of step - 1
-      const T* As = ring + (step % kStages) * kStageElems;
-      mma.step(As, As + Lay::A_ELEMS);
-    }
-    cp_async_wait<0>();
-    __syncthreads();  // the ring is about to become Cs
-    mma.store(Cs);
+    ring_mma<T, kStages, kStageElems, Lay::A_ELEMS, Mma>(ring, n_steps, issue, Cs);
   }
   __syncthreads();
 
