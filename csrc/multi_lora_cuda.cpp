@@ -7,6 +7,8 @@
 #include <cuda_runtime_api.h>
 
 #include <atomic>
+#include <cstdlib>
+#include <string>
 #include <tuple>
 
 #include "multi_lora_kernels.cuh"
@@ -57,6 +59,18 @@ struct SegmentTensors {
 
 SegmentTensors make_segments(const Tensor& indices, int64_t M, int L, cudaStream_t stream) {
   const auto iopt = indices.options().dtype(at::kInt);
+  if (M <= kSortMaxRows) {  // one launch: keys, sort and tile table in one block
+    SegmentTensors s;
+    s.perm = at::empty({M}, indices.options().dtype(at::kLong));
+    s.seg_start = at::empty({L + 2}, iopt);
+    s.tile_start = at::empty({L + 2}, iopt);
+    check_launch(sort_segments(int_vec(indices), M, L, s.perm.data_ptr<int64_t>(), s.seg_start.data_ptr<int32_t>(),
+                               s.tile_start.data_ptr<int32_t>(), stream),
+                 "sort_segments");
+    s.view = Segments{s.perm.data_ptr<int64_t>(), s.seg_start.data_ptr<int32_t>(), s.tile_start.data_ptr<int32_t>(),
+                      max_tiles(M, L)};
+    return s;
+  }
   Tensor keys = at::empty({M}, iopt);
   check_launch(make_keys(int_vec(indices), M, L, keys.data_ptr<int32_t>(), stream), "make_keys");
   // int32 keys: a single-kernel shared-memory sort up to 4096 rows, CUB radix sort beyond
@@ -84,6 +98,16 @@ SegmentTensors segments_of(const Tensor& indices, int64_t M, int L, const OptSeg
   s.view = Segments{s.perm.data_ptr<int64_t>(), s.seg_start.data_ptr<int32_t>(), s.tile_start.data_ptr<int32_t>(),
                     max_tiles(M, L)};
   return s;
+}
+
+// The segment regime's forward kernels: the register kernels where a call qualifies (16-bit, r_max
+// <= 64, aligned rows; see rows_kernels_ok), else the shared-memory tile kernels.
+// LORA_KERNELS_MULTI_SEG_KERNELS=tile forces the tile kernels (to compare them on the GPU).
+bool use_rows_kernels(DType dt, const Tensor& x, const Tensor& A, const Tensor& B, const Tensor& y) {
+  const char* v = std::getenv("LORA_KERNELS_MULTI_SEG_KERNELS");  // read per call (~0.1 us) so a benchmark can flip it
+  const bool tile_only = v != nullptr && std::string(v) == "tile";
+  return !tile_only && rows_kernels_ok(dt, x.data_ptr(), x.stride(0), x.size(1), A.data_ptr(), B.data_ptr(),
+                                       static_cast<int>(A.size(1)), y.data_ptr(), y.stride(0), y.size(1));
 }
 
 }  // namespace
@@ -131,21 +155,19 @@ std::tuple<Tensor, Tensor> fwd_cuda_impl(const Tensor& x_in, const Tensor& A_in,
                  "bgmv_expand");
   } else {
     const SegmentTensors seg = segments_of(indices, M, static_cast<int>(L), segments, stream);
+    const bool rows = use_rows_kernels(dt, x, A, B, y);
     int64_t d_chunk = 0;
-    split = sgmv_shrink_split(M, static_cast<int>(L), K, static_cast<int>(R), sms, &d_chunk);
+    split = rows ? rows_shrink_split(M, static_cast<int>(L), K, sms, &d_chunk)
+                 : sgmv_shrink_split(M, static_cast<int>(L), K, static_cast<int>(R), sms, &d_chunk);
     part = at::empty({split, M, R}, f32);
-    check_launch(sgmv_shrink(dt, SgmvShrinkArgs{x.data_ptr(), x.stride(0), A.data_ptr(), /*w_d_contiguous=*/true, K,
-                                                static_cast<int>(R), static_cast<int>(L), seg.view, rk,
-                                                part.data_ptr<float>(), M, split, d_chunk},
-                             stream),
-                 "sgmv_shrink");
+    const SgmvShrinkArgs sa{x.data_ptr(), x.stride(0), A.data_ptr(), /*w_d_contiguous=*/true, K, static_cast<int>(R),
+                            static_cast<int>(L), seg.view, rk, part.data_ptr<float>(), M, split, d_chunk};
+    check_launch(rows ? rows_shrink(dt, sa, stream) : sgmv_shrink(dt, sa, stream), "segment shrink");
     if (save_s && split > 1) S = at::empty({M, R}, f32);
-    check_launch(sgmv_expand(dt, SgmvExpandArgs{part.data_ptr<float>(), split, B.data_ptr(), /*v_c_contiguous=*/true,
-                                                N, static_cast<int>(R), static_cast<int>(L), seg.view, rk,
-                                                scales.data_ptr<float>(), y.data_ptr(), N,
-                                                S.defined() ? S.data_ptr<float>() : nullptr, M},
-                             sms, stream),
-                 "sgmv_expand");
+    const SgmvExpandArgs ea{part.data_ptr<float>(), split, B.data_ptr(), /*v_c_contiguous=*/true, N,
+                            static_cast<int>(R), static_cast<int>(L), seg.view, rk, scales.data_ptr<float>(),
+                            y.data_ptr(), N, S.defined() ? S.data_ptr<float>() : nullptr, M};
+    check_launch(rows ? rows_expand(dt, ea, sms, stream) : sgmv_expand(dt, ea, sms, stream), "segment expand");
   }
   if (!save_s) return {y, at::empty({0}, f32)};
   if (split == 1) return {y, part.select(0, 0)};

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <cub/block/block_radix_sort.cuh>
 #include <cub/block/block_scan.cuh>
 #include <type_traits>
 
@@ -302,6 +303,70 @@ __global__ void __launch_bounds__(kSegThreads)
     seg_start[groups] = static_cast<int32_t>(M);
     tile_start[groups] = carry;
   }
+}
+
+// make_keys, the stable sort and build_segments in one block, for M <= kSortMaxRows rows: at decode
+// batch sizes the three launches (and the sort's own) cost more than the kernels that use them (an
+// H100 runs a launch of a captured graph in ~2-3 us). kItems rows per thread in the blocked
+// arrangement (thread t holds rows t * kItems ..), radix-sorted on the key's bits only (8 bits for
+// L < 255: two 4-bit passes); the sort is stable, so equal keys keep their row order.
+constexpr int kSortThreads = 512;
+
+template <int kItems>
+__global__ void __launch_bounds__(kSortThreads)
+    sort_segments_kernel(IntVec idx, int64_t M, int L, int end_bit, int64_t* perm, int32_t* seg_start,
+                         int32_t* tile_start) {
+  using Sort = cub::BlockRadixSort<int, kSortThreads, kItems, int>;
+  using Scan = cub::BlockScan<int, kSortThreads>;
+  __shared__ union {
+    typename Sort::TempStorage sort;
+    int keys[kSortThreads * kItems];  // the sorted keys, once the sort is done
+    typename Scan::TempStorage scan;  // the tile scan, once the keys are done
+  } sm;
+  __shared__ int carry;
+  const int pad = L + 1;  // past the "no adapter" group L: padding sorts last
+  int keys[kItems], vals[kItems];
+#pragma unroll
+  for (int j = 0; j < kItems; ++j) {
+    const int64_t i = static_cast<int64_t>(threadIdx.x) * kItems + j;
+    keys[j] = pad;
+    if (i < M) {
+      const int64_t v = read_int(idx, i);
+      keys[j] = (v >= 0 && v < L) ? static_cast<int>(v) : L;
+    }
+    vals[j] = static_cast<int>(i);
+  }
+  Sort(sm.sort).Sort(keys, vals, 0, end_bit);
+  __syncthreads();  // the sort's storage becomes the key array
+#pragma unroll
+  for (int j = 0; j < kItems; ++j) {
+    const int64_t p = static_cast<int64_t>(threadIdx.x) * kItems + j;
+    sm.keys[p] = keys[j];
+    if (p < M) perm[p] = vals[j];
+  }
+  __syncthreads();
+  // Group g starts at the first sorted position whose key is >= g: position p starts the groups
+  // (key[p - 1], key[p]] (key[-1] = -1, key[M] = L + 1), so every g in [0, L + 1] is written once.
+  for (int64_t p = threadIdx.x; p <= M; p += kSortThreads) {
+    const int prev = p > 0 ? sm.keys[p - 1] : -1;
+    const int cur = p < M ? sm.keys[p] : pad;
+    for (int g = prev + 1; g <= cur; ++g) seg_start[g] = static_cast<int32_t>(p);
+  }
+  if (threadIdx.x == 0) carry = 0;
+  __syncthreads();  // seg_start is visible to the block; the key array becomes the scan's storage
+  const int groups = L + 1;
+  for (int base = 0; base < groups; base += kSortThreads) {
+    const int g = base + threadIdx.x;
+    int tiles = 0;
+    if (g < groups) tiles = (seg_start[g + 1] - seg_start[g] + kTileRows - 1) / kTileRows;
+    int prefix = 0, total = 0;
+    Scan(sm.scan).ExclusiveSum(tiles, prefix, total);
+    if (g < groups) tile_start[g] = carry + prefix;
+    __syncthreads();  // every thread has read carry (and the scan storage may be reused)
+    if (threadIdx.x == 0) carry += total;
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) tile_start[groups] = carry;
 }
 
 struct Tile {
@@ -824,6 +889,338 @@ __global__ void __launch_bounds__(kTileThreads) seg_outer_kernel(SegOuterArgs a,
 }
 
 // =============================================================================================
+// segment regime, register kernels (forward; 16-bit types, r_max <= 64)
+// =============================================================================================
+// Why: at decode batch sizes a segment holds a few rows (1024 rows over 128 adapters: 8), and the
+// tile kernels above pad every tile to 64 rows: per 32-column step a block zero-fills ~3.5 K
+// shared-memory elements and runs 64 x 64 wmma tiles for 8 x 16 useful outputs, so they ran at
+// 0.140 ms on T1024 L128 r16 (48 MB to move: 12% of HBM bandwidth). Here a warp loads its tensor-core
+// operands straight from global memory into registers, 16 bytes per lane, and feeds mma.sync
+// m16n8k16 directly; rows past the segment are predicated off, not loaded.
+//
+// The trick that makes 16-byte loads legal: the MMA sums over k, so any permutation of k applied to
+// both operands gives the same product. Lane (g, t) = (lane / 4, lane % 4) loads 8 consecutive
+// elements at column 8 t of a 32-column step and feeds them as the operand pairs of logical columns
+// {2t, 2t + 1, 2t + 8, 2t + 9} of two k16 MMAs; the other operand is loaded the same way. In the
+// expand the same freedom over the output columns n lets each lane end with 8 consecutive outputs
+// of its rows (one 16-byte store per row) instead of 2 scattered pairs per n-tile.
+constexpr int kRowsThreads = 128;
+constexpr int kRowsWarps = kRowsThreads / 32;
+
+template <typename T>
+__device__ __forceinline__ float2 unpack2(uint32_t u) {
+  T e[2];
+  memcpy(e, &u, sizeof(u));
+  return make_float2(to_f(e[0]), to_f(e[1]));
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  const T e[2] = {from_f<T>(lo), from_f<T>(hi)};
+  uint32_t u;
+  memcpy(&u, e, sizeof(u));
+  return u;
+}
+
+// d[16 x 8] += a[16 x 16] @ b[16 x 8], fp32 accumulators (PTX mma.sync.m16n8k16). Lane 4 g + t holds
+//   a = {A[g][2t, 2t+1], A[g+8][2t, 2t+1], A[g][2t+8, 2t+9], A[g+8][2t+8, 2t+9]}
+//   b = {B[2t, 2t+1][g], B[2t+8, 2t+9][g]},   d = {D[g][2t], D[g][2t+1], D[g+8][2t], D[g+8][2t+1]}
+// (pairs packed low element first). Without the instruction (the CPU emulation) each lane gathers
+// the operands it needs from the others by shuffles: the same product, in fp32.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+#else
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int q = 0; q < 4; ++q) {  // logical columns 2q, 2q+1, 2q+8, 2q+9 sit in the lanes with t = q
+    uint32_t ar[4], b0[2], b1[2];
+    for (int i = 0; i < 4; ++i) ar[i] = __shfl_sync(0xffffffffu, a[i], 4 * g + q);
+    for (int i = 0; i < 2; ++i) b0[i] = __shfl_sync(0xffffffffu, b[i], 4 * (2 * t) + q);
+    for (int i = 0; i < 2; ++i) b1[i] = __shfl_sync(0xffffffffu, b[i], 4 * (2 * t + 1) + q);
+    auto dot = [](uint32_t u, uint32_t v) {
+      const float2 x = unpack2<T>(u), y = unpack2<T>(v);
+      return x.x * y.x + x.y * y.y;
+    };
+    acc[0] += dot(ar[0], b0[0]) + dot(ar[2], b0[1]);
+    acc[1] += dot(ar[0], b1[0]) + dot(ar[2], b1[1]);
+    acc[2] += dot(ar[1], b0[0]) + dot(ar[3], b0[1]);
+    acc[3] += dot(ar[1], b1[0]) + dot(ar[3], b1[1]);
+  }
+  for (int i = 0; i < 4; ++i) d[i] += acc[i];
+#endif
+}
+
+// Shrink, block (tile, split): part[s, rows, :] = x[rows, d-range] @ A_l[:, d-range].T for the tile's
+// rows (<= 64), RG row groups of 16 per pass over d (more rows: another pass, A_l again from L2).
+// Warp w takes the 32-column steps w, w + 4, ... of the block's d-range, U at a time with all their
+// loads issued before the MMAs; the 4 warps' partial sums meet in shared memory. Per step a lane
+// loads 16 bytes of each of its 2 RG rows and of NT rows of A_l: rank rows past r are not loaded
+// (zeros), so values past an adapter's rank never reach the sums.
+template <typename T, int NT, int RG, int U>
+__global__ void __launch_bounds__(kRowsThreads) rows_shrink_kernel(SgmvShrinkArgs a) {
+  constexpr int kRows = 16 * RG;
+  constexpr int kCols = 8 * NT;  // >= R
+  __shared__ float red[kRowsWarps][kRows][kCols + 1];
+  __shared__ int rows[kTileRows];
+
+  Tile tl;
+  if (!find_tile(blockIdx.x, a.seg, a.L, tl)) return;
+  const int s = blockIdx.y;
+  const int64_t d_begin = static_cast<int64_t>(s) * a.d_chunk;
+  const int64_t d_end = dmin(a.D, d_begin + a.d_chunk);
+  const int grp = tl.g;
+  const int r = grp < a.L ? rank_of(a.ranks, grp, a.R) : 0;
+  const int nrows = static_cast<int>(tl.end - tl.begin);
+  for (int e = threadIdx.x; e < kTileRows; e += blockDim.x)
+    rows[e] = e < nrows ? static_cast<int>(a.seg.perm[tl.begin + e]) : 0;
+  __syncthreads();
+  float* out = a.part + static_cast<int64_t>(s) * a.M * a.R;
+  if (r == 0 || d_end <= d_begin) {
+    for (int e = threadIdx.x; e < nrows * a.R; e += blockDim.x) out[static_cast<int64_t>(rows[e / a.R]) * a.R + e % a.R] = 0.f;
+    return;
+  }
+
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const int gq = lane >> 2, tq = lane & 3;
+  const T* X = static_cast<const T*>(a.P);
+  const T* Al = static_cast<const T*>(a.W) + static_cast<int64_t>(grp) * a.R * a.D;
+  const int64_t n_steps = (d_end - d_begin + 31) / 32;
+  const T* arow[NT];  // this lane's rank rows of A_l, nullptr past the rank
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int c = nt * 8 + gq;
+    arow[nt] = c < r ? Al + static_cast<int64_t>(c) * a.D + 8 * tq : nullptr;
+  }
+
+  for (int p0 = 0; p0 < nrows; p0 += kRows) {
+    const T* xrow[RG][2];  // rows p0 + 16 rg + gq (+ 8), nullptr past the tile
+#pragma unroll
+    for (int rg = 0; rg < RG; ++rg)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int o = p0 + 16 * rg + 8 * h + gq;
+        xrow[rg][h] = o < nrows ? X + static_cast<int64_t>(rows[o]) * a.stride_pm + 8 * tq : nullptr;
+      }
+    float acc[RG][NT][4];
+#pragma unroll
+    for (int rg = 0; rg < RG; ++rg)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[rg][nt][i] = 0.f;
+
+#pragma unroll 1
+    for (int64_t st = warp; st < n_steps; st += U * kRowsWarps) {
+      uint4 xv[U][RG][2], av[U][NT];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int64_t step = st + u * kRowsWarps;
+        const int64_t k = d_begin + step * 32;  // + 8 tq in the row pointers
+        const bool ok = step < n_steps && k + 8 * tq < d_end;
+#pragma unroll
+        for (int rg = 0; rg < RG; ++rg)
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+            xv[u][rg][h] = (ok && xrow[rg][h] != nullptr) ? ld16(xrow[rg][h] + k) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) av[u][nt] = (ok && arow[nt] != nullptr) ? ld16(arow[nt] + k) : make_uint4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+#pragma unroll
+        for (int rg = 0; rg < RG; ++rg) {
+          // elements 0-3 of the lane's 8 feed one k16 MMA, elements 4-7 the other
+          const uint32_t a0[4] = {xv[u][rg][0].x, xv[u][rg][1].x, xv[u][rg][0].y, xv[u][rg][1].y};
+          const uint32_t a1[4] = {xv[u][rg][0].z, xv[u][rg][1].z, xv[u][rg][0].w, xv[u][rg][1].w};
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) {
+            const uint32_t b0[2] = {av[u][nt].x, av[u][nt].y};
+            const uint32_t b1[2] = {av[u][nt].z, av[u][nt].w};
+            mma_16816<T>(acc[rg][nt], a0, b0);
+            mma_16816<T>(acc[rg][nt], a1, b1);
+          }
+        }
+    }
+
+    // D[row][col] of every warp into shared memory, then the 4 warps' sum per output
+#pragma unroll
+    for (int rg = 0; rg < RG; ++rg)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) red[warp][16 * rg + gq + 8 * (i >> 1)][8 * nt + 2 * tq + (i & 1)] = acc[rg][nt][i];
+    __syncthreads();
+    const int prow = dmin(kRows, nrows - p0);
+    for (int e = threadIdx.x; e < prow * a.R; e += blockDim.x) {
+      const int o = e / a.R;
+      const int c = e % a.R;
+      float v = 0.f;
+      if (c < r) {
+#pragma unroll
+        for (int w = 0; w < kRowsWarps; ++w) v += red[w][o][c];
+      }
+      out[static_cast<int64_t>(rows[p0 + o]) * a.R + c] = v;
+    }
+    __syncthreads();  // red is reused by the next pass
+  }
+}
+
+// Expand, block (tile, column group): out[rows, n] = s_l * S[rows, :r] @ B_l[n, :r].T.
+// A warp owns units of U x 32 output columns (unit j of the block: blockIdx.y + ... strided over the
+// grid), RG row groups per pass. S (the sum of the shrink's split partials) is loaded once per
+// pass into MMA registers, rounded to T (what a 16-bit matmul chain does); per unit the lane issues
+// all its B loads (8 bytes: 4 ranks of one row of B_l) before the MMAs. Output permutation: logical
+// column 2t + e of n-tile nt is physical column 8t + 2nt + e of the 32-column unit, so after the 4
+// n-tiles lane (g, t) holds columns 8t .. 8t + 7 of rows g and g + 8: one 16-byte store each.
+template <typename T, int KS, int RG, int U>
+__global__ void __launch_bounds__(kRowsThreads) rows_expand_kernel(SgmvExpandArgs a) {
+  constexpr int kRows = 16 * RG;
+  __shared__ int rows[kTileRows];
+
+  Tile tl;
+  if (!find_tile(blockIdx.x, a.seg, a.L, tl)) return;
+  const int grp = tl.g;
+  const int r = grp < a.L ? rank_of(a.ranks, grp, a.R) : 0;
+  const int nrows = static_cast<int>(tl.end - tl.begin);
+  for (int e = threadIdx.x; e < kTileRows; e += blockDim.x)
+    rows[e] = e < nrows ? static_cast<int>(a.seg.perm[tl.begin + e]) : 0;
+  __syncthreads();
+  auto s_value4 = [&](int row, int c) {  // S[row, c .. c + 3] summed over the split partials (c % 4 == 0)
+    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int p = 0; p < a.split; ++p) {
+      const float4 q = *reinterpret_cast<const float4*>(a.part + (static_cast<int64_t>(p) * a.M + row) * a.R + c);
+      v.x += q.x; v.y += q.y; v.z += q.z; v.w += q.w;
+    }
+    return v;
+  };
+  if (a.s_out != nullptr && blockIdx.y == 0) {  // S for backward, one writer per row
+    for (int e = threadIdx.x; e < nrows * (a.R / 4); e += blockDim.x) {
+      const int o = e / (a.R / 4);
+      const int c = (e % (a.R / 4)) * 4;
+      float4 v = s_value4(rows[o], c);
+      if (c + 0 >= r) v.x = 0.f;
+      if (c + 1 >= r) v.y = 0.f;
+      if (c + 2 >= r) v.z = 0.f;
+      if (c + 3 >= r) v.w = 0.f;
+      *reinterpret_cast<float4*>(a.s_out + static_cast<int64_t>(rows[o]) * a.R + c) = v;
+    }
+  }
+
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const int gq = lane >> 2, tq = lane & 3;
+  T* out = static_cast<T*>(a.out);
+  constexpr int kUnitCols = 32 * U;
+  const int64_t n_units = (a.D + kUnitCols - 1) / kUnitCols;
+  const int64_t unit_stride = static_cast<int64_t>(gridDim.y) * kRowsWarps;
+  const int64_t unit0 = static_cast<int64_t>(blockIdx.y) * kRowsWarps + warp;
+  const float scale = r > 0 ? a.scales[grp] : 0.f;
+  const T* Bl = static_cast<const T*>(a.V) + static_cast<int64_t>(grp) * a.D * a.R;
+  // ranks 16 ks + 4 tq + 0..3 of this lane: the part of each 8-byte B load (and S pair) below r
+  uint64_t keep[KS];
+#pragma unroll
+  for (int ks = 0; ks < KS; ++ks) {
+    const int n_ok = dmax(0, dmin(4, r - (16 * ks + 4 * tq)));
+    keep[ks] = n_ok >= 4 ? ~0ull : ((1ull << (16 * n_ok)) - 1);
+  }
+
+  for (int p0 = 0; p0 < nrows; p0 += kRows) {
+    int orow[RG][2];  // output rows of this lane (-1 past the tile)
+#pragma unroll
+    for (int rg = 0; rg < RG; ++rg)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int o = p0 + 16 * rg + 8 * h + gq;
+        orow[rg][h] = o < nrows ? rows[o] : -1;
+      }
+    uint32_t sf[RG][KS][4];  // S as MMA a-operands: {row g: c, c+1 | row g+8: c, c+1 | row g: c+2, c+3 | ...}
+#pragma unroll
+    for (int rg = 0; rg < RG; ++rg)
+#pragma unroll
+      for (int ks = 0; ks < KS; ++ks) {
+        const int c = 16 * ks + 4 * tq;
+        float4 v[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          v[h] = make_float4(0.f, 0.f, 0.f, 0.f);
+          if (r > 0 && orow[rg][h] >= 0 && c < a.R) v[h] = s_value4(orow[rg][h], c);
+        }
+        uint32_t p[4] = {pack2<T>(v[0].x, v[0].y), pack2<T>(v[1].x, v[1].y), pack2<T>(v[0].z, v[0].w),
+                         pack2<T>(v[1].z, v[1].w)};
+        sf[rg][ks][0] = p[0] & static_cast<uint32_t>(keep[ks]);
+        sf[rg][ks][1] = p[1] & static_cast<uint32_t>(keep[ks]);
+        sf[rg][ks][2] = p[2] & static_cast<uint32_t>(keep[ks] >> 32);
+        sf[rg][ks][3] = p[3] & static_cast<uint32_t>(keep[ks] >> 32);
+      }
+
+#pragma unroll 1
+    for (int64_t unit = unit0; unit < n_units; unit += unit_stride) {
+      const int64_t n_base = unit * kUnitCols;
+      uint2 bv[U][4][KS];
+      // B operand of n-tile nt, logical column g: physical column 8 (g / 2) + 2 nt + g % 2
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) {
+          const int64_t n = n_base + 32 * u + 8 * (gq >> 1) + 2 * nt + (gq & 1);
+#pragma unroll
+          for (int ks = 0; ks < KS; ++ks) {
+            const int c = 16 * ks + 4 * tq;
+            bv[u][nt][ks] = make_uint2(0, 0);
+            if (r > 0 && n < a.D && c < a.R) {
+              const uint2 raw = *reinterpret_cast<const uint2*>(Bl + n * a.R + c);
+              bv[u][nt][ks] = make_uint2(raw.x & static_cast<uint32_t>(keep[ks]), raw.y & static_cast<uint32_t>(keep[ks] >> 32));
+            }
+          }
+        }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int64_t n8 = n_base + 32 * u + 8 * tq;  // this lane's 8 output columns
+#pragma unroll
+        for (int rg = 0; rg < RG; ++rg) {
+          float acc[4][4];
+#pragma unroll
+          for (int nt = 0; nt < 4; ++nt) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[nt][i] = 0.f;
+#pragma unroll
+            for (int ks = 0; ks < KS; ++ks) {
+              const uint32_t b[2] = {bv[u][nt][ks].x, bv[u][nt][ks].y};
+              mma_16816<T>(acc[nt], sf[rg][ks], b);
+            }
+          }
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            if (orow[rg][h] < 0 || n8 >= a.D) continue;
+            uint4 vals;
+            vals.x = pack2<T>(scale * acc[0][2 * h], scale * acc[0][2 * h + 1]);
+            vals.y = pack2<T>(scale * acc[1][2 * h], scale * acc[1][2 * h + 1]);
+            vals.z = pack2<T>(scale * acc[2][2 * h], scale * acc[2][2 * h + 1]);
+            vals.w = pack2<T>(scale * acc[3][2 * h], scale * acc[3][2 * h + 1]);
+            st16(out + static_cast<int64_t>(orow[rg][h]) * a.stride_om + n8, vals);
+          }
+        }
+      }
+    }
+  }
+}
+
+// =============================================================================================
 // host side
 // =============================================================================================
 template <typename F>
@@ -909,6 +1306,21 @@ int64_t max_tiles(int64_t M, int L) {
   return cdiv(M, kTileRows) + std::min<int64_t>(static_cast<int64_t>(L) + 1, M);
 }
 
+cudaError_t sort_segments(IntVec idx, int64_t M, int L, int64_t* perm, int32_t* seg_start, int32_t* tile_start,
+                          cudaStream_t stream) {
+  if (M > kSortMaxRows || L < 0) return cudaErrorInvalidValue;
+  int end_bit = 1;
+  while ((1LL << end_bit) <= static_cast<int64_t>(L) + 1) ++end_bit;  // bits of the padding key L + 1
+  if (M <= kSortThreads * 2) {
+    sort_segments_kernel<2><<<1, kSortThreads, 0, stream>>>(idx, M, L, end_bit, perm, seg_start, tile_start);
+  } else if (M <= kSortThreads * 8) {
+    sort_segments_kernel<8><<<1, kSortThreads, 0, stream>>>(idx, M, L, end_bit, perm, seg_start, tile_start);
+  } else {
+    sort_segments_kernel<16><<<1, kSortThreads, 0, stream>>>(idx, M, L, end_bit, perm, seg_start, tile_start);
+  }
+  return cudaGetLastError();
+}
+
 int sgmv_shrink_split(int64_t M, int L, int64_t D, int R, int sm_count, int64_t* d_chunk) {
   // Few tiles (decode-like batches, or one long segment) leave SMs idle: cut D, but keep >= 512
   // columns (16 steps of 32) per block so each block amortises its tile set-up and fills its
@@ -961,6 +1373,73 @@ cudaError_t sgmv_expand(DType dtype, const SgmvExpandArgs& a, int sm_count, cuda
       sgmv_expand_kernel<T, true><<<grid, kTileThreads, 0, stream>>>(a, vec_v, vec_o);
     } else {
       sgmv_expand_kernel<T, false><<<grid, kTileThreads, 0, stream>>>(a, vec_v, vec_o);
+    }
+  });
+}
+
+bool rows_kernels_ok(DType dtype, const void* x, int64_t stride_xm, int64_t K, const void* A, const void* B, int R,
+                     const void* y, int64_t stride_ym, int64_t N) {
+  // 16-byte accesses of x, A, y; 8-byte accesses of B and float4 reads of S: every row aligned
+  return dtype != DType::kFloat32 && R >= 1 && R <= 64 && R % 8 == 0 && K % 8 == 0 && N % 8 == 0 &&
+         stride_xm % 8 == 0 && stride_ym % 8 == 0 && aligned16(x) && aligned16(A) && aligned16(B) && aligned16(y);
+}
+
+int rows_shrink_split(int64_t M, int L, int64_t D, int sm_count, int64_t* d_chunk) {
+  // ~8 blocks per SM (4 warps each, ~64 registers: 8 fit), each with U steps of 16-byte loads per
+  // lane in flight: 1024 rows over 128 adapters at r = 16, K = 4096: 145 tile slots (128 used),
+  // split 8 of 512 columns, ~8 blocks per SM with ~3 KB in flight per warp (x and A). Columns per
+  // block stay a multiple of 128 (4 warps x 32) and >= 256 so the partials stay small next to x.
+  const int64_t tiles = std::max<int64_t>(1, max_tiles(M, L));
+  const int64_t want = 8LL * std::max(sm_count, 1);
+  const int64_t split = std::min<int64_t>(std::max<int64_t>(1, cdiv(want, tiles)), std::max<int64_t>(1, D / 256));
+  *d_chunk = std::max<int64_t>(128, cdiv(cdiv(D, split), 128) * 128);
+  return static_cast<int>(std::max<int64_t>(1, cdiv(D, *d_chunk)));
+}
+
+// Template shapes: NT n-tiles of 8 ranks (shrink) or KS k-steps of 16 ranks (expand), RG row
+// groups of 16 per pass, U steps / units with their loads in flight at once; chosen so that the
+// accumulators and in-flight operands stay near 64 registers (8 blocks of 128 threads per SM).
+cudaError_t rows_shrink(DType dtype, const SgmvShrinkArgs& a, cudaStream_t stream) {
+  if (a.M == 0 || a.seg.n_tiles_max == 0) return cudaSuccess;
+  if (!a.w_d_contiguous || a.R > 64 || dtype == DType::kFloat32) return cudaErrorInvalidValue;
+  const dim3 grid(static_cast<unsigned>(a.seg.n_tiles_max), static_cast<unsigned>(a.split));
+  return with_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if constexpr (!std::is_same<T, float>::value) {
+      if (a.R <= 8) {
+        rows_shrink_kernel<T, 1, 2, 2><<<grid, kRowsThreads, 0, stream>>>(a);
+      } else if (a.R <= 16) {
+        rows_shrink_kernel<T, 2, 2, 2><<<grid, kRowsThreads, 0, stream>>>(a);
+      } else if (a.R <= 32) {
+        rows_shrink_kernel<T, 4, 2, 1><<<grid, kRowsThreads, 0, stream>>>(a);
+      } else {
+        rows_shrink_kernel<T, 8, 1, 1><<<grid, kRowsThreads, 0, stream>>>(a);
+      }
+    }
+  });
+}
+
+cudaError_t rows_expand(DType dtype, const SgmvExpandArgs& a, int sm_count, cudaStream_t stream) {
+  if (a.M == 0 || a.D == 0 || a.seg.n_tiles_max == 0) return cudaSuccess;
+  if (!a.v_c_contiguous || a.R > 64 || a.R % 4 != 0 || dtype == DType::kFloat32) return cudaErrorInvalidValue;
+  // Column groups for ~8 blocks per SM; each warp walks units of 32 U columns strided over the grid.
+  // 1024 rows over 128 adapters at r = 16, N = 4096: 145 tile slots x 8 groups, 32 units of 128
+  // columns per tile: one unit per warp (4 KB of B in flight per warp, 2 KB of y written).
+  const int U = a.R <= 16 ? 4 : 2;
+  const int64_t warp_units = cdiv(a.D, 32LL * U);
+  const int64_t groups = std::min<int64_t>(std::max<int64_t>(1, cdiv(warp_units, kRowsWarps)),
+                                           std::max<int64_t>(1, cdiv(8LL * std::max(sm_count, 1), a.seg.n_tiles_max)));
+  const dim3 grid(static_cast<unsigned>(a.seg.n_tiles_max), static_cast<unsigned>(groups));
+  return with_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if constexpr (!std::is_same<T, float>::value) {
+      if (a.R <= 16) {
+        rows_expand_kernel<T, 1, 2, 4><<<grid, kRowsThreads, 0, stream>>>(a);
+      } else if (a.R <= 32) {
+        rows_expand_kernel<T, 2, 2, 2><<<grid, kRowsThreads, 0, stream>>>(a);
+      } else {
+        rows_expand_kernel<T, 4, 1, 2><<<grid, kRowsThreads, 0, stream>>>(a);
+      }
     }
   });
 }

@@ -85,6 +85,13 @@ cudaError_t build_segments(const int32_t* sorted_keys, int64_t M, int L, int32_t
 // Upper bound on the number of tiles (the static grid size: CUDA-graph safe).
 int64_t max_tiles(int64_t M, int L);
 
+// make_keys + a stable sort + build_segments in one launch (one block) for M <= kSortMaxRows: the
+// keys are radix-sorted in shared memory with their row numbers, so the result is the stable sort's
+// (equal keys keep their row order). perm [M] int64, seg_start / tile_start [L + 2] as above.
+constexpr int64_t kSortMaxRows = 8192;
+cudaError_t sort_segments(IntVec idx, int64_t M, int L, int64_t* perm, int32_t* seg_start, int32_t* tile_start,
+                          cudaStream_t stream);
+
 struct Segments {
   const int64_t* perm;        // [M] original row of each sorted position (the indices of a stable sort)
   const int32_t* seg_start;   // [L + 2]
@@ -131,6 +138,18 @@ struct SgmvExpandArgs {
   int64_t M;
 };
 cudaError_t sgmv_expand(DType dtype, const SgmvExpandArgs& a, int sm_count, cudaStream_t stream);
+
+// Register kernels of the segment regime's forward (16-bit types, r_max <= 64, aligned rows): the
+// same shrink (P = x, W = A with d contiguous) and expand (V = B with c contiguous) as above, with
+// the tensor-core operands loaded straight from global memory into registers (mma.sync m16n8k16)
+// instead of through shared-memory tiles, for segments of a few rows (decode batches: 8 rows of an
+// adapter read 128 KB of it, a 64 x 64 tile would be 7/8 padding). rows_kernels_ok says whether a
+// call qualifies (its pointers, strides and sizes); the split of the shrink's D is its own.
+bool rows_kernels_ok(DType dtype, const void* x, int64_t stride_xm, int64_t K, const void* A, const void* B, int R,
+                     const void* y, int64_t stride_ym, int64_t N);
+int rows_shrink_split(int64_t M, int L, int64_t D, int sm_count, int64_t* d_chunk);
+cudaError_t rows_shrink(DType dtype, const SgmvShrinkArgs& a, cudaStream_t stream);
+cudaError_t rows_expand(DType dtype, const SgmvExpandArgs& a, int sm_count, cudaStream_t stream);
 
 // Per-adapter sum over that adapter's rows only, in sorted (= original, the sort is stable) row order:
 //   out[l, p, q] = s[l] * sum_{i : idx[i] = l} U[i, p] * V[i, q]

@@ -457,13 +457,19 @@ def test_build_dir_honours_env(monkeypatch, tmp_path):
 # ================================================================================================
 # GPU: the CUDA kernels
 # ================================================================================================
-REGIMES = ("decode", "segment")
+# "segment" runs the register kernels where a call qualifies (16-bit, r_max <= 64, aligned rows) and
+# the tile kernels elsewhere; "segment-tile" forces the tile kernels everywhere.
+REGIMES = ("decode", "segment", "segment-tile")
 
 
 @pytest.fixture(params=REGIMES)
 def regime(request, monkeypatch):
-    monkeypatch.setenv(ml.REGIME_ENV, request.param)
-    return request.param
+    name = request.param
+    if name == "segment-tile":
+        monkeypatch.setenv("LORA_KERNELS_MULTI_SEG_KERNELS", "tile")
+        name = "segment"
+    monkeypatch.setenv(ml.REGIME_ENV, name)
+    return name
 
 
 @pytest.mark.gpu
@@ -633,6 +639,28 @@ def test_cuda_precomputed_segments_give_the_same_results():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("M", [0, 1, 700, 1025, 4096, 8192, 8193, 20000])
+@pytest.mark.parametrize("L", [1, 6, 300, 5000])
+def test_cuda_segments_match_a_stable_sort(M, L):
+    """multi_lora_segments (one block up to 8192 rows, CUB's sort beyond) against torch's stable sort:
+    perm, each group's first row (groups 0..L-1, L = rows without adapter, then M) and each group's
+    first 64-row tile."""
+    g = torch.Generator().manual_seed(M + L)
+    idx = torch.randint(-1, L + 1, (M,), generator=g)
+    idx[torch.rand(M, generator=g) < 0.02] = L + 7  # out of range: no adapter
+    keys = torch.where((idx >= 0) & (idx < L), idx, torch.full_like(idx, L))
+    want_perm = torch.sort(keys, stable=True).indices
+    counts = torch.bincount(keys, minlength=L + 1)
+    want_seg = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+    tiles = (counts + 63) // 64
+    want_tile = torch.cat([torch.zeros(1, dtype=torch.int64), tiles.cumsum(0)])
+    perm, seg_start, tile_start = torch.ops.lora_kernels_ext.multi_lora_segments(idx.cuda(), L)
+    assert torch.equal(perm.cpu(), want_perm)
+    assert torch.equal(seg_start.cpu().long(), want_seg)
+    assert torch.equal(tile_start.cpu().long(), want_tile)
+
+
+@pytest.mark.gpu
 def test_cuda_matches_cpu_extension():
     x, A, B, idx, s, _ = case(133, 520, 264, 5, 24, torch.float32, "zipf", 0.2, device="cpu")
     want = lora_kernels.multi_lora(x, A, B, idx, s)
@@ -644,8 +672,10 @@ def test_cuda_matches_cpu_extension():
 def test_cuda_small_case_for_sanitizer(regime):
     """Small enough for `compute-sanitizer --tool memcheck python -m pytest ... -k sanitizer`."""
     for dtype in DTYPES:
-        x, A, B, idx, s, _ = case(7, 40, 24, 3, 5, dtype, "uniform", 0.3, device="cuda", requires_grad=True)
-        check_forward(x, A, B, idx, s, naive_factor=math.inf)
-        check_backward(x, A, B, idx, s, torch.tensor([5, 2, 3], device="cuda"))
+        # r_max 8: the register kernels of the segment forward (16-bit); 5: the tile kernels
+        for r in (5, 8):
+            x, A, B, idx, s, _ = case(7, 40, 24, 3, r, dtype, "uniform", 0.3, device="cuda", requires_grad=True)
+            check_forward(x, A, B, idx, s, naive_factor=math.inf)
+            check_backward(x, A, B, idx, s, torch.tensor([r, 2, 3], device="cuda"))
         W, b = torch.randn(24, 40, device="cuda", dtype=dtype), torch.randn(24, device="cuda", dtype=dtype)
         check_linear(x, W, b, A, B, idx, s)  # precomputed segments shared by forward and backward

@@ -43,6 +43,7 @@ def _cuda_include() -> Path | None:
 def emulated_source(cu: str) -> str:
     """The kernel file with launches `k<<<g, b, smem, stream>>>(args)` turned into emu::launch calls."""
     cu = cu.replace("#include <mma.h>", "").replace("#include <cub/block/block_scan.cuh>", "")
+    cu = cu.replace("#include <cub/block/block_radix_sort.cuh>", "")
     cu = cu.replace("extern __shared__ float xs[];", "float* xs = reinterpret_cast<float*>(emu::g_dyn_smem.data());")
     cu = cu.replace("cudaGetLastError()", "emu::last_error()")
     # 16-byte accesses fault on a GPU when misaligned, not on a CPU: check them here

@@ -20,6 +20,8 @@ Implementations per case ("x gather" = ratio to gather+bmm in the same run):
   peft        peft LoRA Linear with L adapters, forward(x, adapter_names=[...]) (a loop over sub-batches)
   ext:auto    lora_kernels.multi_lora (the regime multi_lora_regime picks)
   ext:decode / ext:segment   the same with the regime forced, to check the regime rule
+  ext:sorted  the segment regime on rows sorted beforehand (a model sorts once per batch)
+  ext:tile    ext:segment on the shared-memory tile kernels instead of the register kernels
 
 Mixed batch through a patched model (the issue's two 1.3x targets, end to end): a Llama built from
 a config (4 layers, hidden 2048, intermediate 8192, 32 / 8 heads, vocab 32000, bf16, random weights)
@@ -48,6 +50,7 @@ import torch
 from . import Row, gpu_time_ms
 
 POPULARITIES = ("distinct", "identical", "uniform", "zipf", "skewed")
+SEG_KERNELS_ENV = "LORA_KERNELS_MULTI_SEG_KERNELS"  # "tile": the extension's segment forward on its tile kernels
 DECODE_T = (1, 16, 64, 256, 1024, 4096)
 DECODE_L = (1, 8, 32, 128)
 DECODE_R = (16, 64)
@@ -176,10 +179,14 @@ def decode_impls(x, A, B, idx, scales, with_slow: bool = True) -> dict:
     """Named callables computing the LoRA term of one decode case (shared with the pytest-benchmark file).
 
     ext:decode / ext:segment call the op with the regime forced (no Python wrapper); ext:auto is the
-    public multi_lora (wrapper, checks and dispatch included). The loop and PEFT only when with_slow.
+    public multi_lora (wrapper, checks and dispatch included). ext:segment sorts the rows itself;
+    ext:sorted is the segment regime on segments sorted once beforehand (`RowIndex`: what every
+    layer of a model after the first sees in one batch); ext:tile is ext:segment forced onto the
+    shared-memory tile kernels (the register kernels' predecessor, for comparison). The loop and
+    PEFT only when with_slow.
     """
     import lora_kernels
-    from lora_kernels.ops.multi_lora import _ext_ops
+    from lora_kernels.ops.multi_lora import RowIndex, _ext_ops
 
     impls = {
         "gather+bmm": lambda: gather_bmm(x, A, B, idx, scales),
@@ -190,6 +197,18 @@ def decode_impls(x, A, B, idx, scales, with_slow: bool = True) -> dict:
         op = ops.multi_lora_fwd
         impls["ext:decode"] = lambda: op(x, A, B, idx, scales, None, "decode", False)
         impls["ext:segment"] = lambda: op(x, A, B, idx, scales, None, "segment", False)
+        seg = RowIndex(idx).segments(A.shape[0])
+        if seg[0] is not None:
+            impls["ext:sorted"] = lambda: op(x, A, B, idx, scales, None, "segment", False, *seg)
+
+        def tile():
+            os.environ[SEG_KERNELS_ENV] = "tile"
+            try:
+                return op(x, A, B, idx, scales, None, "segment", False)
+            finally:
+                del os.environ[SEG_KERNELS_ENV]
+
+        impls["ext:tile"] = tile
     if with_slow:
         impls["loop"] = lambda: lora_kernels.multi_lora_reference(x, A, B, idx, scales)
         model = peft_model(A, B, scales, x.dtype, x.device)
@@ -401,7 +420,7 @@ def run(quick: bool) -> list[Row]:
         times = {}
         with torch.no_grad():  # inference: PEFT's LoRA weights would otherwise record a graph
             for name, fn in impls.items():
-                times[name] = _time(fn, graph=name in ("gather+bmm", "ext:auto", "ext:decode", "ext:segment"))
+                times[name] = _time(fn, graph=name == "gather+bmm" or name.startswith("ext:"))
         base_e, base_g = times["gather+bmm"]
         for name, (e, g) in times.items():
             if name == "peft base":

@@ -37,6 +37,16 @@ Segs make_segments(const std::vector<int64_t>& idx, int64_t M, int L) {
   s.seg.assign(L + 2, -7); s.tile.assign(L + 2, -7);
   if (build_segments(sorted.data(), M, L, s.seg.data(), s.tile.data(), nullptr) != cudaSuccess) abort();
   s.view = Segments{s.perm.data(), s.seg.data(), s.tile.data(), max_tiles(M, L)};
+  // the one-block builder (the glue's path for M <= kSortMaxRows) gives exactly the same tables
+  if (M <= kSortMaxRows) {
+    std::vector<int64_t> perm2(M, -7);
+    std::vector<int32_t> seg2(L + 2, -7), tile2(L + 2, -7);
+    if (sort_segments(IntVec{idx.data(), true}, M, L, perm2.data(), seg2.data(), tile2.data(), nullptr) != cudaSuccess) abort();
+    if (perm2 != s.perm || seg2 != s.seg || tile2 != s.tile) {
+      std::printf("FAIL: sort_segments differs from the stable sort (M=%ld L=%d)\n", long(M), L);
+      std::exit(1);
+    }
+  }
   return s;
 }
 
@@ -108,6 +118,28 @@ void run_case(const Case& c, double tol, std::mt19937& rng) {
     expect(sgmv_expand(dt<T>(), SgmvExpandArgs{part.data(), split, B.data(), true, N, R, L, sg.view, rk, scales.data(), y.data(), N, split > 1 ? S.data() : nullptr, M}, c.sms, nullptr) == cudaSuccess, "sgmv_expand launch");
   }
   S_ptr = split > 1 ? S.data() : part.data();
+  // the register kernels of the segment forward (16-bit, aligned rows, R % 8 == 0, R <= 64), as the
+  // glue runs them where rows_kernels_ok, against the same reference
+  const bool rows_ok = !c.decode && rows_kernels_ok(dt<T>(), x, sx, K, A.data(), B.data(), R, y.data(), N, N);
+  if (rows_ok) {
+    Segs sg = make_segments(idx, M, L);
+    int64_t dc; const int rs = rows_shrink_split(M, L, K, c.sms, &dc);
+    std::vector<float> rpart(size_t(rs) * M * R, 999.f), rS(M * R, 777.f);
+    std::vector<T> ry(M * N, fromf<T>(12345.f));
+    expect(rows_shrink(dt<T>(), SgmvShrinkArgs{x, sx, A.data(), true, K, R, L, sg.view, rk, rpart.data(), M, rs, dc}, nullptr) == cudaSuccess, "rows_shrink launch");
+    expect(rows_expand(dt<T>(), SgmvExpandArgs{rpart.data(), rs, B.data(), true, N, R, L, sg.view, rk, scales.data(), ry.data(), N, rs > 1 ? rS.data() : nullptr, M}, c.sms, nullptr) == cudaSuccess, "rows_expand launch");
+    const float* rS_ptr = rs > 1 ? rS.data() : rpart.data();
+    std::vector<double> ryd(M * N), rSd(M * R);
+    for (int64_t i = 0; i < M * N; ++i) ryd[i] = tf(ry[i]);
+    for (int64_t i = 0; i < M * R; ++i) rSd[i] = rS_ptr[i];
+    const double r1 = relerr(ryd, y_ref), r2 = relerr(rSd, S_ref);
+    char rb[160];
+    std::snprintf(rb, sizeof rb, "rows kernels %s M=%ld K=%ld N=%ld R=%d L=%d split=%d", typeid(T).name(), long(M), long(K), long(N), R, L, rs);
+    expect(r1 <= tol && std::isfinite(r1), std::string(rb) + " y err " + std::to_string(r1));
+    expect(r2 <= 1e-5 && std::isfinite(r2), std::string(rb) + " S err " + std::to_string(r2));
+    for (int64_t i = 0; i < M; ++i) if (lof(i) < 0) for (int64_t n = 0; n < N; ++n) expect(tf(ry[i * N + n]) == 0.f, std::string(rb) + " none row not 0");
+    std::printf("%-88s y %.1e S %.1e\n", rb, r1, r2);
+  }
   std::vector<double> yg(M * N), Sg(M * R);
   for (int64_t i = 0; i < M * N; ++i) yg[i] = tf(y[i]);
   for (int64_t i = 0; i < M * R; ++i) Sg[i] = S_ptr[i];
@@ -190,7 +222,20 @@ int main(int argc, char** argv) {
     // per chunk for fp32, r_max = 40 > 32)
     {40, 1000, 200, 40, 3, 1, false, true, 0, 0.1, false},
     {40, 1000, 131, 37, 3, 1, false, false, 0, 0.1, false},  // R % 8 != 0: scalar B tiles in the pipelines
+    // register kernels (segment forward): many adapters of a few rows each, -1 and bad rows, ranks
+    {96, 256, 64, 32, 24, 132, false, true, 0, 0.1, true},
+    {50, 136, 56, 8, 5, 132, false, false, 0, 0.2, false},    // R = 8: one n-tile
+    {70, 264, 96, 64, 2, 3, false, true, 0, 0.0, false},      // R = 64, 35 rows per adapter: passes of 16 rows
   };
+  // the one-block segment builder against the stable sort (make_segments compares them), at the
+  // sizes of its three variants, with rows past the adapters and bad indices
+  for (int64_t M : {0, 1, 100, 1024, 1025, 4096, 5000, 8192}) {
+    for (int L : {1, 7, 300}) {
+      std::vector<int64_t> idx(M);
+      for (auto& v : idx) v = int64_t(rng() % (L + 2)) - 1 + ((rng() % 50 == 0) ? L + 9 : 0);
+      make_segments(idx, M, L);
+    }
+  }
   if (full) {
     cases.push_back({7, 40, 24, 5, 3, 132, false, true, 0, 0.3, false});
     cases.push_back({70, 72, 40, 16, 4, 1, false, false, 0, 0.2, false});

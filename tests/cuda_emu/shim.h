@@ -15,6 +15,7 @@
 #include <vector_types.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+#include <algorithm>
 #include <barrier>
 #include <thread>
 #include <vector>
@@ -36,6 +37,7 @@ namespace emu {
 inline std::barrier<>* g_block_barrier = nullptr;
 inline std::vector<std::barrier<>*> g_warp_barriers;
 inline float g_shfl[1024];
+inline uint32_t g_shfl_u[1024];
 inline std::vector<unsigned char> g_dyn_smem(48 * 1024);
 inline cudaError_t g_err = cudaSuccess;
 inline cudaError_t last_error() { auto e = g_err; g_err = cudaSuccess; return e; }
@@ -87,6 +89,15 @@ inline float __shfl_xor_sync(unsigned, float v, int off) {
   emu::g_shfl[t] = v;
   emu::g_warp_barriers[w]->arrive_and_wait();
   const float r = emu::g_shfl[w * 32 + (lane ^ off)];
+  emu::g_warp_barriers[w]->arrive_and_wait();
+  return r;
+}
+
+inline uint32_t __shfl_sync(unsigned, uint32_t v, int src) {
+  const unsigned t = threadIdx.x, w = t / 32;
+  emu::g_shfl_u[t] = v;
+  emu::g_warp_barriers[w]->arrive_and_wait();
+  const uint32_t r = emu::g_shfl_u[w * 32 + (src & 31)];
   emu::g_warp_barriers[w]->arrive_and_wait();
   return r;
 }
@@ -143,6 +154,32 @@ struct BlockScan {
     T acc = 0, tot = 0;
     for (unsigned i = 0; i < NT; ++i) { if (i < threadIdx.x) acc += s.vals[i]; tot += s.vals[i]; }
     out = acc; total = tot;
+    __syncthreads();
+  }
+};
+// Blocked arrangement in and out (thread t holds items t * ITEMS ..); a stable sort on the bits
+// [begin_bit, end_bit) of the keys, as cub's LSD radix sort is.
+template <typename K, int NT, int ITEMS, typename V>
+struct BlockRadixSort {
+  struct TempStorage { K keys[NT * ITEMS]; V vals[NT * ITEMS]; };
+  TempStorage& s;
+  explicit BlockRadixSort(TempStorage& st) : s(st) {}
+  void Sort(K (&keys)[ITEMS], V (&vals)[ITEMS], int begin_bit, int end_bit) {
+    const unsigned t = threadIdx.x;
+    for (int j = 0; j < ITEMS; ++j) { s.keys[t * ITEMS + j] = keys[j]; s.vals[t * ITEMS + j] = vals[j]; }
+    __syncthreads();
+    if (t == 0) {
+      const unsigned long long mask = (1ull << (end_bit - begin_bit)) - 1;
+      std::vector<int> order(NT * ITEMS);
+      for (int i = 0; i < NT * ITEMS; ++i) order[i] = i;
+      auto bits = [&](int i) { return (static_cast<unsigned long long>(s.keys[i]) >> begin_bit) & mask; };
+      std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return bits(a) < bits(b); });
+      std::vector<K> k2(NT * ITEMS); std::vector<V> v2(NT * ITEMS);
+      for (int i = 0; i < NT * ITEMS; ++i) { k2[i] = s.keys[order[i]]; v2[i] = s.vals[order[i]]; }
+      for (int i = 0; i < NT * ITEMS; ++i) { s.keys[i] = k2[i]; s.vals[i] = v2[i]; }
+    }
+    __syncthreads();
+    for (int j = 0; j < ITEMS; ++j) { keys[j] = s.keys[t * ITEMS + j]; vals[j] = s.vals[t * ITEMS + j]; }
     __syncthreads();
   }
 };
