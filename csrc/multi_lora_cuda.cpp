@@ -6,7 +6,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cstdio>
 #include <cstdlib>
 #include <string>
 #include <tuple>
@@ -110,6 +112,15 @@ bool use_rows_kernels(DType dt, const Tensor& x, const Tensor& A, const Tensor& 
                                        static_cast<int>(A.size(1)), y.data_ptr(), y.stride(0), y.size(1));
 }
 
+// LORA_KERNELS_MULTI_ROWS_BPS=<shrink>,<expand>: the register kernels' grid targets in blocks per SM
+// (tuning sweeps on the GPU; unset or 0: the launchers' defaults).
+std::pair<int, int> rows_blocks_per_sm() {
+  const char* v = std::getenv("LORA_KERNELS_MULTI_ROWS_BPS");
+  int shrink = 0, expand = 0;
+  if (v != nullptr && std::sscanf(v, "%d,%d", &shrink, &expand) != 2) shrink = expand = 0;
+  return {std::max(0, std::min(shrink, 64)), std::max(0, std::min(expand, 64))};
+}
+
 }  // namespace
 
 std::tuple<Tensor, Tensor> fwd_cuda_impl(const Tensor& x_in, const Tensor& A_in, const Tensor& B_in,
@@ -157,7 +168,8 @@ std::tuple<Tensor, Tensor> fwd_cuda_impl(const Tensor& x_in, const Tensor& A_in,
     const SegmentTensors seg = segments_of(indices, M, static_cast<int>(L), segments, stream);
     const bool rows = use_rows_kernels(dt, x, A, B, y);
     int64_t d_chunk = 0;
-    split = rows ? rows_shrink_split(M, static_cast<int>(L), K, sms, &d_chunk)
+    const auto bps = rows_blocks_per_sm();
+    split = rows ? rows_shrink_split(M, static_cast<int>(L), K, sms, &d_chunk, bps.first)
                  : sgmv_shrink_split(M, static_cast<int>(L), K, static_cast<int>(R), sms, &d_chunk);
     part = at::empty({split, M, R}, f32);
     const SgmvShrinkArgs sa{x.data_ptr(), x.stride(0), A.data_ptr(), /*w_d_contiguous=*/true, K, static_cast<int>(R),
@@ -167,7 +179,8 @@ std::tuple<Tensor, Tensor> fwd_cuda_impl(const Tensor& x_in, const Tensor& A_in,
     const SgmvExpandArgs ea{part.data_ptr<float>(), split, B.data_ptr(), /*v_c_contiguous=*/true, N,
                             static_cast<int>(R), static_cast<int>(L), seg.view, rk, scales.data_ptr<float>(),
                             y.data_ptr(), N, S.defined() ? S.data_ptr<float>() : nullptr, M};
-    check_launch(rows ? rows_expand(dt, ea, sms, stream) : sgmv_expand(dt, ea, sms, stream), "segment expand");
+    check_launch(rows ? rows_expand(dt, ea, sms, stream, bps.second) : sgmv_expand(dt, ea, sms, stream),
+                 "segment expand");
   }
   if (!save_s) return {y, at::empty({0}, f32)};
   if (split == 1) return {y, part.select(0, 0)};

@@ -969,13 +969,13 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
 // Warp w takes the 32-column steps w, w + 4, ... of the block's d-range, U at a time with all their
 // loads issued before the MMAs; the 4 warps' partial sums meet in shared memory. Per step a lane
 // loads 16 bytes of each of its 2 RG rows and of NT rows of A_l: rank rows past r are not loaded
-// (zeros), so values past an adapter's rank never reach the sums.
+// (zeros), so values past an adapter's rank never reach the sums. A's loads come first in each
+// step: they do not wait for the row numbers (perm), which each lane reads itself.
 template <typename T, int NT, int RG, int U>
 __global__ void __launch_bounds__(kRowsThreads) rows_shrink_kernel(SgmvShrinkArgs a) {
   constexpr int kRows = 16 * RG;
   constexpr int kCols = 8 * NT;  // >= R
   __shared__ float red[kRowsWarps][kRows][kCols + 1];
-  __shared__ int rows[kTileRows];
 
   Tile tl;
   if (!find_tile(blockIdx.x, a.seg, a.L, tl)) return;
@@ -985,12 +985,10 @@ __global__ void __launch_bounds__(kRowsThreads) rows_shrink_kernel(SgmvShrinkArg
   const int grp = tl.g;
   const int r = grp < a.L ? rank_of(a.ranks, grp, a.R) : 0;
   const int nrows = static_cast<int>(tl.end - tl.begin);
-  for (int e = threadIdx.x; e < kTileRows; e += blockDim.x)
-    rows[e] = e < nrows ? static_cast<int>(a.seg.perm[tl.begin + e]) : 0;
-  __syncthreads();
+  const int64_t* perm = a.seg.perm + tl.begin;
   float* out = a.part + static_cast<int64_t>(s) * a.M * a.R;
   if (r == 0 || d_end <= d_begin) {
-    for (int e = threadIdx.x; e < nrows * a.R; e += blockDim.x) out[static_cast<int64_t>(rows[e / a.R]) * a.R + e % a.R] = 0.f;
+    for (int e = threadIdx.x; e < nrows * a.R; e += blockDim.x) out[perm[e / a.R] * a.R + e % a.R] = 0.f;
     return;
   }
 
@@ -1014,7 +1012,7 @@ __global__ void __launch_bounds__(kRowsThreads) rows_shrink_kernel(SgmvShrinkArg
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int o = p0 + 16 * rg + 8 * h + gq;
-        xrow[rg][h] = o < nrows ? X + static_cast<int64_t>(rows[o]) * a.stride_pm + 8 * tq : nullptr;
+        xrow[rg][h] = o < nrows ? X + perm[o] * a.stride_pm + 8 * tq : nullptr;
       }
     float acc[RG][NT][4];
 #pragma unroll
@@ -1033,12 +1031,18 @@ __global__ void __launch_bounds__(kRowsThreads) rows_shrink_kernel(SgmvShrinkArg
         const int64_t k = d_begin + step * 32;  // + 8 tq in the row pointers
         const bool ok = step < n_steps && k + 8 * tq < d_end;
 #pragma unroll
+        for (int nt = 0; nt < NT; ++nt) av[u][nt] = (ok && arow[nt] != nullptr) ? ld16(arow[nt] + k) : make_uint4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int64_t step = st + u * kRowsWarps;
+        const int64_t k = d_begin + step * 32;
+        const bool ok = step < n_steps && k + 8 * tq < d_end;
+#pragma unroll
         for (int rg = 0; rg < RG; ++rg)
 #pragma unroll
           for (int h = 0; h < 2; ++h)
             xv[u][rg][h] = (ok && xrow[rg][h] != nullptr) ? ld16(xrow[rg][h] + k) : make_uint4(0, 0, 0, 0);
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) av[u][nt] = (ok && arow[nt] != nullptr) ? ld16(arow[nt] + k) : make_uint4(0, 0, 0, 0);
       }
 #pragma unroll
       for (int u = 0; u < U; ++u)
@@ -1074,52 +1078,33 @@ __global__ void __launch_bounds__(kRowsThreads) rows_shrink_kernel(SgmvShrinkArg
 #pragma unroll
         for (int w = 0; w < kRowsWarps; ++w) v += red[w][o][c];
       }
-      out[static_cast<int64_t>(rows[p0 + o]) * a.R + c] = v;
+      out[perm[p0 + o] * a.R + c] = v;
     }
     __syncthreads();  // red is reused by the next pass
   }
 }
 
 // Expand, block (tile, column group): out[rows, n] = s_l * S[rows, :r] @ B_l[n, :r].T.
-// A warp owns units of U x 32 output columns (unit j of the block: blockIdx.y + ... strided over the
-// grid), RG row groups per pass. S (the sum of the shrink's split partials) is loaded once per
-// pass into MMA registers, rounded to T (what a 16-bit matmul chain does); per unit the lane issues
-// all its B loads (8 bytes: 4 ranks of one row of B_l) before the MMAs. Output permutation: logical
-// column 2t + e of n-tile nt is physical column 8t + 2nt + e of the 32-column unit, so after the 4
-// n-tiles lane (g, t) holds columns 8t .. 8t + 7 of rows g and g + 8: one 16-byte store each.
-template <typename T, int KS, int RG, int U>
+// The block sums S over the shrink's split partials once, rounded to T (what a 16-bit matmul chain
+// does), into shared memory; a warp then walks units of 32 U output columns (strided over the
+// grid), and for each unit runs every 16-row group of the tile against the unit's B operands held
+// in registers, so each B element is read once per tile. B loads do not depend on the rows: the
+// first unit's are issued before the row numbers and S are fetched, and each next unit's while the
+// current one multiplies and stores (ping-pong over two register sets).
+// Output permutation: logical column 2t + e of n-tile nt is physical column 8t + 2nt + e of a
+// 32-column group, so after its 4 n-tiles lane (g, t) holds columns 8t .. 8t + 7 of rows g and
+// g + 8: one 16-byte store each.
+template <typename T, int KS, int U>
 __global__ void __launch_bounds__(kRowsThreads) rows_expand_kernel(SgmvExpandArgs a) {
-  constexpr int kRows = 16 * RG;
-  __shared__ int rows[kTileRows];
+  constexpr int LDS = 16 * KS + 8;  // S row pitch (elements): 16-byte rows, spread banks
+  __shared__ __align__(16) T Ss[kTileRows * LDS];
 
   Tile tl;
   if (!find_tile(blockIdx.x, a.seg, a.L, tl)) return;
   const int grp = tl.g;
   const int r = grp < a.L ? rank_of(a.ranks, grp, a.R) : 0;
   const int nrows = static_cast<int>(tl.end - tl.begin);
-  for (int e = threadIdx.x; e < kTileRows; e += blockDim.x)
-    rows[e] = e < nrows ? static_cast<int>(a.seg.perm[tl.begin + e]) : 0;
-  __syncthreads();
-  auto s_value4 = [&](int row, int c) {  // S[row, c .. c + 3] summed over the split partials (c % 4 == 0)
-    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-    for (int p = 0; p < a.split; ++p) {
-      const float4 q = *reinterpret_cast<const float4*>(a.part + (static_cast<int64_t>(p) * a.M + row) * a.R + c);
-      v.x += q.x; v.y += q.y; v.z += q.z; v.w += q.w;
-    }
-    return v;
-  };
-  if (a.s_out != nullptr && blockIdx.y == 0) {  // S for backward, one writer per row
-    for (int e = threadIdx.x; e < nrows * (a.R / 4); e += blockDim.x) {
-      const int o = e / (a.R / 4);
-      const int c = (e % (a.R / 4)) * 4;
-      float4 v = s_value4(rows[o], c);
-      if (c + 0 >= r) v.x = 0.f;
-      if (c + 1 >= r) v.y = 0.f;
-      if (c + 2 >= r) v.z = 0.f;
-      if (c + 3 >= r) v.w = 0.f;
-      *reinterpret_cast<float4*>(a.s_out + static_cast<int64_t>(rows[o]) * a.R + c) = v;
-    }
-  }
+  const int64_t* perm = a.seg.perm + tl.begin;
 
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
@@ -1127,96 +1112,125 @@ __global__ void __launch_bounds__(kRowsThreads) rows_expand_kernel(SgmvExpandArg
   T* out = static_cast<T*>(a.out);
   constexpr int kUnitCols = 32 * U;
   const int64_t n_units = (a.D + kUnitCols - 1) / kUnitCols;
-  const int64_t unit_stride = static_cast<int64_t>(gridDim.y) * kRowsWarps;
+  const int64_t stride = static_cast<int64_t>(gridDim.y) * kRowsWarps;
   const int64_t unit0 = static_cast<int64_t>(blockIdx.y) * kRowsWarps + warp;
   const float scale = r > 0 ? a.scales[grp] : 0.f;
   const T* Bl = static_cast<const T*>(a.V) + static_cast<int64_t>(grp) * a.D * a.R;
-  // ranks 16 ks + 4 tq + 0..3 of this lane: the part of each 8-byte B load (and S pair) below r
+  // ranks 16 ks + 4 tq + 0..3 of this lane: the part of each 8-byte B load below r (B may hold
+  // anything past an adapter's rank, NaN included: those elements are zeroed, not multiplied by 0)
   uint64_t keep[KS];
 #pragma unroll
   for (int ks = 0; ks < KS; ++ks) {
     const int n_ok = dmax(0, dmin(4, r - (16 * ks + 4 * tq)));
     keep[ks] = n_ok >= 4 ? ~0ull : ((1ull << (16 * n_ok)) - 1);
   }
-
-  for (int p0 = 0; p0 < nrows; p0 += kRows) {
-    int orow[RG][2];  // output rows of this lane (-1 past the tile)
+  // B operand of n-tile nt, logical column g: physical column 8 (g / 2) + 2 nt + g % 2 of its group
+  auto load_b = [&](int64_t unit, uint2 (&bv)[U][4][KS]) {
 #pragma unroll
-    for (int rg = 0; rg < RG; ++rg)
+    for (int u = 0; u < U; ++u)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int o = p0 + 16 * rg + 8 * h + gq;
-        orow[rg][h] = o < nrows ? rows[o] : -1;
+      for (int nt = 0; nt < 4; ++nt) {
+        const int64_t n = unit * kUnitCols + 32 * u + 8 * (gq >> 1) + 2 * nt + (gq & 1);
+#pragma unroll
+        for (int ks = 0; ks < KS; ++ks) {
+          const int c = 16 * ks + 4 * tq;
+          bv[u][nt][ks] = make_uint2(0, 0);
+          if (r > 0 && unit < n_units && n < a.D && c < a.R) {
+            const uint2 raw = *reinterpret_cast<const uint2*>(Bl + n * a.R + c);
+            bv[u][nt][ks] =
+                make_uint2(raw.x & static_cast<uint32_t>(keep[ks]), raw.y & static_cast<uint32_t>(keep[ks] >> 32));
+          }
+        }
       }
-    uint32_t sf[RG][KS][4];  // S as MMA a-operands: {row g: c, c+1 | row g+8: c, c+1 | row g: c+2, c+3 | ...}
+  };
+  uint2 b0[U][4][KS], b1[U][4][KS];
+  load_b(unit0, b0);
+
+  // S of the tile's rows into shared memory (zeros past the rank and past the tile), and for
+  // backward (s_out) in fp32, one writer per row
+  for (int e = threadIdx.x; e < kTileRows * 4 * KS; e += blockDim.x) {
+    const int o = e / (4 * KS);
+    const int c = (e % (4 * KS)) * 4;
+    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (o < nrows && c < a.R) {
+      const int64_t row = perm[o];
+      for (int p = 0; p < a.split; ++p) {
+        const float4 q = *reinterpret_cast<const float4*>(a.part + (static_cast<int64_t>(p) * a.M + row) * a.R + c);
+        v.x += q.x; v.y += q.y; v.z += q.z; v.w += q.w;
+      }
+      if (c + 0 >= r) v.x = 0.f;
+      if (c + 1 >= r) v.y = 0.f;
+      if (c + 2 >= r) v.z = 0.f;
+      if (c + 3 >= r) v.w = 0.f;
+      if (a.s_out != nullptr && blockIdx.y == 0) *reinterpret_cast<float4*>(a.s_out + row * a.R + c) = v;
+    }
+    uint2 packed;
+    packed.x = pack2<T>(v.x, v.y);
+    packed.y = pack2<T>(v.z, v.w);
+    *reinterpret_cast<uint2*>(Ss + o * LDS + c) = packed;
+  }
+  __syncthreads();
+  int orow[kTileRows / 8];  // output row of each of this lane's 8 row slots (-1 past the tile)
 #pragma unroll
-    for (int rg = 0; rg < RG; ++rg)
+  for (int q = 0; q < kTileRows / 8; ++q) {
+    const int o = 8 * q + gq;
+    orow[q] = o < nrows ? static_cast<int>(perm[o]) : -1;
+  }
+
+  auto run_unit = [&](int64_t unit, const uint2 (&bv)[U][4][KS]) {
+#pragma unroll 1
+    for (int rg = 0; rg * 16 < nrows; ++rg) {  // block-uniform trip count
+      uint32_t sf[KS][4];  // S as MMA a-operands: {row g: c, c+1 | row g+8: c, c+1 | row g: c+2, c+3 | ...}
 #pragma unroll
       for (int ks = 0; ks < KS; ++ks) {
-        const int c = 16 * ks + 4 * tq;
-        float4 v[2];
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          v[h] = make_float4(0.f, 0.f, 0.f, 0.f);
-          if (r > 0 && orow[rg][h] >= 0 && c < a.R) v[h] = s_value4(orow[rg][h], c);
-        }
-        uint32_t p[4] = {pack2<T>(v[0].x, v[0].y), pack2<T>(v[1].x, v[1].y), pack2<T>(v[0].z, v[0].w),
-                         pack2<T>(v[1].z, v[1].w)};
-        sf[rg][ks][0] = p[0] & static_cast<uint32_t>(keep[ks]);
-        sf[rg][ks][1] = p[1] & static_cast<uint32_t>(keep[ks]);
-        sf[rg][ks][2] = p[2] & static_cast<uint32_t>(keep[ks] >> 32);
-        sf[rg][ks][3] = p[3] & static_cast<uint32_t>(keep[ks] >> 32);
+        const T* p = Ss + (16 * rg + gq) * LDS + 16 * ks + 4 * tq;
+        const uint2 lo = *reinterpret_cast<const uint2*>(p);
+        const uint2 hi = *reinterpret_cast<const uint2*>(p + 8 * LDS);
+        sf[ks][0] = lo.x;
+        sf[ks][1] = hi.x;
+        sf[ks][2] = lo.y;
+        sf[ks][3] = hi.y;
       }
-
-#pragma unroll 1
-    for (int64_t unit = unit0; unit < n_units; unit += unit_stride) {
-      const int64_t n_base = unit * kUnitCols;
-      uint2 bv[U][4][KS];
-      // B operand of n-tile nt, logical column g: physical column 8 (g / 2) + 2 nt + g % 2
+      int rows2[2] = {-1, -1};
 #pragma unroll
-      for (int u = 0; u < U; ++u)
-#pragma unroll
-        for (int nt = 0; nt < 4; ++nt) {
-          const int64_t n = n_base + 32 * u + 8 * (gq >> 1) + 2 * nt + (gq & 1);
-#pragma unroll
-          for (int ks = 0; ks < KS; ++ks) {
-            const int c = 16 * ks + 4 * tq;
-            bv[u][nt][ks] = make_uint2(0, 0);
-            if (r > 0 && n < a.D && c < a.R) {
-              const uint2 raw = *reinterpret_cast<const uint2*>(Bl + n * a.R + c);
-              bv[u][nt][ks] = make_uint2(raw.x & static_cast<uint32_t>(keep[ks]), raw.y & static_cast<uint32_t>(keep[ks] >> 32));
-            }
-          }
-        }
+      for (int q = 0; q < kTileRows / 8; ++q) {  // orow[2 rg], orow[2 rg + 1] without dynamic indexing
+        if (q == 2 * rg) rows2[0] = orow[q];
+        if (q == 2 * rg + 1) rows2[1] = orow[q];
+      }
 #pragma unroll
       for (int u = 0; u < U; ++u) {
-        const int64_t n8 = n_base + 32 * u + 8 * tq;  // this lane's 8 output columns
+        float acc[4][4];
 #pragma unroll
-        for (int rg = 0; rg < RG; ++rg) {
-          float acc[4][4];
+        for (int nt = 0; nt < 4; ++nt) {
 #pragma unroll
-          for (int nt = 0; nt < 4; ++nt) {
+          for (int i = 0; i < 4; ++i) acc[nt][i] = 0.f;
 #pragma unroll
-            for (int i = 0; i < 4; ++i) acc[nt][i] = 0.f;
-#pragma unroll
-            for (int ks = 0; ks < KS; ++ks) {
-              const uint32_t b[2] = {bv[u][nt][ks].x, bv[u][nt][ks].y};
-              mma_16816<T>(acc[nt], sf[rg][ks], b);
-            }
+          for (int ks = 0; ks < KS; ++ks) {
+            const uint32_t b[2] = {bv[u][nt][ks].x, bv[u][nt][ks].y};
+            mma_16816<T>(acc[nt], sf[ks], b);
           }
+        }
+        const int64_t n8 = unit * kUnitCols + 32 * u + 8 * tq;  // this lane's 8 output columns
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            if (orow[rg][h] < 0 || n8 >= a.D) continue;
-            uint4 vals;
-            vals.x = pack2<T>(scale * acc[0][2 * h], scale * acc[0][2 * h + 1]);
-            vals.y = pack2<T>(scale * acc[1][2 * h], scale * acc[1][2 * h + 1]);
-            vals.z = pack2<T>(scale * acc[2][2 * h], scale * acc[2][2 * h + 1]);
-            vals.w = pack2<T>(scale * acc[3][2 * h], scale * acc[3][2 * h + 1]);
-            st16(out + static_cast<int64_t>(orow[rg][h]) * a.stride_om + n8, vals);
-          }
+        for (int h = 0; h < 2; ++h) {
+          if (rows2[h] < 0 || n8 >= a.D) continue;
+          uint4 vals;
+          vals.x = pack2<T>(scale * acc[0][2 * h], scale * acc[0][2 * h + 1]);
+          vals.y = pack2<T>(scale * acc[1][2 * h], scale * acc[1][2 * h + 1]);
+          vals.z = pack2<T>(scale * acc[2][2 * h], scale * acc[2][2 * h + 1]);
+          vals.w = pack2<T>(scale * acc[3][2 * h], scale * acc[3][2 * h + 1]);
+          st16(out + static_cast<int64_t>(rows2[h]) * a.stride_om + n8, vals);
         }
       }
     }
+  };
+#pragma unroll 1
+  for (int64_t unit = unit0; unit < n_units; unit += 2 * stride) {  // warp-uniform
+    load_b(unit + stride, b1);
+    run_unit(unit, b0);
+    if (unit + stride >= n_units) break;
+    load_b(unit + 2 * stride, b0);
+    run_unit(unit + stride, b1);
   }
 }
 
@@ -1384,34 +1398,41 @@ bool rows_kernels_ok(DType dtype, const void* x, int64_t stride_xm, int64_t K, c
          stride_xm % 8 == 0 && stride_ym % 8 == 0 && aligned16(x) && aligned16(A) && aligned16(B) && aligned16(y);
 }
 
-int rows_shrink_split(int64_t M, int L, int64_t D, int sm_count, int64_t* d_chunk) {
-  // ~8 blocks per SM (4 warps each, ~64 registers: 8 fit), each with U steps of 16-byte loads per
-  // lane in flight: 1024 rows over 128 adapters at r = 16, K = 4096: 145 tile slots (128 used),
-  // split 8 of 512 columns, ~8 blocks per SM with ~3 KB in flight per warp (x and A). Columns per
-  // block stay a multiple of 128 (4 warps x 32) and >= 256 so the partials stay small next to x.
+int rows_shrink_split(int64_t M, int L, int64_t D, int sm_count, int64_t* d_chunk, int blocks_per_sm) {
+  // ~6 blocks per SM (4 warps each, 70-100 registers), each lane with U steps of 16-byte loads in
+  // flight: 1024 rows over 128 adapters at r = 16, K = 4096: 145 tile slots (128 used), split 6 of
+  // 768 columns. Columns per block stay a multiple of 128 (4 warps x 32) and >= 256 so that the
+  // partials (M x R x 4 bytes per split) stay small next to x. A sweep of 4..24 blocks per SM
+  // (benchmarks/sweep_multi_rows.py, H100) moved the forward by < 10%, within run-to-run noise.
   const int64_t tiles = std::max<int64_t>(1, max_tiles(M, L));
-  const int64_t want = 8LL * std::max(sm_count, 1);
+  const int64_t want = static_cast<int64_t>(blocks_per_sm > 0 ? blocks_per_sm : 6) * std::max(sm_count, 1);
   const int64_t split = std::min<int64_t>(std::max<int64_t>(1, cdiv(want, tiles)), std::max<int64_t>(1, D / 256));
   *d_chunk = std::max<int64_t>(128, cdiv(cdiv(D, split), 128) * 128);
   return static_cast<int>(std::max<int64_t>(1, cdiv(D, *d_chunk)));
 }
 
-// Template shapes: NT n-tiles of 8 ranks (shrink) or KS k-steps of 16 ranks (expand), RG row
-// groups of 16 per pass, U steps / units with their loads in flight at once; chosen so that the
-// accumulators and in-flight operands stay near 64 registers (8 blocks of 128 threads per SM).
+// Template shapes: NT n-tiles of 8 ranks (shrink) or KS k-steps of 16 ranks (expand), RG row groups
+// of 16 per shrink pass, U steps / units with their loads in flight at once; chosen so that the
+// accumulators and in-flight operands stay under ~100 registers (5+ blocks of 128 threads per SM).
+// The shrink takes one row group per pass where adapters average <= 16 rows (decode batches: 4
+// steps of loads in flight instead of 2), two otherwise (A re-read from L2 once per 32 rows).
 cudaError_t rows_shrink(DType dtype, const SgmvShrinkArgs& a, cudaStream_t stream) {
   if (a.M == 0 || a.seg.n_tiles_max == 0) return cudaSuccess;
   if (!a.w_d_contiguous || a.R > 64 || dtype == DType::kFloat32) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>(a.seg.n_tiles_max), static_cast<unsigned>(a.split));
+  const bool short_segments = a.M <= 16LL * std::max(a.L, 1);
   return with_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     if constexpr (!std::is_same<T, float>::value) {
       if (a.R <= 8) {
-        rows_shrink_kernel<T, 1, 2, 2><<<grid, kRowsThreads, 0, stream>>>(a);
+        if (short_segments) rows_shrink_kernel<T, 1, 1, 4><<<grid, kRowsThreads, 0, stream>>>(a);
+        else rows_shrink_kernel<T, 1, 2, 2><<<grid, kRowsThreads, 0, stream>>>(a);
       } else if (a.R <= 16) {
-        rows_shrink_kernel<T, 2, 2, 2><<<grid, kRowsThreads, 0, stream>>>(a);
+        if (short_segments) rows_shrink_kernel<T, 2, 1, 4><<<grid, kRowsThreads, 0, stream>>>(a);
+        else rows_shrink_kernel<T, 2, 2, 2><<<grid, kRowsThreads, 0, stream>>>(a);
       } else if (a.R <= 32) {
-        rows_shrink_kernel<T, 4, 2, 1><<<grid, kRowsThreads, 0, stream>>>(a);
+        if (short_segments) rows_shrink_kernel<T, 4, 1, 2><<<grid, kRowsThreads, 0, stream>>>(a);
+        else rows_shrink_kernel<T, 4, 2, 1><<<grid, kRowsThreads, 0, stream>>>(a);
       } else {
         rows_shrink_kernel<T, 8, 1, 1><<<grid, kRowsThreads, 0, stream>>>(a);
       }
@@ -1419,26 +1440,28 @@ cudaError_t rows_shrink(DType dtype, const SgmvShrinkArgs& a, cudaStream_t strea
   });
 }
 
-cudaError_t rows_expand(DType dtype, const SgmvExpandArgs& a, int sm_count, cudaStream_t stream) {
+cudaError_t rows_expand(DType dtype, const SgmvExpandArgs& a, int sm_count, cudaStream_t stream, int blocks_per_sm) {
   if (a.M == 0 || a.D == 0 || a.seg.n_tiles_max == 0) return cudaSuccess;
   if (!a.v_c_contiguous || a.R > 64 || a.R % 4 != 0 || dtype == DType::kFloat32) return cudaErrorInvalidValue;
-  // Column groups for ~8 blocks per SM; each warp walks units of 32 U columns strided over the grid.
-  // 1024 rows over 128 adapters at r = 16, N = 4096: 145 tile slots x 8 groups, 32 units of 128
-  // columns per tile: one unit per warp (4 KB of B in flight per warp, 2 KB of y written).
-  const int U = a.R <= 16 ? 4 : 2;
+  // Column groups for ~8 blocks per SM in all; each warp walks units of 32 U columns strided over
+  // the grid, the next unit's B in flight while the current one is stored. 1024 rows over 128
+  // adapters at r = 16, N = 4096: 145 tile slots x 7 groups, 64 units of 64 columns per tile, 2-3
+  // per warp. Measured (H100, 3..24 blocks per SM): 3 is 5-40% slower, 5..24 within ~10%.
+  const int U = a.R <= 16 ? 2 : 1;
   const int64_t warp_units = cdiv(a.D, 32LL * U);
   const int64_t groups = std::min<int64_t>(std::max<int64_t>(1, cdiv(warp_units, kRowsWarps)),
-                                           std::max<int64_t>(1, cdiv(8LL * std::max(sm_count, 1), a.seg.n_tiles_max)));
+                                           std::max<int64_t>(1, (static_cast<int64_t>(blocks_per_sm > 0 ? blocks_per_sm : 8) *
+                                                                  std::max(sm_count, 1)) / a.seg.n_tiles_max));
   const dim3 grid(static_cast<unsigned>(a.seg.n_tiles_max), static_cast<unsigned>(groups));
   return with_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     if constexpr (!std::is_same<T, float>::value) {
       if (a.R <= 16) {
-        rows_expand_kernel<T, 1, 2, 4><<<grid, kRowsThreads, 0, stream>>>(a);
+        rows_expand_kernel<T, 1, 2><<<grid, kRowsThreads, 0, stream>>>(a);
       } else if (a.R <= 32) {
-        rows_expand_kernel<T, 2, 2, 2><<<grid, kRowsThreads, 0, stream>>>(a);
+        rows_expand_kernel<T, 2, 1><<<grid, kRowsThreads, 0, stream>>>(a);
       } else {
-        rows_expand_kernel<T, 4, 1, 2><<<grid, kRowsThreads, 0, stream>>>(a);
+        rows_expand_kernel<T, 4, 1><<<grid, kRowsThreads, 0, stream>>>(a);
       }
     }
   });

@@ -147,9 +147,11 @@ cudaError_t sgmv_expand(DType dtype, const SgmvExpandArgs& a, int sm_count, cuda
 // call qualifies (its pointers, strides and sizes); the split of the shrink's D is its own.
 bool rows_kernels_ok(DType dtype, const void* x, int64_t stride_xm, int64_t K, const void* A, const void* B, int R,
                      const void* y, int64_t stride_ym, int64_t N);
-int rows_shrink_split(int64_t M, int L, int64_t D, int sm_count, int64_t* d_chunk);
+// blocks_per_sm: the grid each launcher aims at (0: its measured default).
+int rows_shrink_split(int64_t M, int L, int64_t D, int sm_count, int64_t* d_chunk, int blocks_per_sm = 0);
 cudaError_t rows_shrink(DType dtype, const SgmvShrinkArgs& a, cudaStream_t stream);
-cudaError_t rows_expand(DType dtype, const SgmvExpandArgs& a, int sm_count, cudaStream_t stream);
+cudaError_t rows_expand(DType dtype, const SgmvExpandArgs& a, int sm_count, cudaStream_t stream,
+                        int blocks_per_sm = 0);
 
 // Per-adapter sum over that adapter's rows only, in sorted (= original, the sort is stable) row order:
 //   out[l, p, q] = s[l] * sum_{i : idx[i] = l} U[i, p] * V[i, q]

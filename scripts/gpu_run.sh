@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU run: tests, kernel tuning and benchmarks in one call, logs under $OUT, short table last.
-#   bash scripts/gpu_run.sh [stage ...]     stages: info tests ptests multitests tune kt diag hostprof mprof profile ncu sanitize extout
+#   bash scripts/gpu_run.sh [stage ...]     stages: info tests ptests multitests tune kt diag hostprof mprof profile ncu mncu msweep sanitize extout
 #                                                   bench cli e2e multi
 #                                           (default: info tests tune bench cli)
 # Each stage has its own time limit, so one stage that hangs cannot eat the whole call.
@@ -65,6 +65,15 @@ for s in $stages; do
         --section Occupancy --section WarpStateStats --section LaunchStats python benchmarks/ncu_kernels.py ${NCU_SHAPE:-}
       grep -E "^  _lora|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|Block Limit|Dynamic Shared" \
         "$OUT/ncu.log" >> "$summary" ;;
+    mncu)  # the multi-adapter forward kernels of three decode cases under Nsight Compute
+      run_stage mncu ${NCU_LIMIT:-150} ncu --clock-control none --kernel-name regex:"rows_|sort_segments|bgmv|sgmv" \
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \
+        --section LaunchStats python benchmarks/ncu_multi.py ${MNCU_CASES:-}
+      grep -E "^case|^  [a-z_]+.*\(|Duration|DRAM Throughput|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|Block Limit Reg|Waves Per SM" \
+        "$OUT/mncu.log" >> "$summary" ;;
+    msweep)  # grid targets of the register kernels on decode cases
+      run_stage msweep ${MSWEEP_LIMIT:-150} python benchmarks/sweep_multi_rows.py ${MSWEEP_CASES:-}
+      cat "$OUT/msweep.log" >> "$summary" ;;
     sanitize)  # the multi-adapter kernels' small case under compute-sanitizer (memory, races, barriers)
       for tool in memcheck racecheck synccheck; do
         run_stage "san_$tool" ${SAN_LIMIT:-120} compute-sanitizer --tool $tool --error-exitcode 9 \

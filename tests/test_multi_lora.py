@@ -415,15 +415,30 @@ def test_route_agrees_with_dispatch_and_grad_recording(monkeypatch):
 
 
 def test_regime_rule():
-    """The measured crossovers (H100, graphs): decode below ~512 / r rows per adapter."""
-    assert lora_kernels.multi_lora_regime(64, 8)[0] == "decode"  # few rows
-    assert lora_kernels.multi_lora_regime(1024, 128, 16)[0] == "decode"  # 8 rows/adapter at r16
-    assert lora_kernels.multi_lora_regime(1024, 64, 64)[0] == "segment"  # 16 rows/adapter at r64
-    assert lora_kernels.multi_lora_regime(8192, 8, 16)[0] == "segment"  # prefill: 1024 rows/adapter
-    regime, why = lora_kernels.multi_lora_regime(4096, 64, 16)
-    assert regime == "segment" and "tile" in why
-    regime, why = lora_kernels.multi_lora_regime(1024, 128, 16)
-    assert regime == "decode" and "512 / r" in why
+    """The measured crossovers (H100, graphs): with the register kernels segment from 2 rows per
+    adapter (and 128 rows); with the tile kernels decode below ~512 / r rows per adapter."""
+    regime = lora_kernels.multi_lora_regime
+    assert regime(64, 8)[0] == "decode"  # few rows: the sort costs more than the re-reads
+    assert regime(256, 32, 16)[0] == "segment"  # 8 rows/adapter, register kernels
+    assert regime(1024, 128, 16)[0] == "segment"
+    assert regime(256, 256, 16)[0] == "decode"  # 1 row/adapter: nothing to share
+    assert regime(1024, 128, 16, register_kernels=False)[0] == "decode"  # 8 rows/adapter at r16, tile kernels
+    assert regime(1024, 64, 64, register_kernels=False)[0] == "segment"  # 16 rows/adapter at r64
+    assert regime(256, 128, 128)[0] == "decode"  # r > 64: tile kernels (512 / r = 4 rows), whatever the flag says
+    assert regime(8192, 8, 16)[0] == "segment"  # prefill: 1024 rows/adapter
+    r, why = regime(4096, 64, 16)
+    assert r == "segment" and "register kernels" in why and "tile of its rows" in why
+    r, why = regime(1024, 128, 16, register_kernels=False)
+    assert r == "decode" and "512 / r" in why
+
+
+def test_register_kernels_apply_follows_dtype_rank_and_alignment():
+    x = torch.empty(4, 64, dtype=torch.bfloat16)
+    assert ml.register_kernels_apply(x, torch.empty(3, 16, 64, dtype=torch.bfloat16))
+    assert not ml.register_kernels_apply(x.float(), torch.empty(3, 16, 64))  # fp32: tile kernels
+    assert not ml.register_kernels_apply(x, torch.empty(3, 12, 64, dtype=torch.bfloat16))  # r % 8
+    assert not ml.register_kernels_apply(x, torch.empty(3, 128, 64, dtype=torch.bfloat16))  # r > 64
+    assert not ml.register_kernels_apply(torch.empty(4, 65, dtype=torch.half), torch.empty(3, 16, 65))  # K % 8
 
 
 def test_regime_env_override(monkeypatch):

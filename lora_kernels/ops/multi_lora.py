@@ -46,35 +46,45 @@ from .. import _backend, _ext
 # configs
 # ================================================================================================
 MAX_CUDA_RANK = 256  # r_max the CUDA kernels take (a row of S sits in shared memory in decode)
-# Regime rule (forward; backward always uses segments). The segment regime pays for a sort and a
-# tile table (3-4 extra launches, an estimated 5-10 us on an H100) and then reads each adapter
-# once per 64-row tile; the decode regime re-reads a row's adapter for every row (from L2 when rows
-# share it: 256 KB per row at r = 16, K = N = 4096). Sharing pays when rows outnumber adapters
-# (M >= 4 L); under 128 rows the set-up costs more than the re-reads. Estimates: the benchmark
-# (`python -m lora_kernels bench --only multi`) times both regimes on every case to check them.
+# Regime rule (forward; backward always uses segments). The segment regime sorts the rows once (one
+# launch up to 8192 rows: ~6 us on an H100 at 1024 rows) and then reads each adapter once per tile;
+# the decode regime needs no sort but re-reads a row's adapter for every row (from L2 when rows
+# share it: 256 KB per row at r = 16, K = N = 4096). Measured on an H100 (bf16, H = 4096, CUDA
+# graphs, `python -m lora_kernels bench --only multi`):
+#   T64 L8 r16 zipf          decode 0.0088 ms, segment 0.0141 (0.0109 with the rows sorted before)
+#   T256 L32 r16 uniform     decode 0.0236,    segment 0.0148
+#   T1024 L128 r16 distinct  decode 0.0755,    segment 0.0364 (tile kernels: 0.114)
+# so with the register kernels (16-bit, r_max <= 64, K % 8 == 0) the segment regime wins from 2 rows
+# per adapter once the batch has 128 rows. The shared-memory tile kernels (fp32, larger ranks,
+# unaligned sizes) pad each segment to 64 rows and need more rows per adapter to win: decode won
+# up to 32 rows per adapter at r = 16 and segment from 16 at r = 64, i.e. ~512 / r.
 SEGMENT_MIN_ROWS = 128
-# Decode re-reads each row's adapter (cost ~ rows x r), segment reads each adapter once per 64-row
-# tile: measured on an H100 (bf16, H = 4096, CUDA graphs), decode wins up to 32 rows per adapter at
-# r = 16 (1024 rows / 128 adapters: 0.074 vs 0.168 ms) and segment wins at 16 rows per adapter at
-# r = 64 (0.163 vs 0.287 ms), so the crossover falls as 1 / r: rows per adapter ~ 512 / r.
-# Those segment times predate the pipelined segment kernels (cp.async ring in the shrink, S built
-# once per expand block): if segment reaches ~60% of HBM bandwidth, T1024 L128 r16 costs ~0.03 ms
-# + ~0.01 ms of sort and tile table, under decode's 0.075 ms (bound by 256 MB of L2 re-reads), which
-# would move the crossover to ~128 / r. Unchanged until the benchmark's ext:decode / ext:segment
-# rows (both timed on every case) confirm it.
 SEGMENT_ROWS_PER_ADAPTER_X_RANK = 512
 SEGMENT_MIN_ROWS_PER_ADAPTER = 4
+REGISTER_KERNELS_MIN_ROWS_PER_ADAPTER = 2
+REGISTER_KERNELS_MAX_RANK = 64
 REGIME_ENV = "LORA_KERNELS_MULTI_REGIME"  # auto (default) | decode | segment: force one (CUDA only)
 CHECK_ENV = "LORA_KERNELS_CHECK_INDICES"  # 1 (default) | 0: skip the host-side value check
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
-def _min_rows_per_adapter(r_max: int) -> int:
+def _min_rows_per_adapter(r_max: int, register_kernels: bool = False) -> int:
+    if register_kernels:
+        return REGISTER_KERNELS_MIN_ROWS_PER_ADAPTER
     return max(SEGMENT_MIN_ROWS_PER_ADAPTER, SEGMENT_ROWS_PER_ADAPTER_X_RANK // max(1, r_max))
 
 
-def _regime(M: int, L: int, r_max: int = 16) -> str:
+def register_kernels_apply(x: torch.Tensor, lora_A: torch.Tensor) -> bool:
+    """Whether the segment forward of these tensors runs on the extension's register kernels (16-bit
+    x, r_max a multiple of 8 up to 64, K a multiple of 8; the extension also needs N % 8 == 0 and
+    16-byte aligned rows, else it takes the tile kernels)."""
+    R, K = lora_A.shape[1], x.shape[-1]
+    return (x.dtype in (torch.float16, torch.bfloat16) and R % 8 == 0 and R <= REGISTER_KERNELS_MAX_RANK
+            and K % 8 == 0)
+
+
+def _regime(M: int, L: int, r_max: int = 16, register_kernels: bool = False) -> str:
     """The regime choose_regime names, without building its reason (the per-call path)."""
     forced = os.environ.get(REGIME_ENV)
     if forced:
@@ -83,24 +93,29 @@ def _regime(M: int, L: int, r_max: int = 16) -> str:
             return forced
         if forced != "auto":
             raise ValueError(f"{REGIME_ENV}={forced!r} is not understood; expected auto, decode or segment")
-    if M < SEGMENT_MIN_ROWS or M < _min_rows_per_adapter(r_max) * L:
+    if M < SEGMENT_MIN_ROWS or M < _min_rows_per_adapter(r_max, register_kernels) * L:
         return "decode"
     return "segment"
 
 
-def choose_regime(M: int, L: int, r_max: int = 16) -> tuple[str, str]:
-    """(regime, reason) for the CUDA forward of M rows over L adapters of rank <= r_max."""
-    regime = _regime(M, L, r_max)
+def choose_regime(M: int, L: int, r_max: int = 16, register_kernels: bool = True) -> tuple[str, str]:
+    """(regime, reason) for the CUDA forward of M rows over L adapters of rank <= r_max;
+    register_kernels: whether the segment forward would run on the register kernels (see
+    `register_kernels_apply`; False for fp32 or unaligned sizes)."""
+    register_kernels = register_kernels and r_max % 8 == 0 and r_max <= REGISTER_KERNELS_MAX_RANK
+    regime = _regime(M, L, r_max, register_kernels)
     if os.environ.get(REGIME_ENV, "auto").strip().lower() != "auto":
         return regime, f"{REGIME_ENV}={regime}"
     if M < SEGMENT_MIN_ROWS:
         return regime, f"M = {M} < {SEGMENT_MIN_ROWS} rows: sorting costs more than re-reading adapters"
-    k = _min_rows_per_adapter(r_max)
+    k = _min_rows_per_adapter(r_max, register_kernels)
+    per = (f"{k} rows per adapter (register kernels)" if register_kernels
+           else f"512 / r = {k} rows per adapter (tile kernels)")
     if M < k * L:
-        return regime, (f"M = {M} < {k} x L = {k * L} (rows per adapter below 512 / r = {k}): re-reading "
-                        "each row's adapter costs less than sorting rows into segments")
-    return regime, (f"M = {M} >= {SEGMENT_MIN_ROWS} and >= {k} x L: rows share adapters, each adapter is "
-                    "read once per 64-row tile")
+        return regime, (f"M = {M} < {k} x L = {k * L}, below {per}: re-reading each row's adapter costs less "
+                        "than sorting rows into segments")
+    return regime, (f"M = {M} >= {SEGMENT_MIN_ROWS} and >= {k} x L ({per}): rows share adapters, each adapter "
+                    "is read once per tile of its rows")
 
 
 @dataclass(frozen=True)
@@ -303,14 +318,15 @@ def _route(x: torch.Tensor, lora_A: torch.Tensor) -> tuple[str, str]:
         return ("cpu", "loop") if _ext_ops() is not None else ("torch", "reference")
     if kind != "cuda" or _ext_ops() is None or not _ext.has_cuda_kernels() or lora_A.shape[1] > MAX_CUDA_RANK:
         return "torch", "reference"
-    return "cuda", _regime(math.prod(x.shape[:-1]), lora_A.shape[0], lora_A.shape[1])
+    return "cuda", _regime(math.prod(x.shape[:-1]), lora_A.shape[0], lora_A.shape[1], register_kernels_apply(x, lora_A))
 
 
 def multi_lora_dispatch(x: torch.Tensor, lora_A: torch.Tensor) -> Dispatch:
     """Which implementation `multi_lora` runs for these tensors, and why (builds the extension on first use)."""
     backend, regime = _route(x, lora_A)
     if backend == "cuda":
-        return Dispatch("cuda", regime, choose_regime(math.prod(x.shape[:-1]), lora_A.shape[0], lora_A.shape[1])[1])
+        return Dispatch("cuda", regime, choose_regime(math.prod(x.shape[:-1]), lora_A.shape[0], lora_A.shape[1],
+                                                      register_kernels_apply(x, lora_A))[1])
     if backend == "cpu":
         return Dispatch("cpu", "loop", "CPU tensors: the extension's C++ implementation")
     if _backend.requested() == "torch":
