@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <string>
 #include <tuple>
+#include <utility>
 
 #include "multi_lora_kernels.cuh"
 #include "multi_lora_ops.h"
@@ -57,35 +58,31 @@ int sm_count(int device) {
 struct SegmentTensors {
   Tensor perm, seg_start, tile_start;
   Segments view;
+
+  SegmentTensors(Tensor p, Tensor s, Tensor t, int64_t M, int L)
+      : perm(std::move(p)), seg_start(std::move(s)), tile_start(std::move(t)),
+        view{perm.data_ptr<int64_t>(), seg_start.data_ptr<int32_t>(), tile_start.data_ptr<int32_t>(),
+             max_tiles(M, L)} {}
 };
 
 SegmentTensors make_segments(const Tensor& indices, int64_t M, int L, cudaStream_t stream) {
   const auto iopt = indices.options().dtype(at::kInt);
   if (M <= kSortMaxRows) {  // one launch: keys, sort and tile table in one block
-    SegmentTensors s;
-    s.perm = at::empty({M}, indices.options().dtype(at::kLong));
-    s.seg_start = at::empty({L + 2}, iopt);
-    s.tile_start = at::empty({L + 2}, iopt);
+    SegmentTensors s(at::empty({M}, indices.options().dtype(at::kLong)), at::empty({L + 2}, iopt),
+                     at::empty({L + 2}, iopt), M, L);
     check_launch(sort_segments(int_vec(indices), M, L, s.perm.data_ptr<int64_t>(), s.seg_start.data_ptr<int32_t>(),
                                s.tile_start.data_ptr<int32_t>(), stream),
                  "sort_segments");
-    s.view = Segments{s.perm.data_ptr<int64_t>(), s.seg_start.data_ptr<int32_t>(), s.tile_start.data_ptr<int32_t>(),
-                      max_tiles(M, L)};
     return s;
   }
   Tensor keys = at::empty({M}, iopt);
   check_launch(make_keys(int_vec(indices), M, L, keys.data_ptr<int32_t>(), stream), "make_keys");
-  // int32 keys: a single-kernel shared-memory sort up to 4096 rows, CUB radix sort beyond
+  // int32 keys: CUB radix sort (stable)
   auto sorted = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-  SegmentTensors s;
-  s.perm = std::get<1>(sorted);  // int64
-  s.seg_start = at::empty({L + 2}, iopt);
-  s.tile_start = at::empty({L + 2}, iopt);
+  SegmentTensors s(std::get<1>(sorted), at::empty({L + 2}, iopt), at::empty({L + 2}, iopt), M, L);
   check_launch(build_segments(std::get<0>(sorted).data_ptr<int32_t>(), M, L, s.seg_start.data_ptr<int32_t>(),
                               s.tile_start.data_ptr<int32_t>(), stream),
                "build_segments");
-  s.view = Segments{s.perm.data_ptr<int64_t>(), s.seg_start.data_ptr<int32_t>(), s.tile_start.data_ptr<int32_t>(),
-                    max_tiles(M, L)};
   return s;
 }
 
@@ -93,13 +90,7 @@ SegmentTensors make_segments(const Tensor& indices, int64_t M, int L, cudaStream
 // L, e.g. cached across the layers of a model for one batch), else sorted here.
 SegmentTensors segments_of(const Tensor& indices, int64_t M, int L, const OptSegments& given, cudaStream_t stream) {
   if (!std::get<0>(given).has_value()) return make_segments(indices, M, L, stream);
-  SegmentTensors s;
-  s.perm = *std::get<0>(given);
-  s.seg_start = *std::get<1>(given);
-  s.tile_start = *std::get<2>(given);
-  s.view = Segments{s.perm.data_ptr<int64_t>(), s.seg_start.data_ptr<int32_t>(), s.tile_start.data_ptr<int32_t>(),
-                    max_tiles(M, L)};
-  return s;
+  return SegmentTensors(*std::get<0>(given), *std::get<1>(given), *std::get<2>(given), M, L);
 }
 
 // The segment regime's forward kernels: the register kernels where a call qualifies (16-bit, r_max

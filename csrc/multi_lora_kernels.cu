@@ -272,37 +272,42 @@ __device__ __forceinline__ int64_t lower_bound(const int32_t* a, int64_t n, int 
 
 constexpr int kSegThreads = 1024;
 
-// One block: group g's rows are [lower_bound(g), lower_bound(g + 1)) of the sorted keys, and a
-// block-wide exclusive scan of ceil(count / kTileRows) gives each group's first tile. O(L log M)
-// work, a few microseconds for L in the thousands.
-__global__ void __launch_bounds__(kSegThreads)
-    build_segments_kernel(const int32_t* sorted_keys, int64_t M, int L, int32_t* seg_start, int32_t* tile_start) {
-  using Scan = cub::BlockScan<int, kSegThreads>;
-  __shared__ typename Scan::TempStorage tmp;
+// tile_start[g] = sum over g' < g of ceil(rows(g') / kTileRows) for g = 0 .. L + 1: a block-wide
+// exclusive scan over the L + 1 groups (the last one "no adapter"), NT groups at a time. rows(g)
+// is called once per group g <= L, by one thread.
+template <int NT, typename Rows>
+__device__ __forceinline__ void scan_tiles(int L, Rows rows, int32_t* tile_start,
+                                           typename cub::BlockScan<int, NT>::TempStorage& tmp) {
   __shared__ int carry;
   if (threadIdx.x == 0) carry = 0;
   __syncthreads();
   const int groups = L + 1;
-  for (int base = 0; base < groups; base += kSegThreads) {
+  for (int base = 0; base < groups; base += NT) {
     const int g = base + threadIdx.x;
-    int tiles = 0;
-    if (g < groups) {
-      const int64_t b = lower_bound(sorted_keys, M, g);
-      const int64_t e = lower_bound(sorted_keys, M, g + 1);
-      seg_start[g] = static_cast<int32_t>(b);
-      tiles = static_cast<int>((e - b + kTileRows - 1) / kTileRows);
-    }
+    const int tiles = g < groups ? static_cast<int>((rows(g) + kTileRows - 1) / kTileRows) : 0;
     int prefix = 0, total = 0;
-    Scan(tmp).ExclusiveSum(tiles, prefix, total);
+    cub::BlockScan<int, NT>(tmp).ExclusiveSum(tiles, prefix, total);
     if (g < groups) tile_start[g] = carry + prefix;
     __syncthreads();  // every thread has read carry (and tmp may be reused)
     if (threadIdx.x == 0) carry += total;
     __syncthreads();
   }
-  if (threadIdx.x == 0) {
-    seg_start[groups] = static_cast<int32_t>(M);
-    tile_start[groups] = carry;
-  }
+  if (threadIdx.x == 0) tile_start[groups] = carry;
+}
+
+// One block: group g's rows are [lower_bound(g), lower_bound(g + 1)) of the sorted keys, and a
+// block-wide exclusive scan of ceil(count / kTileRows) gives each group's first tile. O(L log M)
+// work, a few microseconds for L in the thousands.
+__global__ void __launch_bounds__(kSegThreads)
+    build_segments_kernel(const int32_t* sorted_keys, int64_t M, int L, int32_t* seg_start, int32_t* tile_start) {
+  __shared__ typename cub::BlockScan<int, kSegThreads>::TempStorage tmp;
+  auto rows = [&](int g) {
+    const int64_t b = lower_bound(sorted_keys, M, g);
+    seg_start[g] = static_cast<int32_t>(b);
+    return lower_bound(sorted_keys, M, g + 1) - b;
+  };
+  scan_tiles<kSegThreads>(L, rows, tile_start, tmp);
+  if (threadIdx.x == 0) seg_start[L + 1] = static_cast<int32_t>(M);
 }
 
 // make_keys, the stable sort and build_segments in one block, for M <= kSortMaxRows rows: at decode
@@ -317,13 +322,12 @@ __global__ void __launch_bounds__(kSortThreads)
     sort_segments_kernel(IntVec idx, int64_t M, int L, int end_bit, int64_t* perm, int32_t* seg_start,
                          int32_t* tile_start) {
   using Sort = cub::BlockRadixSort<int, kSortThreads, kItems, int>;
-  using Scan = cub::BlockScan<int, kSortThreads>;
+  using Scan = cub::BlockScan<int, kSortThreads>;  // scan_tiles' storage
   __shared__ union {
     typename Sort::TempStorage sort;
     int keys[kSortThreads * kItems];  // the sorted keys, once the sort is done
     typename Scan::TempStorage scan;  // the tile scan, once the keys are done
   } sm;
-  __shared__ int carry;
   const int pad = L + 1;  // past the "no adapter" group L: padding sorts last
   int keys[kItems], vals[kItems];
 #pragma unroll
@@ -352,21 +356,8 @@ __global__ void __launch_bounds__(kSortThreads)
     const int cur = p < M ? sm.keys[p] : pad;
     for (int g = prev + 1; g <= cur; ++g) seg_start[g] = static_cast<int32_t>(p);
   }
-  if (threadIdx.x == 0) carry = 0;
   __syncthreads();  // seg_start is visible to the block; the key array becomes the scan's storage
-  const int groups = L + 1;
-  for (int base = 0; base < groups; base += kSortThreads) {
-    const int g = base + threadIdx.x;
-    int tiles = 0;
-    if (g < groups) tiles = (seg_start[g + 1] - seg_start[g] + kTileRows - 1) / kTileRows;
-    int prefix = 0, total = 0;
-    Scan(sm.scan).ExclusiveSum(tiles, prefix, total);
-    if (g < groups) tile_start[g] = carry + prefix;
-    __syncthreads();  // every thread has read carry (and the scan storage may be reused)
-    if (threadIdx.x == 0) carry += total;
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) tile_start[groups] = carry;
+  scan_tiles<kSortThreads>(L, [&](int g) { return seg_start[g + 1] - seg_start[g]; }, tile_start, sm.scan);
 }
 
 struct Tile {

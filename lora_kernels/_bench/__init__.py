@@ -23,6 +23,16 @@ class Row:
     extra: dict = field(default_factory=dict)
 
 
+def lm_train_step(model, ids, opt):
+    """One language-model training step on token ids: forward with labels, backward, opt.step,
+    gradients dropped; returns the detached loss."""
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
 def gpu_time_ms(fn, warmup_ms: int = 25, rep_ms: int = 100) -> float:
     """Median milliseconds of fn() on the current CUDA device (CUDA events, after warm-up)."""
     import triton.testing

@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from . import Row
+from . import Row, lm_train_step
 
 FULL = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
             num_key_value_heads=8, vocab_size=32000)
@@ -99,14 +99,7 @@ def make_setup(impl: str, config: dict = FULL, batch: int = BATCH, seq: int = SE
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
 
-    def step():
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    return Setup(impl, model, step, opt)
+    return Setup(impl, model, lambda: lm_train_step(model, ids, opt), opt)
 
 
 def release(setup: Setup | None) -> None:

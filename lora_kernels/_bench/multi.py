@@ -47,7 +47,7 @@ import os
 
 import torch
 
-from . import Row, gpu_time_ms
+from . import Row, gpu_time_ms, lm_train_step
 
 POPULARITIES = ("distinct", "identical", "uniform", "zipf", "skewed")
 SEG_KERNELS_ENV = "LORA_KERNELS_MULTI_SEG_KERNELS"  # "tile": the extension's segment forward on its tile kernels
@@ -123,6 +123,17 @@ def prefill_indices(n_seq: int, L: int, seed: int = 0, lengths=(512, 2048), devi
         n = int(torch.randint(lengths[0], lengths[1] + 1, (1,), generator=g))
         parts.append(torch.full((n,), s % L, dtype=torch.int64))
     return torch.cat(parts).to(device)
+
+
+def decode_case(spec: str, device="cuda", dtype=torch.bfloat16):
+    """The tensors of a decode case named "T,L,r,popularity" at H = HIDDEN (the GPU scripts' argument):
+    (x [T, H], A, B, scales, idx, bytes that must move)."""
+    T, L, r, pop = spec.split(",")
+    T, L, r = int(T), int(L), int(r)
+    A, B, s = make_adapters(L, r, HIDDEN, HIDDEN, dtype=dtype, device=device)
+    idx = adapter_indices(T, L, pop, device=device)
+    x = torch.randn(T, HIDDEN, device=device, dtype=dtype)
+    return x, A, B, s, idx, decode_bytes(T, HIDDEN, HIDDEN, r, int(torch.unique(idx).numel()))
 
 
 def decode_bytes(T: int, K: int, N: int, r: int, used: int, elem: int = 2) -> int:
@@ -329,14 +340,7 @@ def adapter_model_steps(model, names, batch: int, seq: int, seed: int = 1):
         with torch.no_grad():
             return model(input_ids=ids).logits
 
-    def train():
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    return contexts, {"fwd": fwd, "train": train}
+    return contexts, {"fwd": fwd, "train": lambda: lm_train_step(model, ids, opt)}
 
 
 def _model_rows(quick: bool, dev) -> list[Row]:
