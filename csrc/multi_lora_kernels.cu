@@ -12,7 +12,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <cub/block/block_radix_sort.cuh>
 #include <cub/block/block_scan.cuh>
 #include <type_traits>
@@ -77,6 +79,23 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
+// Programmatic dependent launch (sm_90): a kernel launched with launch_overlapped (host side) may
+// start while the kernel before it in the stream still runs; grid_dep_wait() blocks until that
+// kernel has completed and its writes are visible, and grid_dep_launch_dependents() lets the next
+// overlapped launch start. Rule kept by every kernel here: wait before touching anything the
+// previous kernel writes, and trigger only after the wait (so a started dependent knows that
+// everything before its own predecessor is complete). Elsewhere: no-ops, launches are serial.
+__device__ __forceinline__ void grid_dep_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void grid_dep_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
 }
 
@@ -328,6 +347,7 @@ __global__ void __launch_bounds__(kSortThreads)
     int keys[kSortThreads * kItems];  // the sorted keys, once the sort is done
     typename Scan::TempStorage scan;  // the tile scan, once the keys are done
   } sm;
+  grid_dep_launch_dependents();  // the shrink may start; it waits for this sort's tables
   const int pad = L + 1;  // past the "no adapter" group L: padding sorts last
   int keys[kItems], vals[kItems];
 #pragma unroll
@@ -375,6 +395,29 @@ __device__ __forceinline__ bool find_tile(int64_t t, const Segments& s, int L, T
   while (lo < hi) {
     const int mid = (lo + hi + 1) >> 1;
     if (s.tile_start[mid] <= t) lo = mid; else hi = mid - 1;
+  }
+  out.g = lo;
+  out.begin = s.seg_start[lo] + (t - s.tile_start[lo]) * kTileRows;
+  out.end = dmin(static_cast<int64_t>(s.seg_start[lo + 1]), out.begin + kTileRows);
+  return true;
+}
+
+// find_tile with a warp's 32 lanes probing at once (every lane of a full warp calls it; all get the
+// same answer): log32 rounds of one load each instead of log2 dependent loads. At L = 128 that is 2
+// round trips instead of 8 before a block knows its adapter, and the register kernels' blocks are
+// short (a few microseconds), so the lookup was a visible part of their time.
+__device__ __forceinline__ bool find_tile_warp(int64_t t, const Segments& s, int L, Tile& out) {
+  const int groups = L + 1;
+  if (t >= s.tile_start[groups]) return false;
+  const int lane = threadIdx.x & 31;
+  int lo = 0, hi = groups - 1;  // the answer (the last g with tile_start[g] <= t) is in [lo, hi]
+  while (lo < hi) {
+    const int step = (hi - lo + 32) / 32;  // 32 probes lo + step, lo + 2 step, ... cover [lo, hi]
+    const int pos = lo + (lane + 1) * step;
+    const bool le = pos <= hi && s.tile_start[pos] <= t;  // true on a prefix of the lanes
+    const int cnt = __popc(__ballot_sync(0xffffffffu, le));
+    hi = dmin(hi, lo + (cnt + 1) * step - 1);
+    lo += cnt * step;
   }
   out.g = lo;
   out.begin = s.seg_start[lo] + (t - s.tile_start[lo]) * kTileRows;
@@ -968,8 +1011,10 @@ __global__ void __launch_bounds__(kRowsThreads) rows_shrink_kernel(SgmvShrinkArg
   constexpr int kCols = 8 * NT;  // >= R
   __shared__ float red[kRowsWarps][kRows][kCols + 1];
 
+  grid_dep_wait();  // the segment tables (and x) come from earlier kernels
+  grid_dep_launch_dependents();
   Tile tl;
-  if (!find_tile(blockIdx.x, a.seg, a.L, tl)) return;
+  if (!find_tile_warp(blockIdx.x, a.seg, a.L, tl)) return;
   const int s = blockIdx.y;
   const int64_t d_begin = static_cast<int64_t>(s) * a.d_chunk;
   const int64_t d_end = dmin(a.D, d_begin + a.d_chunk);
@@ -1075,69 +1120,77 @@ __global__ void __launch_bounds__(kRowsThreads) rows_shrink_kernel(SgmvShrinkArg
   }
 }
 
-// Expand, block (tile, column group): out[rows, n] = s_l * S[rows, :r] @ B_l[n, :r].T.
-// The block sums S over the shrink's split partials once, rounded to T (what a 16-bit matmul chain
-// does), into shared memory; a warp then walks units of 32 U output columns (strided over the
-// grid), and for each unit runs every 16-row group of the tile against the unit's B operands held
-// in registers, so each B element is read once per tile. B loads do not depend on the rows: the
-// first unit's are issued before the row numbers and S are fetched, and each next unit's while the
-// current one multiplies and stores (ping-pong over two register sets).
+// Expand, block (tile, column chunk): out[rows, n] = s_l * S[rows, :r] @ B_l[n, :r].T for n in the
+// chunk [c0, c0 + chunk). Three phases:
+//   1. the chunk's B_l rows (contiguous in B: chunk x R elements) are copied into shared memory by
+//      cp.async, every 16-byte piece issued at once (19 KB per block at r16 and 608 columns);
+//   2. while they fly, S of the tile's rows is summed over the shrink's split partials, rounded to T
+//      (what a 16-bit matmul chain does), into shared memory;
+//   3. warp w takes the chunk's 32-column units w, w + 4, ...: B operands from shared memory, each
+//      16-row group of the tile multiplied against them (mma.sync), one 16-byte store per row.
+// Why: with B loaded into registers one unit ahead (the previous design) each warp had ~2 KB in
+// flight and every block paid the tile lookup, the S sums and the B latency one after another:
+// 23 us for 25 MB at T1024 L128 r16 (H100, ncu: 0.77 TB/s from DRAM, long-scoreboard stalls 9 of
+// 15.5 cycles per instruction, 94 registers and 1.5 waves).
 // Output permutation: logical column 2t + e of n-tile nt is physical column 8t + 2nt + e of a
-// 32-column group, so after its 4 n-tiles lane (g, t) holds columns 8t .. 8t + 7 of rows g and
-// g + 8: one 16-byte store each.
-template <typename T, int KS, int U>
-__global__ void __launch_bounds__(kRowsThreads) rows_expand_kernel(SgmvExpandArgs a) {
+// 32-column unit, so after its 4 n-tiles lane (g, t) holds columns 8t .. 8t + 7 of rows g and
+// g + 8: one 16-byte store each. B's shared layout: rows of 16 KS elements (the rank padded to the
+// MMA's k16 steps), in 32-byte pieces q = n KS + c / 16 stored at q ^ ((n / 8) % 4): one operand
+// load of a warp reads rows {0, 1, 8, 9, 16, 17, 24, 25} + 2 nt, which land in 4 different 32-byte
+// bank groups, two rows each (2 wavefronts for 256 bytes, the minimum; 4 without the swizzle).
+constexpr int kExpandSmemMax = 40 * 1024;  // dynamic shared memory of one block (<= 48 KB: no opt-in)
+
+template <int KS>
+__host__ __device__ constexpr int rows_expand_s_bytes() { return kTileRows * (16 * KS + 8) * 2; }
+
+template <int KS>
+__device__ __forceinline__ int rows_b_off(int n, int c) {  // element offset of B(n, c) in the chunk
+  return (((n * KS + (c >> 4)) ^ ((n >> 3) & 3)) << 4) + (c & 15);
+}
+
+template <typename T, int KS>
+__global__ void __launch_bounds__(kRowsThreads) rows_expand_kernel(SgmvExpandArgs a, int chunk) {
+  extern __shared__ __align__(16) unsigned char rows_smem[];
   constexpr int LDS = 16 * KS + 8;  // S row pitch (elements): 16-byte rows, spread banks
-  __shared__ __align__(16) T Ss[kTileRows * LDS];
+  T* Ss = reinterpret_cast<T*>(rows_smem);                                // [kTileRows][LDS]
+  T* Bs = reinterpret_cast<T*>(rows_smem + rows_expand_s_bytes<KS>());  // [chunk][16 KS], swizzled
 
   Tile tl;
-  if (!find_tile(blockIdx.x, a.seg, a.L, tl)) return;
+  if (!find_tile_warp(blockIdx.x, a.seg, a.L, tl)) return;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * chunk;
+  if (c0 >= a.D) return;
+  const int ncols = static_cast<int>(dmin<int64_t>(chunk, a.D - c0));
   const int grp = tl.g;
   const int r = grp < a.L ? rank_of(a.ranks, grp, a.R) : 0;
   const int nrows = static_cast<int>(tl.end - tl.begin);
   const int64_t* perm = a.seg.perm + tl.begin;
+  T* out = static_cast<T*>(a.out);
+  const float scale = r > 0 ? a.scales[grp] : 0.f;
 
+  // 1. B_l[c0 : c0 + ncols, :R] -> Bs (pieces past R stay unwritten: the rank mask below zeroes them)
+  if (r > 0) {
+    const T* Bl = static_cast<const T*>(a.V) + (static_cast<int64_t>(grp) * a.D + c0) * a.R;
+    const int vr = a.R / 8;  // 16-byte pieces per row of B (R % 8 == 0)
+    for (int e = threadIdx.x; e < ncols * vr; e += blockDim.x) {
+      const int n = e / vr, c = 8 * (e % vr);
+      cp_async16(Bs + rows_b_off<KS>(n, c), Bl + static_cast<int64_t>(n) * a.R + c);
+    }
+  }
+  cp_async_commit();
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
   const int gq = lane >> 2, tq = lane & 3;
-  T* out = static_cast<T*>(a.out);
-  constexpr int kUnitCols = 32 * U;
-  const int64_t n_units = (a.D + kUnitCols - 1) / kUnitCols;
-  const int64_t stride = static_cast<int64_t>(gridDim.y) * kRowsWarps;
-  const int64_t unit0 = static_cast<int64_t>(blockIdx.y) * kRowsWarps + warp;
-  const float scale = r > 0 ? a.scales[grp] : 0.f;
-  const T* Bl = static_cast<const T*>(a.V) + static_cast<int64_t>(grp) * a.D * a.R;
-  // ranks 16 ks + 4 tq + 0..3 of this lane: the part of each 8-byte B load below r (B may hold
-  // anything past an adapter's rank, NaN included: those elements are zeroed, not multiplied by 0)
-  uint64_t keep[KS];
+  int orow[kTileRows / 8];  // output row of each of this lane's 8 row slots (-1 past the tile)
 #pragma unroll
-  for (int ks = 0; ks < KS; ++ks) {
-    const int n_ok = dmax(0, dmin(4, r - (16 * ks + 4 * tq)));
-    keep[ks] = n_ok >= 4 ? ~0ull : ((1ull << (16 * n_ok)) - 1);
+  for (int q = 0; q < kTileRows / 8; ++q) {
+    const int o = 8 * q + gq;
+    orow[q] = o < nrows ? static_cast<int>(perm[o]) : -1;
   }
-  // B operand of n-tile nt, logical column g: physical column 8 (g / 2) + 2 nt + g % 2 of its group
-  auto load_b = [&](int64_t unit, uint2 (&bv)[U][4][KS]) {
-#pragma unroll
-    for (int u = 0; u < U; ++u)
-#pragma unroll
-      for (int nt = 0; nt < 4; ++nt) {
-        const int64_t n = unit * kUnitCols + 32 * u + 8 * (gq >> 1) + 2 * nt + (gq & 1);
-#pragma unroll
-        for (int ks = 0; ks < KS; ++ks) {
-          const int c = 16 * ks + 4 * tq;
-          bv[u][nt][ks] = make_uint2(0, 0);
-          if (r > 0 && unit < n_units && n < a.D && c < a.R) {
-            const uint2 raw = *reinterpret_cast<const uint2*>(Bl + n * a.R + c);
-            bv[u][nt][ks] =
-                make_uint2(raw.x & static_cast<uint32_t>(keep[ks]), raw.y & static_cast<uint32_t>(keep[ks] >> 32));
-          }
-        }
-      }
-  };
-  uint2 b0[U][4][KS], b1[U][4][KS];
-  load_b(unit0, b0);
+  // Everything above reads what kernels before the shrink wrote (segments, B); the shrink's
+  // partials and the writes below wait for the shrink to complete.
+  grid_dep_wait();
 
-  // S of the tile's rows into shared memory (zeros past the rank and past the tile), and for
+  // 2. S of the tile's rows into shared memory (zeros past the rank and past the tile), and for
   // backward (s_out) in fp32, one writer per row
   for (int e = threadIdx.x; e < kTileRows * 4 * KS; e += blockDim.x) {
     const int o = e / (4 * KS);
@@ -1160,15 +1213,36 @@ __global__ void __launch_bounds__(kRowsThreads) rows_expand_kernel(SgmvExpandArg
     packed.y = pack2<T>(v.z, v.w);
     *reinterpret_cast<uint2*>(Ss + o * LDS + c) = packed;
   }
-  __syncthreads();
-  int orow[kTileRows / 8];  // output row of each of this lane's 8 row slots (-1 past the tile)
+  // ranks 16 ks + 4 tq + 0..3 of this lane: the part of each 8-byte B operand below r (B may hold
+  // anything past an adapter's rank, NaN included, and Bs is not written past R: those elements are
+  // zeroed, not multiplied by 0)
+  uint64_t keep[KS];
 #pragma unroll
-  for (int q = 0; q < kTileRows / 8; ++q) {
-    const int o = 8 * q + gq;
-    orow[q] = o < nrows ? static_cast<int>(perm[o]) : -1;
+  for (int ks = 0; ks < KS; ++ks) {
+    const int n_ok = dmax(0, dmin(4, r - (16 * ks + 4 * tq)));
+    keep[ks] = n_ok >= 4 ? ~0ull : ((1ull << (16 * n_ok)) - 1);
   }
+  cp_async_wait<0>();
+  __syncthreads();
 
-  auto run_unit = [&](int64_t unit, const uint2 (&bv)[U][4][KS]) {
+  // 3. units of 32 columns
+  const int n_units = (ncols + 31) / 32;
+#pragma unroll 1
+  for (int unit = warp; unit < n_units; unit += kRowsWarps) {  // warp-uniform
+    uint2 bv[4][KS];  // B operand of n-tile nt, logical column g: physical column 8 (g / 2) + 2 nt + g % 2
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) {
+      const int n = 32 * unit + 8 * (gq >> 1) + 2 * nt + (gq & 1);
+#pragma unroll
+      for (int ks = 0; ks < KS; ++ks) {
+        bv[nt][ks] = make_uint2(0, 0);
+        if (r > 0 && n < ncols && 16 * ks + 4 * tq < a.R) {
+          const uint2 raw = *reinterpret_cast<const uint2*>(Bs + rows_b_off<KS>(n, 16 * ks + 4 * tq));
+          bv[nt][ks] = make_uint2(raw.x & static_cast<uint32_t>(keep[ks]), raw.y & static_cast<uint32_t>(keep[ks] >> 32));
+        }
+      }
+    }
+    const int64_t n8 = c0 + 32 * unit + 8 * tq;  // this lane's 8 output columns
 #pragma unroll 1
     for (int rg = 0; rg * 16 < nrows; ++rg) {  // block-uniform trip count
       uint32_t sf[KS][4];  // S as MMA a-operands: {row g: c, c+1 | row g+8: c, c+1 | row g: c+2, c+3 | ...}
@@ -1188,40 +1262,28 @@ __global__ void __launch_bounds__(kRowsThreads) rows_expand_kernel(SgmvExpandArg
         if (q == 2 * rg) rows2[0] = orow[q];
         if (q == 2 * rg + 1) rows2[1] = orow[q];
       }
+      float acc[4][4];
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
-        float acc[4][4];
+      for (int nt = 0; nt < 4; ++nt) {
 #pragma unroll
-        for (int nt = 0; nt < 4; ++nt) {
+        for (int i = 0; i < 4; ++i) acc[nt][i] = 0.f;
 #pragma unroll
-          for (int i = 0; i < 4; ++i) acc[nt][i] = 0.f;
-#pragma unroll
-          for (int ks = 0; ks < KS; ++ks) {
-            const uint32_t b[2] = {bv[u][nt][ks].x, bv[u][nt][ks].y};
-            mma_16816<T>(acc[nt], sf[ks], b);
-          }
-        }
-        const int64_t n8 = unit * kUnitCols + 32 * u + 8 * tq;  // this lane's 8 output columns
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          if (rows2[h] < 0 || n8 >= a.D) continue;
-          uint4 vals;
-          vals.x = pack2<T>(scale * acc[0][2 * h], scale * acc[0][2 * h + 1]);
-          vals.y = pack2<T>(scale * acc[1][2 * h], scale * acc[1][2 * h + 1]);
-          vals.z = pack2<T>(scale * acc[2][2 * h], scale * acc[2][2 * h + 1]);
-          vals.w = pack2<T>(scale * acc[3][2 * h], scale * acc[3][2 * h + 1]);
-          st16(out + static_cast<int64_t>(rows2[h]) * a.stride_om + n8, vals);
+        for (int ks = 0; ks < KS; ++ks) {
+          const uint32_t b[2] = {bv[nt][ks].x, bv[nt][ks].y};
+          mma_16816<T>(acc[nt], sf[ks], b);
         }
       }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        if (rows2[h] < 0 || n8 >= c0 + ncols) continue;
+        uint4 vals;
+        vals.x = pack2<T>(scale * acc[0][2 * h], scale * acc[0][2 * h + 1]);
+        vals.y = pack2<T>(scale * acc[1][2 * h], scale * acc[1][2 * h + 1]);
+        vals.z = pack2<T>(scale * acc[2][2 * h], scale * acc[2][2 * h + 1]);
+        vals.w = pack2<T>(scale * acc[3][2 * h], scale * acc[3][2 * h + 1]);
+        st16(out + static_cast<int64_t>(rows2[h]) * a.stride_om + n8, vals);
+      }
     }
-  };
-#pragma unroll 1
-  for (int64_t unit = unit0; unit < n_units; unit += 2 * stride) {  // warp-uniform
-    load_b(unit + stride, b1);
-    run_unit(unit, b0);
-    if (unit + stride >= n_units) break;
-    load_b(unit + 2 * stride, b0);
-    run_unit(unit + stride, b1);
   }
 }
 
@@ -1412,50 +1474,101 @@ cudaError_t rows_shrink(DType dtype, const SgmvShrinkArgs& a, cudaStream_t strea
   if (!a.w_d_contiguous || a.R > 64 || dtype == DType::kFloat32) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>(a.seg.n_tiles_max), static_cast<unsigned>(a.split));
   const bool short_segments = a.M <= 16LL * std::max(a.L, 1);
-  return with_dtype(dtype, [&](auto tag) {
+  cudaError_t err = cudaSuccess;
+  const cudaError_t e = with_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     if constexpr (!std::is_same<T, float>::value) {
       if (a.R <= 8) {
-        if (short_segments) rows_shrink_kernel<T, 1, 1, 4><<<grid, kRowsThreads, 0, stream>>>(a);
-        else rows_shrink_kernel<T, 1, 2, 2><<<grid, kRowsThreads, 0, stream>>>(a);
+        if (short_segments) err = launch_overlapped(rows_shrink_kernel<T, 1, 1, 4>, grid, dim3(kRowsThreads), 0, stream, a);
+        else err = launch_overlapped(rows_shrink_kernel<T, 1, 2, 2>, grid, dim3(kRowsThreads), 0, stream, a);
       } else if (a.R <= 16) {
-        if (short_segments) rows_shrink_kernel<T, 2, 1, 4><<<grid, kRowsThreads, 0, stream>>>(a);
-        else rows_shrink_kernel<T, 2, 2, 2><<<grid, kRowsThreads, 0, stream>>>(a);
+        if (short_segments) err = launch_overlapped(rows_shrink_kernel<T, 2, 1, 4>, grid, dim3(kRowsThreads), 0, stream, a);
+        else err = launch_overlapped(rows_shrink_kernel<T, 2, 2, 2>, grid, dim3(kRowsThreads), 0, stream, a);
       } else if (a.R <= 32) {
-        if (short_segments) rows_shrink_kernel<T, 4, 1, 2><<<grid, kRowsThreads, 0, stream>>>(a);
-        else rows_shrink_kernel<T, 4, 2, 1><<<grid, kRowsThreads, 0, stream>>>(a);
+        if (short_segments) err = launch_overlapped(rows_shrink_kernel<T, 4, 1, 2>, grid, dim3(kRowsThreads), 0, stream, a);
+        else err = launch_overlapped(rows_shrink_kernel<T, 4, 2, 1>, grid, dim3(kRowsThreads), 0, stream, a);
       } else {
-        rows_shrink_kernel<T, 8, 1, 1><<<grid, kRowsThreads, 0, stream>>>(a);
+        err = launch_overlapped(rows_shrink_kernel<T, 8, 1, 1>, grid, dim3(kRowsThreads), 0, stream, a);
       }
     }
   });
+  return err != cudaSuccess ? err : e;
+}
+
+// Launch with programmatic stream serialization where the GPU has it (sm_90+) unless
+// LORA_KERNELS_MULTI_PDL=0: the kernel may start while the previous kernel of the stream finishes,
+// its blocks waiting in grid_dep_wait (device side) for what that kernel writes. The segment
+// forward is three short kernels (sort, shrink, expand) that each start with a few dependent
+// round trips to memory; overlapping them hides those and the launch gaps between them.
+bool pdl_enabled() {
+#ifdef LORA_KERNELS_EMU
+  return false;
+#else
+  static const bool env_on = [] {
+    const char* v = std::getenv("LORA_KERNELS_MULTI_PDL");
+    return v == nullptr || std::string(v) != "0";
+  }();
+  if (!env_on) return false;
+  int dev = 0, major = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
+  return major >= 9;
+#endif
+}
+
+template <typename... KArgs, typename... Args>
+cudaError_t launch_overlapped(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                              Args... args) {
+#ifndef LORA_KERNELS_EMU
+  if (pdl_enabled()) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    return cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(args)...);
+  }
+#endif
+  kernel<<<grid, block, smem, stream>>>(args...);
+  return cudaGetLastError();
+}
+
+int rows_expand_chunk(int64_t D, int R, int64_t n_tiles, int sm_count, int blocks_per_sm) {
+  // Columns per block: ~8 blocks per SM in all (1024 rows over 128 adapters at r16, N = 4096: 145 tile
+  // slots x 7 chunks of 608 columns, 19 KB of B each), at most what kExpandSmemMax holds next to S
+  // (r64: 248 -> 224 columns), a multiple of 32 (one unit per warp step).
+  const int ks = R <= 16 ? 1 : (R <= 32 ? 2 : 4);
+  const int s_bytes = ks == 1 ? rows_expand_s_bytes<1>() : (ks == 2 ? rows_expand_s_bytes<2>() : rows_expand_s_bytes<4>());
+  const int64_t cap = std::max<int64_t>(32, (kExpandSmemMax - s_bytes) / (32 * ks) / 32 * 32);
+  const int64_t want = static_cast<int64_t>(blocks_per_sm > 0 ? blocks_per_sm : 8) * std::max(sm_count, 1);
+  const int64_t groups = std::max<int64_t>(1, want / std::max<int64_t>(1, n_tiles));
+  return static_cast<int>(std::min<int64_t>(cap, std::max<int64_t>(32, cdiv(cdiv(D, groups), 32) * 32)));
 }
 
 cudaError_t rows_expand(DType dtype, const SgmvExpandArgs& a, int sm_count, cudaStream_t stream, int blocks_per_sm) {
   if (a.M == 0 || a.D == 0 || a.seg.n_tiles_max == 0) return cudaSuccess;
-  if (!a.v_c_contiguous || a.R > 64 || a.R % 4 != 0 || dtype == DType::kFloat32) return cudaErrorInvalidValue;
-  // Column groups for ~8 blocks per SM in all; each warp walks units of 32 U columns strided over
-  // the grid, the next unit's B in flight while the current one is stored. 1024 rows over 128
-  // adapters at r = 16, N = 4096: 145 tile slots x 7 groups, 64 units of 64 columns per tile, 2-3
-  // per warp. Measured (H100, 3..24 blocks per SM): 3 is 5-40% slower, 5..24 within ~10%.
-  const int U = a.R <= 16 ? 2 : 1;
-  const int64_t warp_units = cdiv(a.D, 32LL * U);
-  const int64_t groups = std::min<int64_t>(std::max<int64_t>(1, cdiv(warp_units, kRowsWarps)),
-                                           std::max<int64_t>(1, (static_cast<int64_t>(blocks_per_sm > 0 ? blocks_per_sm : 8) *
-                                                                  std::max(sm_count, 1)) / a.seg.n_tiles_max));
-  const dim3 grid(static_cast<unsigned>(a.seg.n_tiles_max), static_cast<unsigned>(groups));
-  return with_dtype(dtype, [&](auto tag) {
+  if (!a.v_c_contiguous || a.R > 64 || a.R % 8 != 0 || dtype == DType::kFloat32) return cudaErrorInvalidValue;
+  const int chunk = rows_expand_chunk(a.D, a.R, a.seg.n_tiles_max, sm_count, blocks_per_sm);
+  const dim3 grid(static_cast<unsigned>(a.seg.n_tiles_max), static_cast<unsigned>(cdiv(a.D, chunk)));
+  cudaError_t err = cudaSuccess;
+  const cudaError_t e = with_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     if constexpr (!std::is_same<T, float>::value) {
       if (a.R <= 16) {
-        rows_expand_kernel<T, 1, 2><<<grid, kRowsThreads, 0, stream>>>(a);
+        err = launch_overlapped(rows_expand_kernel<T, 1>, grid, dim3(kRowsThreads), rows_expand_s_bytes<1>() + chunk * 32, stream, a, chunk);
       } else if (a.R <= 32) {
-        rows_expand_kernel<T, 2, 1><<<grid, kRowsThreads, 0, stream>>>(a);
+        err = launch_overlapped(rows_expand_kernel<T, 2>, grid, dim3(kRowsThreads), rows_expand_s_bytes<2>() + chunk * 64, stream, a, chunk);
       } else {
-        rows_expand_kernel<T, 4, 1><<<grid, kRowsThreads, 0, stream>>>(a);
+        err = launch_overlapped(rows_expand_kernel<T, 4>, grid, dim3(kRowsThreads), rows_expand_s_bytes<4>() + chunk * 128, stream, a, chunk);
       }
     }
   });
+  return err != cudaSuccess ? err : e;
 }
 
 int seg_outer_split(int64_t M, int L, int64_t P, int64_t Q, int sm_count) {

@@ -62,13 +62,13 @@ for s in $stages; do
       sed -n '/^CUDA ms/,/TOTAL/p' "$OUT/profile.log" >> "$summary" ;;
     ncu)
       run_stage ncu ${NCU_LIMIT:-120} ncu --clock-control none --kernel-name regex:_lora_ --section SpeedOfLight --section MemoryWorkloadAnalysis \
-        --section Occupancy --section WarpStateStats --section LaunchStats python benchmarks/ncu_kernels.py ${NCU_SHAPE:-}
+        --section Occupancy --section WarpStateStats --section LaunchStats ${NCU_EXTRA:-} python benchmarks/ncu_kernels.py ${NCU_SHAPE:-}
       grep -E "^  _lora|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|Block Limit|Dynamic Shared" \
         "$OUT/ncu.log" >> "$summary" ;;
     mncu)  # the multi-adapter forward kernels of three decode cases under Nsight Compute
       run_stage mncu ${NCU_LIMIT:-150} ncu --clock-control none --kernel-name regex:"rows_|sort_segments|bgmv|sgmv" \
         --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \
-        --section LaunchStats python benchmarks/ncu_multi.py ${MNCU_CASES:-}
+        --section LaunchStats ${NCU_EXTRA:-} python benchmarks/ncu_multi.py ${MNCU_CASES:-}
       grep -E "^case|^  [a-z_]+.*\(|Duration|DRAM Throughput|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|Block Limit Reg|Waves Per SM" \
         "$OUT/mncu.log" >> "$summary" ;;
     msweep)  # grid targets of the register kernels on decode cases

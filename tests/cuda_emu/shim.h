@@ -5,6 +5,7 @@
 // lane. This checks indexing, masking, tiling, splits and layouts, not timing or the hardware's
 // memory model; the GPU tests (-m gpu) run the real thing.
 #pragma once
+#define LORA_KERNELS_EMU 1  // csrc: serial launches, no programmatic dependent launch
 #define __host__
 #define __device__
 #define __global__
@@ -101,6 +102,17 @@ inline uint32_t __shfl_sync(unsigned, uint32_t v, int src) {
   emu::g_warp_barriers[w]->arrive_and_wait();
   return r;
 }
+
+inline unsigned __ballot_sync(unsigned, bool v) {
+  const unsigned t = threadIdx.x, w = t / 32;
+  emu::g_shfl_u[t] = v ? 1u : 0u;
+  emu::g_warp_barriers[w]->arrive_and_wait();
+  unsigned m = 0;
+  for (unsigned l = 0; l < 32 && w * 32 + l < blockDim.x; ++l) m |= emu::g_shfl_u[w * 32 + l] << l;
+  emu::g_warp_barriers[w]->arrive_and_wait();
+  return m;
+}
+inline int __popc(unsigned v) { return __builtin_popcount(v); }
 
 // wmma: every lane keeps the whole 16x16 fragment; loads and mma are computed by every lane (the
 // same values), stores by every lane (the same values: benign).
