@@ -9,7 +9,7 @@ from .ops.dropout import dropout_mask
 from .ops.dropout import draw_seed as dropout_seed
 from .ops.lora_linear import dispatch_reason, lora_linear
 from .ops.multi_lora import choose_regime as multi_lora_regime
-from .ops.multi_lora import multi_lora, multi_lora_dispatch, multi_lora_linear, multi_lora_reference
+from .ops.multi_lora import RowIndex, multi_lora, multi_lora_dispatch, multi_lora_linear, multi_lora_reference
 from .layers import LoRALinear
 from .patch import PatchReport, adapter_batch, merge, patch, set_adapter, unpatch
 from .adapters import load_adapter, save_adapter
@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "lora_linear", "dropout_mask", "dropout_seed", "dispatch_reason",
     "multi_lora", "multi_lora_linear", "multi_lora_reference", "multi_lora_dispatch", "multi_lora_regime",
+    "RowIndex",
     "LoRALinear", "patch", "unpatch", "merge", "set_adapter", "adapter_batch", "PatchReport",
     "save_adapter", "load_adapter",
     "__version__",

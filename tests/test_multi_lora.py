@@ -259,6 +259,21 @@ def test_multi_lora_linear_forward_and_every_gradient(with_ranks):
         lora_kernels.multi_lora_linear(x, W, A, B, idx, s, bias=b[:3])
 
 
+def test_row_index_gives_the_plain_results_and_checks_its_input():
+    x, A, B, idx, s, _ = case(37, 24, 40, 3, 4, torch.float32, "zipf", 0.2, requires_grad=True)
+    dy = torch.randn(37, 40)
+    rows = lora_kernels.RowIndex(idx)
+    plain = grads_of(lambda: lora_kernels.multi_lora(x, A, B, idx, s), x, A, B, s, dy)
+    shared = grads_of(lambda: lora_kernels.multi_lora(x, A, B, rows, s), x, A, B, s, dy)
+    for a, b in zip(plain, shared):
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert "37 rows" in repr(rows)
+    with pytest.raises(TypeError, match="RowIndex: indices must be a torch.Tensor"):
+        lora_kernels.RowIndex([0, 1])
+    with pytest.raises(ValueError, match="indices must be 1-D with one entry per row"):
+        lora_kernels.multi_lora(x, A, B, lora_kernels.RowIndex(idx[:5]), s)
+
+
 def test_segment_arguments_are_checked():
     """The ops' optional precomputed segments (internal; see csrc/multi_lora.cpp) come as three or none,
     with their shapes and dtypes checked."""
@@ -651,6 +666,28 @@ def test_cuda_precomputed_segments_give_the_same_results():
     g1 = ops.multi_lora_bwd(dy, x, A, B, idx, s, None, S0, True, True, True, *seg)
     for a, b in zip(g0, g1):
         assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("decode", [False, True])
+def test_cuda_row_index_in_the_public_api(decode, monkeypatch):
+    """multi_lora(x, A, B, RowIndex(idx), s): the shared sort gives the same forward and gradients as
+    the plain indices (bit for bit), in both regimes, and an in-place change of the indices sorts again."""
+    if decode:
+        monkeypatch.setenv(ml.REGIME_ENV, "decode")
+    x, A, B, idx, s, _ = case(300, 520, 264, 6, 16, torch.bfloat16, "zipf", 0.2, device="cuda",
+                              requires_grad=True)
+    rows = lora_kernels.RowIndex(idx)
+    dy = torch.randn(300, 264, device="cuda", dtype=torch.bfloat16)
+    plain = grads_of(lambda: lora_kernels.multi_lora(x, A, B, idx, s), x, A, B, s, dy)
+    shared = grads_of(lambda: lora_kernels.multi_lora(x, A, B, rows, s), x, A, B, s, dy)
+    for a, b in zip(plain, shared):
+        assert (a is None and b is None) or torch.equal(a, b)
+    with torch.no_grad():
+        assert torch.equal(lora_kernels.multi_lora(x, A, B, rows, s), lora_kernels.multi_lora(x, A, B, idx, s))
+        idx.copy_(adapter_indices(300, 6, "uniform", 0.1, seed=5, device="cuda"))  # same tensor, new rows
+        out = lora_kernels.multi_lora(x, A, B, rows, s)
+        assert rel_err(out, ref64(x, A, B, idx, s)) <= FWD_TOL[torch.bfloat16]
 
 
 @pytest.mark.gpu
