@@ -52,11 +52,12 @@ def _builds(ranks=(16, 64, 128, 256), dtypes=(("bf16", "bf16"), ("bf16", "fp32")
         yield ("x", R, xdt, adt, drop, c, {"x_ptr": xdt, "a_ptr": adt, "seed_ptr": "i64", "dx_ptr": xdt},
                {"HAS_DROPOUT": drop, "WRITE_DX": True, "DOT_PRECISION": prec, "BLOCK_M": c.block_a,
                 "BLOCK_K": c.block_b, "BLOCK_R": BR})
+        c = L._expand_cfg(M_BIG, R)  # forward: y with bias; backward with dropout: dx_lora masked
+        yield ("expand", R, xdt, adt, drop, c, {"b_ptr": adt, "bias_ptr": xdt, "y_ptr": xdt, "seed_ptr": "i64"},
+               {"HAS_BIAS": not drop, "HAS_DROPOUT": drop, "DOT_PRECISION": prec, "BLOCK_M": c.block_a,
+                "BLOCK_N": c.block_b, "BLOCK_R": BR})
         if drop:
             continue
-        c = L._expand_cfg(M_BIG, R)
-        yield ("expand", R, xdt, adt, drop, c, {"b_ptr": adt, "bias_ptr": xdt, "y_ptr": xdt},
-               {"HAS_BIAS": True, "DOT_PRECISION": prec, "BLOCK_M": c.block_a, "BLOCK_N": c.block_b, "BLOCK_R": BR})
         c = L._dy_cfg(M_BIG, R, adt == "fp32" and xdt != "fp32")
         yield ("dy", R, xdt, adt, drop, c, {"dy_ptr": xdt, "b_ptr": adt},
                {"COMPUTE_DB": True, "DOT_PRECISION": prec, "BLOCK_M": c.block_a, "BLOCK_N": c.block_b, "BLOCK_R": BR})
