@@ -1191,53 +1191,22 @@ __global__ void __launch_bounds__(kRowsThreads) rows_expand_kernel(SgmvExpandArg
   grid_dep_wait();
 
   // 2. S of the tile's rows into shared memory (zeros past the rank and past the tile), and for
-  // backward (s_out) in fp32, one writer per row. Each thread owns kSIt float4 pieces of S and sums
-  // them over the shrink's split partials PU splits at a time with every load issued before the
-  // adds: a plain loop over the splits waited for each load in turn (split x kSIt L2 round trips,
-  // 12 at T1024 L128: a visible part of a block's life).
-  constexpr int kSIt = kTileRows * 4 * KS / kRowsThreads;  // 2 KS
-  constexpr int PU = KS >= 4 ? 1 : 4 / KS;
-  int64_t srow[kSIt];  // row of each piece, -1 past the tile or past R
-#pragma unroll
-  for (int i = 0; i < kSIt; ++i) {
-    const int e = threadIdx.x + i * kRowsThreads;
-    const int o = e / (4 * KS), c = (e % (4 * KS)) * 4;
-    srow[i] = (o < nrows && c < a.R) ? perm[o] : -1;
-  }
-  float4 sv[kSIt];
-#pragma unroll
-  for (int i = 0; i < kSIt; ++i) sv[i] = make_float4(0.f, 0.f, 0.f, 0.f);
-  const int64_t pstride = a.M * a.R;
-#pragma unroll 1
-  for (int p = 0; p < a.split; p += PU) {
-    float4 q[PU][kSIt];
-#pragma unroll
-    for (int u = 0; u < PU; ++u)
-#pragma unroll
-      for (int i = 0; i < kSIt; ++i) {
-        const int c = ((threadIdx.x + i * kRowsThreads) % (4 * KS)) * 4;
-        q[u][i] = (p + u < a.split && srow[i] >= 0)
-                      ? *reinterpret_cast<const float4*>(a.part + (p + u) * pstride + srow[i] * a.R + c)
-                      : make_float4(0.f, 0.f, 0.f, 0.f);
+  // backward (s_out) in fp32, one writer per row
+  for (int e = threadIdx.x; e < kTileRows * 4 * KS; e += blockDim.x) {
+    const int o = e / (4 * KS);
+    const int c = (e % (4 * KS)) * 4;
+    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (o < nrows && c < a.R) {
+      const int64_t row = perm[o];
+      for (int p = 0; p < a.split; ++p) {
+        const float4 q = *reinterpret_cast<const float4*>(a.part + (static_cast<int64_t>(p) * a.M + row) * a.R + c);
+        v.x += q.x; v.y += q.y; v.z += q.z; v.w += q.w;
       }
-#pragma unroll
-    for (int u = 0; u < PU; ++u)
-#pragma unroll
-      for (int i = 0; i < kSIt; ++i) {
-        sv[i].x += q[u][i].x; sv[i].y += q[u][i].y; sv[i].z += q[u][i].z; sv[i].w += q[u][i].w;
-      }
-  }
-#pragma unroll
-  for (int i = 0; i < kSIt; ++i) {
-    const int e = threadIdx.x + i * kRowsThreads;
-    const int o = e / (4 * KS), c = (e % (4 * KS)) * 4;
-    float4 v = sv[i];
-    if (srow[i] >= 0) {
       if (c + 0 >= r) v.x = 0.f;
       if (c + 1 >= r) v.y = 0.f;
       if (c + 2 >= r) v.z = 0.f;
       if (c + 3 >= r) v.w = 0.f;
-      if (a.s_out != nullptr && blockIdx.y == 0) *reinterpret_cast<float4*>(a.s_out + srow[i] * a.R + c) = v;
+      if (a.s_out != nullptr && blockIdx.y == 0) *reinterpret_cast<float4*>(a.s_out + row * a.R + c) = v;
     }
     uint2 packed;
     packed.x = pack2<T>(v.x, v.y);
