@@ -261,7 +261,7 @@ def test_multi_lora_linear_forward_and_every_gradient(with_ranks):
 
 def test_row_index_gives_the_plain_results_and_checks_its_input():
     x, A, B, idx, s, _ = case(37, 24, 40, 3, 4, torch.float32, "zipf", 0.2, requires_grad=True)
-    dy = torch.randn(37, 40)
+    dy = torch.randn(37, 40, device=x.device)
     rows = lora_kernels.RowIndex(idx)
     plain = grads_of(lambda: lora_kernels.multi_lora(x, A, B, idx, s), x, A, B, s, dy)
     shared = grads_of(lambda: lora_kernels.multi_lora(x, A, B, rows, s), x, A, B, s, dy)

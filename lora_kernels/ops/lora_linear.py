@@ -14,6 +14,8 @@ Backward, with mask = keep / (1 - p) regenerated from the seed (dropout.py has t
     dB = s * dy.T @ S                                 [N, r]         /
     dA = s * G.T @ drop(x)                            [r, K]         \\ one pass over x  (x-pass kernel),
     dx = s * (G @ A) * mask   (+)   dy @ W            [M, K]         / then cuBLAS dy @ W with beta = 1
+    (with dropout, dx's LoRA part comes from the expand kernel with the mask on its output instead:
+    each kernel then needs the mask in one register layout; LORA_KERNELS_SPLIT_DX=0 keeps one pass)
     dW = dy.T @ x (cuBLAS, only if W requires grad)   db = dy.sum(0) (only if b requires grad)
 
 Why cuBLAS keeps the base GEMM: the GEMM is ~98% of the FLOPs (r / K = 0.4% extra at r = 16,
