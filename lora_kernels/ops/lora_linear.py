@@ -349,6 +349,7 @@ def _launch(kernel, grid, *args, **meta):
 # launch on the H100's host, more than many of these kernels run; with the compiled kernel in
 # hand a launch is one call into Triton's C launcher.
 _FAST_LAUNCH = os.environ.get("LORA_KERNELS_FAST_LAUNCH", "1") != "0"
+_SPLIT_DX = os.environ.get("LORA_KERNELS_SPLIT_DX", "1") != "0"  # see _bwd_x; read once, like _FAST_LAUNCH
 _COMPILED: dict = {}
 
 
@@ -459,7 +460,7 @@ def _bwd_x(x, A, G, seed, scale, p, need_dx, cfg: _Cfg | None = None, split_dx: 
     them made it take 118 us at 8192 x 4096, r16, p0.05 on an H100 against 60 us without dropout;
     two passes each need the mask in one layout."""
     if split_dx is None:
-        split_dx = p > 0 and os.environ.get("LORA_KERNELS_SPLIT_DX", "1") != "0"
+        split_dx = p > 0 and _SPLIT_DX
     if need_dx and split_dx:
         da, _ = _bwd_x(x, A, G, seed, scale, p, False, cfg, split_dx=False)
         dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
