@@ -112,6 +112,14 @@ std::pair<int, int> rows_blocks_per_sm() {
   return {std::max(0, std::min(shrink, 64)), std::max(0, std::min(expand, 64))};
 }
 
+// The register shrink's L2 prefetch (rows_prefetch in multi_lora_kernels.cu) for a call that sorts
+// its rows: the raw indices when x's rows and the adapters a batch can use are worth prefetching.
+IntVec prefetch_of(const Tensor& indices, int64_t M, int64_t K, int64_t R, int64_t L, int64_t esize) {
+  if (L > kPrefetchMaxAdapters) return {};
+  const int64_t bytes = (M * K + std::min(L, M) * R * K) * esize;
+  return rows_prefetch_worth(bytes) ? int_vec(indices) : IntVec{};
+}
+
 }  // namespace
 
 std::tuple<Tensor, Tensor> fwd_cuda_impl(const Tensor& x_in, const Tensor& A_in, const Tensor& B_in,
@@ -165,7 +173,9 @@ std::tuple<Tensor, Tensor> fwd_cuda_impl(const Tensor& x_in, const Tensor& A_in,
     part = at::empty({split, M, R}, f32);
     const SgmvShrinkArgs sa{x.data_ptr(), x.stride(0), A.data_ptr(), /*w_d_contiguous=*/true, K, static_cast<int>(R),
                             static_cast<int>(L), seg.view, rk, part.data_ptr<float>(), M, split, d_chunk};
-    check_launch(rows ? rows_shrink(dt, sa, stream) : sgmv_shrink(dt, sa, stream), "segment shrink");
+    // sorted in this call: prefetch while the sort runs
+    const IntVec pf = std::get<0>(segments).has_value() ? IntVec{} : prefetch_of(indices, M, K, R, L, x.element_size());
+    check_launch(rows ? rows_shrink(dt, sa, stream, pf) : sgmv_shrink(dt, sa, stream), "segment shrink");
     if (save_s && split > 1) S = at::empty({M, R}, f32);
     const SgmvExpandArgs ea{part.data_ptr<float>(), split, B.data_ptr(), /*v_c_contiguous=*/true, N,
                             static_cast<int>(R), static_cast<int>(L), seg.view, rk, scales.data_ptr<float>(),

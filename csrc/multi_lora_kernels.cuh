@@ -149,9 +149,15 @@ bool rows_kernels_ok(DType dtype, const void* x, int64_t stride_xm, int64_t K, c
                      const void* y, int64_t stride_ym, int64_t N);
 // blocks_per_sm: the grid each launcher aims at (0: its measured default).
 int rows_shrink_split(int64_t M, int L, int64_t D, int sm_count, int64_t* d_chunk, int blocks_per_sm = 0);
-cudaError_t rows_shrink(DType dtype, const SgmvShrinkArgs& a, cudaStream_t stream);
+// pf_idx: for a call that sorted its rows just before (the raw indices; ptr == nullptr: none), the
+// shrink prefetches x's rows and the used adapters' A into L2 while the sort runs (rows_prefetch).
+cudaError_t rows_shrink(DType dtype, const SgmvShrinkArgs& a, cudaStream_t stream, IntVec pf_idx = {});
 cudaError_t rows_expand(DType dtype, const SgmvExpandArgs& a, int sm_count, cudaStream_t stream,
                         int blocks_per_sm = 0);
+// Adapters the shrink's prefetch can track (one shared-memory byte each).
+constexpr int kPrefetchMaxAdapters = 1024;
+// Whether prefetching `bytes` (x's rows and the used adapters' A) pays for a call that sorts.
+bool rows_prefetch_worth(int64_t bytes);
 
 // Per-adapter sum over that adapter's rows only, in sorted (= original, the sort is stable) row order:
 //   out[l, p, q] = s[l] * sum_{i : idx[i] = l} U[i, p] * V[i, q]

@@ -63,6 +63,42 @@ double relerr(const std::vector<double>& got, const std::vector<double>& want) {
   return d > 0 ? std::sqrt(n / d) : std::sqrt(n);
 }
 
+// The shrink's L2 prefetches: each 16-byte aligned, a multiple of 16 bytes, inside one row of x (a
+// row with an adapter) or inside A_l of an adapter some row uses, none overlapping another, and
+// together exactly those rows and adapters: nothing outside the tensors, nothing missed.
+template <typename T>
+void check_prefetches(const T* x, int64_t sx, int64_t K, const T* A, int R, int L, const std::vector<int64_t>& idx) {
+  const int64_t M = static_cast<int64_t>(idx.size()), es = sizeof(T);
+  std::vector<char> used(L, 0);
+  int64_t want_x = 0, want_a = 0;
+  for (int64_t v : idx) if (v >= 0 && v < L) { used[v] = 1; want_x += K * es; }
+  for (int l = 0; l < L; ++l) if (used[l]) want_a += R * K * es;
+  auto inside = [](const char* p, int64_t n, const void* base, int64_t len) {
+    const char* b = static_cast<const char*>(base);
+    return p >= b && p + n <= b + len;
+  };
+  int64_t got_x = 0, got_a = 0;
+  bool ok = true;
+  auto pf = emu::g_prefetches;
+  std::sort(pf.begin(), pf.end());
+  for (size_t i = 0; i < pf.size(); ++i) {
+    const char* p = static_cast<const char*>(pf[i].first);
+    const int64_t n = pf[i].second;
+    ok = ok && n > 0 && n % 16 == 0 && reinterpret_cast<uintptr_t>(p) % 16 == 0;
+    if (i + 1 < pf.size()) ok = ok && p + n <= static_cast<const char*>(pf[i + 1].first);
+    bool hit = false;
+    for (int64_t r = 0; r < M && !hit; ++r)
+      if (idx[r] >= 0 && idx[r] < L && inside(p, n, x + r * sx, K * es)) { hit = true; got_x += n; }
+    for (int l = 0; l < L && !hit; ++l)
+      if (used[l] && inside(p, n, A + int64_t(l) * R * K, R * K * es)) { hit = true; got_a += n; }
+    ok = ok && hit;
+  }
+  char buf[160];
+  std::snprintf(buf, sizeof buf, "prefetch M=%ld K=%ld R=%d L=%d: %zu ranges, x %ld/%ld bytes, A %ld/%ld",
+                long(M), long(K), R, L, pf.size(), long(got_x), long(want_x), long(got_a), long(want_a));
+  expect(ok && got_x == want_x && got_a == want_a, buf);
+}
+
 template <typename T>
 void run_case(const Case& c, double tol, std::mt19937& rng) {
   std::normal_distribution<float> nd;
@@ -126,7 +162,13 @@ void run_case(const Case& c, double tol, std::mt19937& rng) {
     int64_t dc; const int rs = rows_shrink_split(M, L, K, c.sms, &dc);
     std::vector<float> rpart(size_t(rs) * M * R, 999.f), rS(M * R, 777.f);
     std::vector<T> ry(M * N, fromf<T>(12345.f));
-    expect(rows_shrink(dt<T>(), SgmvShrinkArgs{x, sx, A.data(), true, K, R, L, sg.view, rk, rpart.data(), M, rs, dc}, nullptr) == cudaSuccess, "rows_shrink launch");
+    // with the L2 prefetch the glue turns on when it sorts in the call (a hint: same results)
+    const bool pf = L <= kPrefetchMaxAdapters;
+    emu::g_prefetches.clear();
+    expect(rows_shrink(dt<T>(), SgmvShrinkArgs{x, sx, A.data(), true, K, R, L, sg.view, rk, rpart.data(), M, rs, dc}, nullptr,
+                       pf ? IntVec{idx.data(), true} : IntVec{}) == cudaSuccess,
+           "rows_shrink launch");
+    if (pf) check_prefetches(x, sx, K, A.data(), R, L, idx);
     expect(rows_expand(dt<T>(), SgmvExpandArgs{rpart.data(), rs, B.data(), true, N, R, L, sg.view, rk, scales.data(), ry.data(), N, rs > 1 ? rS.data() : nullptr, M}, c.sms, nullptr) == cudaSuccess, "rows_expand launch");
     const float* rS_ptr = rs > 1 ? rS.data() : rpart.data();
     std::vector<double> ryd(M * N), rSd(M * R);

@@ -18,6 +18,8 @@
 #include <cuda_bf16.h>
 #include <algorithm>
 #include <barrier>
+#include <mutex>
+#include <utility>
 #include <thread>
 #include <vector>
 #include <functional>
@@ -41,6 +43,13 @@ inline float g_shfl[1024];
 inline uint32_t g_shfl_u[1024];
 inline std::vector<unsigned char> g_dyn_smem(48 * 1024);
 inline cudaError_t g_err = cudaSuccess;
+// L2 prefetches the kernels issued (address, bytes): checked by the tests against the tensors' ranges
+inline std::mutex g_prefetch_mu;
+inline std::vector<std::pair<const void*, int64_t>> g_prefetches;
+inline void record_prefetch(const void* p, int64_t bytes) {
+  std::lock_guard<std::mutex> lock(g_prefetch_mu);
+  g_prefetches.emplace_back(p, bytes);
+}
 inline cudaError_t last_error() { auto e = g_err; g_err = cudaSuccess; return e; }
 inline void check_aligned16(const void* p) {
   if (reinterpret_cast<uintptr_t>(p) % 16 != 0) {

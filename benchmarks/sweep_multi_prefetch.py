@@ -1,0 +1,54 @@
+"""The register shrink's L2 prefetch (its upper bound LORA_KERNELS_MULTI_PREFETCH_MB; 0 = off) on decode
+cases that sort their rows in the call, against gather+bmm and the same kernels on rows sorted beforehand (RowIndex),
+CUDA-graph timing (GPU).
+
+    python benchmarks/sweep_multi_prefetch.py [T,L,r,popularity ...]
+
+Prints one line per case and setting: us, effective bandwidth (x, y and each used adapter once) and
+the speed-up over gather+bmm measured in the same run.
+"""
+import os
+import sys
+
+import torch
+import triton.testing
+
+from lora_kernels._bench.multi import decode_case, gather_bmm
+from lora_kernels.ops.multi_lora import RowIndex, _ext_ops
+
+CASES = ("256,32,16,uniform", "1024,128,16,distinct", "1024,64,64,distinct", "4096,128,16,distinct",
+         "2048,8,16,zipf")
+BUDGETS_MB = (0, 32, 48, 64)
+ENV = "LORA_KERNELS_MULTI_PREFETCH_MB"
+
+
+def _graph_us(fn) -> float:
+    return float(triton.testing.do_bench_cudagraph(fn, rep=40, return_mode="median")) * 1e3
+
+
+def main():
+    op = _ext_ops().multi_lora_fwd
+    saved = os.environ.get(ENV)
+    for spec in sys.argv[1:] or CASES:
+        x, A, B, s, idx, nbytes = decode_case(spec)
+        seg = RowIndex(idx).segments(A.shape[0])
+        want = op(x, A, B, idx, s, None, "segment", False, *seg)[0]
+        base = _graph_us(lambda: gather_bmm(x, A, B, idx, s))
+        pre = _graph_us(lambda: op(x, A, B, idx, s, None, "segment", False, *seg))
+        print(f"case {spec}: gather+bmm {base:.1f} us; pre-sorted {pre:.1f} us = {base / pre:.2f}x, "
+              f"{nbytes / pre / 1e3:.0f} GB/s")
+        for mb in BUDGETS_MB:
+            os.environ[ENV] = str(mb)
+            got = op(x, A, B, idx, s, None, "segment", False)[0]
+            same = torch.equal(got, want)  # a prefetch is a hint: the result must not move by a bit
+            t = _graph_us(lambda: op(x, A, B, idx, s, None, "segment", False))
+            print(f"  sort in the call, prefetch {mb:2d} MB: {t:6.1f} us = {base / t:5.2f}x gather+bmm, "
+                  f"{nbytes / t / 1e3:5.0f} GB/s{'' if same else '  RESULT DIFFERS FROM THE PRE-SORTED PATH'}")
+    if saved is None:
+        os.environ.pop(ENV, None)
+    else:
+        os.environ[ENV] = saved
+
+
+if __name__ == "__main__":
+    main()
