@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU run: tests, kernel tuning and benchmarks in one call, logs under $OUT, short table last.
-#   bash scripts/gpu_run.sh [stage ...]     stages: info tests ptests multitests tune kt diag hostprof mprof profile ncu mncu msweep sanitize extout
+#   bash scripts/gpu_run.sh [stage ...]     stages: info tests ptests multitests tune kt diag hostprof mprof profile ncu mncu msweep pfsweep dsweep sanitize extout
 #                                                   bench cli e2e multi
 #                                           (default: info tests tune bench cli)
 # Each stage has its own time limit, so one stage that hangs cannot eat the whole call.
@@ -74,6 +74,12 @@ for s in $stages; do
     msweep)  # grid targets of the register kernels on decode cases
       run_stage msweep ${MSWEEP_LIMIT:-150} python benchmarks/sweep_multi_rows.py ${MSWEEP_CASES:-}
       cat "$OUT/msweep.log" >> "$summary" ;;
+    dsweep)  # the fused op's inference path at few rows: Triton kernels vs cuBLAS vs naive
+      run_stage dsweep ${DSWEEP_LIMIT:-150} python benchmarks/sweep_decode.py ${DSWEEP_SHAPE:-}
+      cat "$OUT/dsweep.log" >> "$summary" ;;
+    pfsweep)  # the register shrink's L2 prefetch budget on decode cases that sort in the call
+      run_stage pfsweep ${PFSWEEP_LIMIT:-150} python benchmarks/sweep_multi_prefetch.py ${PFSWEEP_CASES:-}
+      cat "$OUT/pfsweep.log" >> "$summary" ;;
     sanitize)  # the multi-adapter kernels' small case under compute-sanitizer (memory, races, barriers)
       for tool in memcheck racecheck synccheck; do
         run_stage "san_$tool" ${SAN_LIMIT:-120} compute-sanitizer --tool $tool --error-exitcode 9 \

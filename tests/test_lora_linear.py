@@ -464,3 +464,48 @@ def test_deterministic_mode_repeats_bitwise():
     finally:
         torch.use_deterministic_algorithms(False)
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 7, 64])
+def test_inference_at_few_rows_takes_the_cublas_path(monkeypatch, M):
+    """No gradient, no dropout, at most DECODE_ROWS rows, eager: three cuBLAS calls instead of the
+    kernels, against float64 in every dtype; with a gradient, dropout, more rows or under CUDA graph
+    capture, the kernels again."""
+    monkeypatch.delenv("LORA_KERNELS_BACKEND", raising=False)
+    monkeypatch.setattr(op_mod, "DECODE_ROWS", 64)
+    calls = []
+    real = op_mod._decode_cublas
+    monkeypatch.setattr(op_mod, "_decode_cublas", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for bias in (True, False):
+            x, W, A, B, b = make_inputs(M, 136, 72, 8, dtype, bias=bias, lead=(1,))
+            with torch.no_grad():
+                y = lk.lora_linear(x, W, A, B, 0.75, b)
+            ref = reference(x, W, A, B, 0.75, b, 0.0, None)
+            y_abs = reference(x.abs(), W.abs(), A.abs(), B.abs(), 0.75, b.abs() if bias else None, 0.0, None)
+            assert y.shape == (1, M, 72) and y.dtype == dtype
+            assert rel_err(y, ref, y_abs) < TOL[dtype][0], (dtype, bias)
+    assert calls == [M] * 6
+    x, W, A, B, b = make_inputs(M, 136, 72, 8, torch.bfloat16)
+    lk.lora_linear(x, W, A.requires_grad_(True), B, 0.75, b)  # a gradient to compute
+    with torch.no_grad():
+        lk.lora_linear(x, W, A, B, 0.75, b, 0.1)  # dropout
+        lk.lora_linear(torch.randn(65, 136, device="cuda", dtype=torch.bfloat16), W, A, B, 0.75, b)  # 65 rows
+        y32 = lk.lora_linear(x, W, A.float(), B.float(), 0.75, b)  # fp32 adapters on bf16 rows: this path too
+        assert rel_err(y32, reference(x, W, A, B, 0.75, b, 0.0, None)) < TOL[torch.bfloat16][0]
+        side = torch.cuda.Stream()  # warm-up of what the capture runs, off the default stream
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            monkeypatch.setattr(op_mod, "DECODE_ROWS", 0)
+            lk.lora_linear(x, W, A, B, 0.75, b)
+            monkeypatch.setattr(op_mod, "DECODE_ROWS", 64)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()  # captured: the kernels (faster replayed from a graph)
+        with torch.cuda.graph(graph):
+            y_static = lk.lora_linear(x, W, A, B, 0.75, b)
+        graph.replay()
+        want = lk.lora_linear(x, W, A, B, 0.75, b)  # eager: the cuBLAS path
+    assert calls == [M] * 8
+    torch.cuda.synchronize()
+    assert rel_err(y_static, want) < TOL[torch.bfloat16][0]
