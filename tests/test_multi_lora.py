@@ -650,6 +650,24 @@ def test_cuda_multi_lora_linear_gradients(regime, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("popularity", ["distinct", "zipf"])
+def test_cuda_prefetch_case_for_sanitizer(popularity):
+    """A call that sorts its rows with 16-32 MB of x and adapters' A prefetches them into L2 while the
+    sort runs (rows_prefetch): the result is bit for bit the pre-sorted path's (no prefetch) and
+    matches float64. Also run under compute-sanitizer (`-k sanitizer`): the prefetch's addresses."""
+    L = 128 if popularity == "distinct" else 8
+    x, A, B, idx, s, _ = case(1024 if L == 128 else 2048, 4096, 1024, L, 16, torch.bfloat16, popularity, 0.1,
+                              device="cuda")
+    assert 16 << 20 <= x.numel() * 2 + min(L, x.shape[0]) * 16 * 4096 * 2 <= 32 << 20  # in the prefetch window
+    ops = torch.ops.lora_kernels_ext
+    y = lora_kernels.multi_lora(x, A, B, idx, s)
+    # (not check_forward: its bf16 per-adapter loop runs a cuBLAS split-K kernel that racecheck flags)
+    assert rel_err(y, ref64(x, A, B, idx, s)) <= FWD_TOL[torch.bfloat16]
+    y_pre, _ = ops.multi_lora_fwd(x, A, B, idx, s, None, "segment", False, *ml.RowIndex(idx).segments(L))
+    assert torch.equal(y, y_pre)
+
+
+@pytest.mark.gpu
 def test_cuda_precomputed_segments_give_the_same_results():
     """Segments sorted once (RowIndex, as adapter_batch shares them across layers) and passed to the
     ops give bit-identical results to the ops sorting themselves; the RowIndex keeps them."""
