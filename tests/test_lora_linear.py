@@ -488,6 +488,9 @@ def test_inference_at_few_rows_takes_the_cublas_path(monkeypatch, M):
             assert rel_err(y, ref, y_abs) < TOL[dtype][0], (dtype, bias)
     assert calls == [M] * 6
     x, W, A, B, b = make_inputs(M, 136, 72, 8, torch.bfloat16)
+    with torch.no_grad():
+        assert lk.dispatch_reason(x, A)[0] == "cublas" and lk.dispatch_reason(x, A, 0.1)[0] == "triton"
+    assert lk.dispatch_reason(x, A.detach().requires_grad_(True))[0] == "triton"
     lk.lora_linear(x, W, A.requires_grad_(True), B, 0.75, b)  # a gradient to compute
     with torch.no_grad():
         lk.lora_linear(x, W, A, B, 0.75, b, 0.1)  # dropout

@@ -781,9 +781,15 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lor
     return y if flat else y.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def dispatch_reason(x: torch.Tensor, lora_A: torch.Tensor) -> tuple[str, str]:
-    """(backend, reason) that `lora_linear` would use for these tensors: the visible decision."""
+def dispatch_reason(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float = 0.0) -> tuple[str, str]:
+    """(backend, reason) that `lora_linear` would use for these tensors, called here and now (grad
+    mode, CUDA-graph capture; weight and bias taken as frozen): "triton", "torch", or "cublas" for
+    the eager inference path of few rows (see DECODE_ROWS)."""
     backend, reason = _backend.choose(x.device)
+    rows = x.reshape(-1, x.shape[-1])
+    if backend == "triton" and _decode_path(rows, None, lora_A, None, None, dropout_p):
+        return "cublas", (f"eager inference (no gradient, no dropout) of {rows.shape[0]} <= {DECODE_ROWS} rows: "
+                          "three cuBLAS calls cost less host time than the kernels' launches")
     if backend == "triton" and lora_A.shape[0] > MAX_TRITON_RANK:
         return "torch", f"rank {lora_A.shape[0]} > {MAX_TRITON_RANK}, the largest the Triton kernels take"
     return backend, reason
