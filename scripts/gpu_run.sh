@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU run: tests, kernel tuning and benchmarks in one call, logs under $OUT, short table last.
-#   bash scripts/gpu_run.sh [stage ...]     stages: info tests ptests multitests tune kt diag hostprof mprof profile ncu mncu msweep pfsweep dsweep sanitize extout
+#   bash scripts/gpu_run.sh [stage ...]     stages: info tests ptests multitests tune kt diag hostprof mprof profile ncu mncu msweep gprobe fsweep pfsweep dsweep sanitize extout
 #                                                   bench cli e2e multi
 #                                           (default: info tests tune bench cli)
 # Each stage has its own time limit, so one stage that hangs cannot eat the whole call.
@@ -77,6 +77,12 @@ for s in $stages; do
     dsweep)  # the fused op's inference path at few rows: Triton kernels vs cuBLAS vs naive
       run_stage dsweep ${DSWEEP_LIMIT:-150} python benchmarks/sweep_decode.py ${DSWEEP_SHAPE:-}
       cat "$OUT/dsweep.log" >> "$summary" ;;
+    fsweep)  # the fused op with the LoRA expansion in a Triton GEMM's epilogue vs expand + cuBLAS
+      run_stage fsweep ${FSWEEP_LIMIT:-300} python benchmarks/sweep_fused_gemm.py
+      cat "$OUT/fsweep.log" >> "$summary" ;;
+    gprobe)  # a persistent Triton GEMM (with / without warp specialization) against cuBLAS
+      run_stage gprobe ${GPROBE_LIMIT:-240} python benchmarks/probe_triton_gemm.py
+      cat "$OUT/gprobe.log" >> "$summary" ;;
     pfsweep)  # the register shrink's L2 prefetch budget on decode cases that sort in the call
       run_stage pfsweep ${PFSWEEP_LIMIT:-150} python benchmarks/sweep_multi_prefetch.py ${PFSWEEP_CASES:-}
       cat "$OUT/pfsweep.log" >> "$summary" ;;

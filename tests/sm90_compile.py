@@ -32,6 +32,8 @@ def _signature(kernel, ptrs: dict, constexprs: dict) -> dict:
     for name in kernel.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
+        elif name.endswith("_desc"):
+            sig[name] = ptrs[name]  # e.g. "tensordesc<bf16[128,64]>"
         elif name.endswith("_ptr"):
             sig[name] = "*" + ptrs.get(name, "fp32")
         elif name in FLOAT_ARGS:
@@ -63,7 +65,21 @@ def _builds(ranks=(16, 64, 128, 256), dtypes=(("bf16", "bf16"), ("bf16", "fp32")
                {"COMPUTE_DB": True, "DOT_PRECISION": prec, "BLOCK_M": c.block_a, "BLOCK_N": c.block_b, "BLOCK_R": BR})
 
 
-KERNELS = {"shrink": "_lora_shrink_kernel", "x": "_lora_bwd_x_kernel", "expand": "_lora_expand_kernel",
+    for R, (xdt, adt), masked in itertools.product(ranks, dtypes, (False, True)):
+        if xdt == "fp32" or R > L._GEMM_MAX_RANK:
+            continue  # the GEMM-epilogue kernel runs for 16-bit activations and r <= 64 only
+        c, split = L._gemm_cfg(masked)
+        BM, BN, BK = c.block_a, c.block_b, 64
+        ptrs = {"a_desc": f"tensordesc<{xdt}[{BM},{BK}]>",
+                "w_desc": f"tensordesc<{xdt}[{BK},{BN}]>" if masked else f"tensordesc<{xdt}[{BN},{BK}]>",
+                "y_desc": f"tensordesc<{xdt}[{BM},{BN // split}]>",
+                "l_ptr": "fp32", "r_ptr": adt, "bias_ptr": xdt, "seed_ptr": "i64"}
+        yield ("gemm", R, xdt, adt, masked, c, ptrs,
+               {"W_KMAJOR": not masked, "HAS_BIAS": not masked, "EPI_MASK": masked, "BM": BM, "BN": BN, "BK": BK,
+                "BLOCK_R": L._block_r(R), "GROUP_M": 8, "NUM_SMS": 132, "EPI_SPLIT": split})
+
+
+KERNELS = {"gemm": "_lora_gemm_kernel", "shrink": "_lora_shrink_kernel", "x": "_lora_bwd_x_kernel", "expand": "_lora_expand_kernel",
            "dy": "_lora_bwd_dy_kernel"}
 
 
@@ -84,8 +100,9 @@ def _compile(build):
             "shared": k.metadata.shared, "regs": regs, "stack": stack, "local": local}
 
 
-# For CI: rank 256 with fp32 adapters on bf16 activations, the pairing with the largest tiles.
-QUICK = dict(ranks=(256,), dtypes=(("bf16", "fp32"),))  # the largest shared-memory footprints
+# For CI: rank 256 with fp32 adapters on bf16 activations, the pairing with the largest tiles, and
+# rank 64 for the GEMM-epilogue kernel (its largest rank: the most registers).
+QUICK = dict(ranks=(64, 256), dtypes=(("bf16", "fp32"),))  # the largest shared-memory footprints
 
 if __name__ == "__main__":
     quick = "--quick" in sys.argv

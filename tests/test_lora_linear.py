@@ -512,3 +512,74 @@ def test_inference_at_few_rows_takes_the_cublas_path(monkeypatch, M):
     assert calls == [M] * 8
     torch.cuda.synchronize()
     assert rel_err(y_static, want) < TOL[torch.bfloat16][0]
+
+
+# ------------------------------------------------------------------------------------------------
+# the base GEMM with the LoRA expansion in its epilogue (sm_90, 16-bit activations)
+# ------------------------------------------------------------------------------------------------
+def _gemm_kernel_runs_here() -> bool:
+    from lora_kernels import _backend
+
+    if ON_GPU:
+        return torch.cuda.get_device_capability()[0] == 9  # TMA descriptors + wgmma configs: Hopper
+    return _backend.interpreting()
+
+
+GEMM_KERNEL_SHAPES = (  # (M, K_RED, N_OUT, r): ragged against the 128 x 256 (or 128 x 128) x 64 tiles
+    [(300, 136, 520, 5), (129, 72, 40, 16), (1000, 1032, 264, 64), (4100, 512, 4104, 16)] if ON_GPU
+    else [(150, 40, 72, 5), (130, 72, 264, 16)])
+
+
+@pytest.mark.skipif(not _gemm_kernel_runs_here(), reason="needs an sm_90 GPU or the Triton interpreter")
+@pytest.mark.parametrize("shape", GEMM_KERNEL_SHAPES, ids=str)
+@pytest.mark.parametrize("mode", ["forward", "dgrad", "dgrad_dropout"])
+def test_lora_gemm_kernel_matches_float64(shape, mode):
+    """out = a @ op(W) + coef * (L @ Rt) [* keep] + bias against float64, both W orientations."""
+    M, K_RED, N_OUT, r = shape
+    w_kmajor, p = mode == "forward", (0.3 if mode == "dgrad_dropout" else 0.0)
+    dtypes = [torch.float16, torch.bfloat16] if ON_GPU else [torch.float16]  # interpreter: no bf16 dot
+    g = torch.Generator().manual_seed(torch.randint(0, 2**31, ()).item())
+    for dt in dtypes:
+        a = torch.randn(M, K_RED, generator=g).to(DEVICE, dt)
+        W = (torch.randn(*((N_OUT, K_RED) if w_kmajor else (K_RED, N_OUT)), generator=g) / K_RED**0.5).to(DEVICE, dt)
+        L = torch.randn(M, r, generator=g).to(DEVICE)  # fp32, as S and G are
+        rt = (torch.randn(r, N_OUT, generator=g) / r**0.5).to(DEVICE, dt)
+        bias = torch.randn(N_OUT, generator=g).to(DEVICE, dt) if w_kmajor else None
+        seed = torch.tensor([987654321], dtype=torch.int64, device=DEVICE)
+        coef = 0.7
+        out = op_mod._lora_gemm(a, W, L, rt, coef, bias, w_kmajor, p=p, seed=seed if p > 0 else None)
+        base = a.double() @ (W.double().t() if w_kmajor else W.double())
+        lora = coef * L.double() @ rt.double()
+        if p > 0:  # dgrad: the mask is over dx = x's positions (rows, N_OUT columns)
+            lora = lora * lk.dropout_mask(seed, M, N_OUT, p, device=DEVICE).double()
+        ref = base + lora + (bias.double() if bias is not None else 0.0)
+        scale_ref = (a.double().abs() @ (W.double().abs().t() if w_kmajor else W.double().abs())
+                     + (coef * L.double().abs() @ rt.double().abs()) + (bias.double().abs() if bias is not None else 0.0))
+        assert out.shape == (M, N_OUT) and out.dtype == dt
+        assert rel_err(out, ref, scale_ref) < TOL[dt][0], (dt, mode)
+        if p > 0:  # the mask must matter: without it the result is far off
+            assert rel_err(out, base + coef * L.double() @ rt.double()) > 10 * TOL[dt][0]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (ON_GPU and _gemm_kernel_runs_here()), reason="the fused GEMM path runs on sm_90 only")
+@pytest.mark.parametrize("shape", [(300, 136, 520, 5), (1000, 1032, 264, 16), (4100, 512, 4104, 64),
+                                   (300, 136, 517, 5)], ids=str)
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_lora_linear_takes_the_fused_gemm_and_matches_float64(monkeypatch, shape, p):
+    """lora_linear at >= FUSED_GEMM_MIN_ROWS rows: forward and dx through the GEMM-epilogue kernel,
+    every output and gradient against float64, for bias / no bias and both 16-bit dtypes. With N = 517
+    the rows of y and dy are not 16-byte aligned for TMA: both go the cuBLAS way, not a crash."""
+    calls = []
+    real = op_mod._lora_gemm
+    monkeypatch.setattr(op_mod, "_lora_gemm", lambda *a, **k: calls.append(k["w_kmajor"]) or real(*a, **k))
+    M, K, N, r = shape
+    for dtype, bias in ((torch.bfloat16, True), (torch.float16, False)):
+        calls.clear()
+        y, y_ref, leaves, refs, y_abs = run_case(M, K, N, r, dtype, p, bias=bias)
+        want = [True, False] if N % 8 == 0 else []
+        assert calls == want, f"expected {want} (forward: True, dgrad: False) through the fused GEMM, got {calls}"
+        ftol, btol = TOL[dtype]
+        assert rel_err(y, y_ref, y_abs) < ftol, (dtype, "y")
+        for name, t, rt in zip(("dx", "dA", "dB"), leaves, refs):
+            assert rel_err(t.grad, rt.grad, rt.scale) < btol, (dtype, name)

@@ -3,24 +3,34 @@
     y = x @ W.T + b + s * (drop(x) @ A.T) @ B.T
         x [M, K] (leading dims flattened), W [N, K] frozen, b [N] or None, A [r, K], B [N, r], s = scale
 
-Forward (three launches, one pass over x, no [M, K] intermediate):
+Forward (one pass over x, no [M, K] intermediate):
     S = drop(x) @ A.T                 [M, r] fp32    shrink kernel: reads x once, dropout in registers
-    y = s * S @ B.T + b               [M, N]         expand kernel: writes y once
-    y += x @ W.T                                     cuBLAS GEMM with beta = 1 (accumulates into y)
+    y = x @ W.T + s * S @ B.T + b     [M, N]         on sm_90 with 16-bit x: one persistent Triton GEMM
+                                                     with the LoRA expansion in its epilogue
+                                                     (_lora_gemm_kernel); elsewhere the expand kernel
+                                                     writes s * S @ B.T + b and cuBLAS accumulates
+                                                     x @ W.T into it (beta = 1)
 Forward keeps for backward: x (a reference, no copy), S [M, r] fp32 and the seed: M * r * 4 bytes.
 
 Backward, with mask = keep / (1 - p) regenerated from the seed (dropout.py has the exact p):
     G  = dy @ B                                       [M, r]  fp32   \\ one pass over dy (dy-pass kernel)
     dB = s * dy.T @ S                                 [N, r]         /
-    dA = s * G.T @ drop(x)                            [r, K]         \\ one pass over x  (x-pass kernel),
-    dx = s * (G @ A) * mask   (+)   dy @ W            [M, K]         / then cuBLAS dy @ W with beta = 1
-    (with dropout, dx's LoRA part comes from the expand kernel with the mask on its output instead:
-    each kernel then needs the mask in one register layout; LORA_KERNELS_SPLIT_DX=0 keeps one pass)
+    dA = s * G.T @ drop(x)                            [r, K]            one pass over x  (x-pass kernel)
+    dx = dy @ W + s * (G @ A) * mask                  [M, K]         on sm_90 with 16-bit dy: the same
+                                                                     GEMM kernel, the masked LoRA term
+                                                                     in its epilogue; elsewhere the
+                                                                     x pass (or, with dropout, the
+                                                                     expand kernel with the mask on its
+                                                                     output) writes the LoRA term and
+                                                                     cuBLAS adds dy @ W (beta = 1)
     dW = dy.T @ x (cuBLAS, only if W requires grad)   db = dy.sum(0) (only if b requires grad)
 
-Why cuBLAS keeps the base GEMM: the GEMM is ~98% of the FLOPs (r / K = 0.4% extra at r = 16,
-K = 4096) and cuBLAS runs it at ~800 TFLOP/s on an H100, where a plain Triton bf16 GEMM reached
-~580 (72%). Everything else rides on passes over memory that the LoRA term needs anyway.
+The base GEMM is ~98% of the FLOPs (r / K = 0.4% extra at r = 16, K = 4096). A persistent Triton
+GEMM (TMA loads, 128 x 256 x 64 tiles, 3 stages) ran it at 97-100% of cuBLAS on an H100 at most
+training shapes measured (82-90% at 4096 -> 14336 and 1024 -> 1024; benchmarks/probe_triton_gemm.py),
+so the LoRA expansion rides in its epilogue instead of costing one more write and one more read of
+y [M, N]; the op came out faster than with cuBLAS at every shape measured. Where that kernel does not
+run (fp32, other GPUs, unaligned rows, r > 64, under torch.compile) cuBLAS keeps the GEMM.
 
 Precision: the LoRA products run on tensor cores with operands in the activations' dtype and fp32
 accumulation. With 16-bit activations and fp32 adapters (PEFT's default), A, B, S and G are rounded
@@ -48,6 +58,7 @@ try:
     import triton
     import triton.language as tl
     from torch._library.triton import is_wrap_triton_enabled
+    from triton.tools.tensor_descriptor import TensorDescriptor
 
     HAS_TRITON = True
 except Exception:  # no triton: the PyTorch path serves every call
@@ -328,6 +339,81 @@ if HAS_TRITON:
         tl.store(da_ptrs, da * coef, mask=r_ok[:, None] & col_ok[None, :])
 
 
+    @triton.jit
+    def _tile_coords(tile, num_m, num_n, GROUP_M: tl.constexpr):
+        """(row tile, column tile) of persistent tile number `tile`, in groups of GROUP_M row tiles:
+        the CTAs working at one time share a few W column tiles, which stay in L2."""
+        per_group = GROUP_M * num_n
+        first_m = (tile // per_group) * GROUP_M
+        rows = tl.minimum(num_m - first_m, GROUP_M)
+        return first_m + (tile % per_group) % rows, (tile % per_group) // rows
+
+    @triton.jit
+    def _column_halves(t, BM: tl.constexpr, BN: tl.constexpr):
+        return tl.split(tl.permute(tl.reshape(t, (BM, 2, BN // 2)), (0, 2, 1)))
+
+    @triton.jit
+    def _lora_gemm_kernel(
+        a_desc, w_desc, y_desc,  # TMA descriptors: a [M, K_RED]; W [N_OUT, K_RED] (W_KMAJOR) or [K_RED, N_OUT]; y [M, N_OUT]
+        l_ptr, r_ptr, bias_ptr, seed_ptr,  # L [M, R] fp32 contiguous; Rt[r, c] at r_ptr + r*stride_rr + c*stride_rc; bias [N_OUT]; seed [1]
+        M, N_OUT, K_RED, R, stride_rr, stride_rc,
+        coef, keep_thr,
+        W_KMAJOR: tl.constexpr, HAS_BIAS: tl.constexpr, EPI_MASK: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BLOCK_R: tl.constexpr,
+        GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, EPI_SPLIT: tl.constexpr,
+    ):
+        """y = a @ op(W) + coef * (L @ Rt) [* keep(rows, cols)] + bias: the base GEMM with the LoRA
+        expansion in its epilogue, one persistent CTA per SM walking [BM, BN] tiles.
+          forward: a = x, op(W) = W.T, L = S, Rt = B.T, coef = s                  -> y
+          dgrad:   a = dy, op(W) = W,  L = G, Rt = A,   coef = s / (1 - p), keep  -> dx
+        TMA loads zero-fill past the edges and TMA stores clip, so ragged M / N / K need no masks.
+        The epilogue runs on EPI_SPLIT column slices of the tile (y_desc's block is [BM, BN / EPI_SPLIT]):
+        with the mask, a whole [BM, BN] LoRA product beside the accumulator would spill."""
+        num_m = tl.cdiv(M, BM)
+        num_n = tl.cdiv(N_OUT, BN)
+        dt = y_desc.dtype
+        SUB: tl.constexpr = BN // EPI_SPLIT
+        if EPI_MASK:
+            seed = tl.load(seed_ptr)
+        offs_r = tl.arange(0, BLOCK_R)
+        r_ok = offs_r < R
+        for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS):
+            pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
+            m0 = pid_m * BM
+            n0 = pid_n * BN
+            rows = m0.to(tl.int64) + tl.arange(0, BM)
+            # the epilogue's small operand L [BM, R] is loaded before the main loop: its latency hides there
+            l = tl.load(l_ptr + rows[:, None] * R + offs_r[None, :], mask=(rows < M)[:, None] & r_ok[None, :], other=0.0)
+            l = (l * coef).to(dt)  # operands in the activations' dtype, as in the expand kernel
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+            for kk in range(tl.cdiv(K_RED, BK)):
+                a = a_desc.load([m0, kk * BK])
+                if W_KMAJOR:
+                    acc = tl.dot(a, w_desc.load([n0, kk * BK]).T, acc)
+                else:
+                    acc = tl.dot(a, w_desc.load([kk * BK, n0]), acc)
+            if EPI_SPLIT == 1:
+                parts = (acc,)
+            else:  # [BM, BN] -> column slices [BM, SUB] (a register renaming, no data movement)
+                parts = _column_halves(acc, BM, BN)
+                if EPI_SPLIT == 4:
+                    parts = _column_halves(parts[0], BM, BN // 2) + _column_halves(parts[1], BM, BN // 2)
+            for h in tl.static_range(EPI_SPLIT):
+                c0 = n0 + h * SUB
+                cols = c0 + tl.arange(0, SUB)
+                rt = tl.load(r_ptr + offs_r[:, None] * stride_rr + cols[None, :].to(tl.int64) * stride_rc,
+                             mask=r_ok[:, None] & (cols < N_OUT)[None, :], other=0.0).to(dt)
+                part = parts[h]
+                if EPI_MASK:
+                    lora = tl.dot(l, rt)
+                    part += tl.where(_keep_mask(seed, rows, c0, keep_thr, SUB), lora, 0.0)
+                else:
+                    part = tl.dot(l, rt, part)
+                if HAS_BIAS:
+                    part += tl.load(bias_ptr + cols, mask=cols < N_OUT, other=0.0).to(tl.float32)[None, :]
+                y_desc.store([m0, c0], part.to(dt))
+
+
 # ================================================================================================
 # launchers
 # ================================================================================================
@@ -338,7 +424,7 @@ def _launch(kernel, grid, *args, **meta):
         return
     if is_wrap_triton_enabled():
         torch.library.wrap_triton(kernel)[grid](*args, **meta)
-    elif _FAST_LAUNCH and args[0].is_cuda and not _launch_hooks():
+    elif _FAST_LAUNCH and getattr(args[0], "base", args[0]).is_cuda and not _launch_hooks():
         _launch_direct(kernel, grid, args, meta)
     else:
         kernel[grid](*args, **meta)
@@ -364,6 +450,8 @@ def _arg_key(a):
     dtype and 16-byte alignment, ints by == 1, % 16 == 0 and 32- vs 64-bit; floats not at all."""
     if isinstance(a, torch.Tensor):
         return a.dtype, a.data_ptr() % 16 == 0
+    if isinstance(a, TensorDescriptor):  # by element type and block shape (the kernel's TMA boxes)
+        return a.base.dtype, tuple(a.block_shape)
     if isinstance(a, bool):
         return a
     if isinstance(a, int):
@@ -488,8 +576,77 @@ def _bwd_x(x, A, G, seed, scale, p, need_dx, cfg: _Cfg | None = None, split_dx: 
     return (da_parts.sum(0) if split > 1 else da_parts), dx
 
 
+# The base GEMM with the LoRA expansion in its epilogue (_lora_gemm_kernel) replaces "expand kernel
+# writes y, cuBLAS accumulates x @ W.T into it (beta = 1)", which costs one more write and one more
+# read of y [M, N] (and the same for dx in backward). Measured on an H100 (bf16, r16, CUDA-graph
+# time over the base F.linear, benchmarks/sweep_fused_gemm.py, same run): 8192 x 4096 -> 4096 p0.05
+# fwd 1.228x -> 1.184x, fwd+bwd 1.285x -> 1.266x; p0 fwd 1.146x -> 1.110x, fwd+bwd 1.232x -> 1.166x;
+# 8192 x 1024 -> 1024 p0.05 fwd+bwd 2.43x -> 2.31x; 8192 x 2048 -> 512 2.79x -> 2.54x. Taken on sm_90
+# for 16-bit activations whose rows TMA can read (16-byte aligned); fp32 keeps cuBLAS (its TF32
+# choice follows torch's settings). LORA_KERNELS_FUSED_GEMM=0 turns it off.
+_FUSED_GEMM = os.environ.get("LORA_KERNELS_FUSED_GEMM", "1") != "0"
+FUSED_GEMM_MIN_ROWS = 256  # fewer rows than two 128-row tiles: decode-sized calls keep the split kernels
+_GEMM_MAX_RANK = 64  # the epilogue's [BM, r] and [r, BN] operands: r = 64 uses 255 registers at BN = 256
+
+
+@functools.lru_cache(maxsize=None)
+def _is_sm90(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] == 9
+
+
+def _tma_ok(t: torch.Tensor) -> bool:
+    """A row-major 2-D tensor TMA can read: unit inner stride, 16-byte aligned base and row pitch."""
+    return (t.dim() == 2 and t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0
+            and t.data_ptr() % 16 == 0 and t.shape[1] * t.element_size() >= 16)
+
+
+def _fused_gemm_ok(a: torch.Tensor, weight: torch.Tensor, R: int, n_out: int) -> bool:
+    """Whether out [M, n_out] = a @ op(weight) + LoRA can run as _lora_gemm_kernel."""
+    if not (_FUSED_GEMM and a.is_cuda and a.dtype in (torch.float16, torch.bfloat16)):
+        return False
+    if (n_out * a.element_size()) % 16:  # the output's rows are stored by TMA too
+        return False
+    if a.shape[0] < FUSED_GEMM_MIN_ROWS or R > _GEMM_MAX_RANK or is_wrap_triton_enabled():
+        return False  # (torch.compile traces the cuBLAS composition: no host-side TMA descriptors)
+    idx = a.device.index if a.device.index is not None else torch.cuda.current_device()
+    return _is_sm90(idx) and _tma_ok(a) and _tma_ok(weight)
+
+
+def _gemm_cfg(masked: bool) -> tuple[_Cfg, int]:
+    """(tile config: block_a = BM, block_b = BN, BK = 64; the epilogue's column slices). The masked
+    dgrad runs its epilogue on 64-column slices: with the mask and a whole [128, 256] LoRA product
+    beside the accumulator it spilled (offline sm_90 compile: 255 registers + 1.2 KB of stack; 320
+    bytes with 128-column slices; none with 64)."""
+    return _Cfg(128, 256, 8, 3), (4 if masked else 1)
+
+
+def _lora_gemm(a, weight, L, rt, coef, bias, w_kmajor: bool, p: float = 0.0, seed=None) -> torch.Tensor:
+    """out = a @ (W.T if w_kmajor else W) + coef * (L @ rt) [* keep when p > 0] + bias -> [M, N_OUT]
+    in a's dtype.   a [M, K_RED], weight [N, K], L [M, R] fp32 contiguous, rt [R, N_OUT] (any strides)"""
+    M, K_RED = a.shape
+    R, N_OUT = rt.shape
+    cfg, epi_split = _gemm_cfg(p > 0)
+    BM, BN, BK = cfg.block_a, cfg.block_b, 64
+    out = torch.empty((M, N_OUT), dtype=a.dtype, device=a.device)
+    a_desc = TensorDescriptor.from_tensor(a, [BM, BK])
+    w_desc = TensorDescriptor.from_tensor(weight, [BN, BK] if w_kmajor else [BK, BN])
+    y_desc = TensorDescriptor.from_tensor(out, [BM, BN // epi_split])
+    tiles = _cdiv(M, BM) * _cdiv(N_OUT, BN)
+    grid = min(tiles, _sm_count_of(a.device))
+    _launch(_lora_gemm_kernel, (grid, 1),
+            a_desc, w_desc, y_desc, L, rt, bias if bias is not None else out, seed if seed is not None else out,
+            M, N_OUT, K_RED, R, rt.stride(0), rt.stride(1),
+            coef, keep_threshold(p),
+            W_KMAJOR=w_kmajor, HAS_BIAS=bias is not None, EPI_MASK=p > 0,
+            BM=BM, BN=BN, BK=BK, BLOCK_R=_block_r(R), GROUP_M=8, NUM_SMS=grid, EPI_SPLIT=epi_split,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
+
+
 def _fwd_triton(x, weight, A, B, scale, bias, p, seed):
     S = _shrink(x, A, p, seed)
+    if _fused_gemm_ok(x, weight, A.shape[0], weight.shape[0]):
+        return _lora_gemm(x, weight, S, B.t(), scale, bias, w_kmajor=True), S
     y = torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
     _expand(S, B, scale, bias, y)
     y.addmm_(x, weight.t())  # cuBLAS with beta = 1: y = x @ W.T + (s * S @ B.T + b)
@@ -498,6 +655,10 @@ def _fwd_triton(x, weight, A, B, scale, bias, p, seed):
 
 def _bwd_triton(dy, x, weight, A, B, S, seed, scale, p, need_dx):
     G, db = _bwd_dy(dy, B, S, scale, x.dtype, torch.are_deterministic_algorithms_enabled())
+    if need_dx and _fused_gemm_ok(dy, weight, A.shape[0], weight.shape[1]):
+        da, _ = _bwd_x(x, A, G, seed, scale, p, False)
+        dx = _lora_gemm(dy, weight, G, A, scale * keep_scale(p), None, w_kmajor=False, p=p, seed=seed)
+        return dx, da.to(A.dtype), db.to(B.dtype)
     da, dx = _bwd_x(x, A, G, seed, scale, p, need_dx)
     if need_dx:
         dx.addmm_(dy, weight)  # cuBLAS with beta = 1: dx = dy @ W + dx_lora
