@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU run: tests, kernel tuning and benchmarks in one call, logs under $OUT, short table last.
-#   bash scripts/gpu_run.sh [stage ...]     stages: info tests ptests multitests tune kt diag hostprof mprof profile ncu mncu msweep gprobe fsweep pfsweep dsweep sanitize extout
+#   bash scripts/gpu_run.sh [stage ...]     stages: info tests ptests multitests tune kt diag hostprof mprof profile ncu mncu msweep gprobe fsweep ssweep pfsweep dsweep sanitize extout
 #                                                   bench cli e2e multi
 #                                           (default: info tests tune bench cli)
 # Each stage has its own time limit, so one stage that hangs cannot eat the whole call.
@@ -80,6 +80,9 @@ for s in $stages; do
     fsweep)  # the fused op with the LoRA expansion in a Triton GEMM's epilogue vs expand + cuBLAS
       run_stage fsweep ${FSWEEP_LIMIT:-300} python benchmarks/sweep_fused_gemm.py
       cat "$OUT/fsweep.log" >> "$summary" ;;
+    ssweep)  # the shrink pass alone: pointer loads vs TMA tiles
+      run_stage ssweep ${SSWEEP_LIMIT:-240} python benchmarks/sweep_shrink.py
+      cat "$OUT/ssweep.log" >> "$summary" ;;
     gprobe)  # a persistent Triton GEMM (with / without warp specialization) against cuBLAS
       run_stage gprobe ${GPROBE_LIMIT:-240} python benchmarks/probe_triton_gemm.py
       cat "$OUT/gprobe.log" >> "$summary" ;;

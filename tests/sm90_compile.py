@@ -79,7 +79,18 @@ def _builds(ranks=(16, 64, 128, 256), dtypes=(("bf16", "bf16"), ("bf16", "fp32")
                 "BLOCK_R": L._block_r(R), "GROUP_M": 8, "NUM_SMS": 132, "EPI_SPLIT": split})
 
 
-KERNELS = {"gemm": "_lora_gemm_kernel", "shrink": "_lora_shrink_kernel", "x": "_lora_bwd_x_kernel", "expand": "_lora_expand_kernel",
+    tma_ranks = sorted({R for R in ranks if R <= L._TMA_SHRINK_MAX_RANK} | {L._TMA_SHRINK_MAX_RANK})
+    for R, (xdt, adt), drop in itertools.product(tma_ranks, dtypes, (False, True)):
+        if xdt == "fp32":
+            continue  # the TMA shrink runs for 16-bit activations only
+        for c in (L._Cfg(32, 256, 4, 4), L._Cfg(64, 128, 4, 6)):
+            ptrs = {"x_desc": f"tensordesc<{xdt}[{c.block_a},{c.block_b}]>", "a_ptr": adt, "s_ptr": "fp32",
+                    "seed_ptr": "i64"}
+            yield ("shrink_tma", R, xdt, adt, drop, c, ptrs,
+                   {"HAS_DROPOUT": drop, "BLOCK_M": c.block_a, "BLOCK_K": c.block_b, "BLOCK_R": L._block_r(R)})
+
+
+KERNELS = {"gemm": "_lora_gemm_kernel", "shrink_tma": "_lora_shrink_tma_kernel", "shrink": "_lora_shrink_kernel", "x": "_lora_bwd_x_kernel", "expand": "_lora_expand_kernel",
            "dy": "_lora_bwd_dy_kernel"}
 
 

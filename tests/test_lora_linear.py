@@ -583,3 +583,35 @@ def test_lora_linear_takes_the_fused_gemm_and_matches_float64(monkeypatch, shape
         assert rel_err(y, y_ref, y_abs) < ftol, (dtype, "y")
         for name, t, rt in zip(("dx", "dA", "dB"), leaves, refs):
             assert rel_err(t.grad, rt.grad, rt.scale) < btol, (dtype, name)
+
+
+@pytest.mark.skipif(not _gemm_kernel_runs_here(), reason="needs an sm_90 GPU or the Triton interpreter")
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("cfg", [(32, 256, 4, 4), (64, 128, 4, 6)], ids=str)
+def test_tma_shrink_kernel_matches_float64(cfg, p):
+    """S = drop(x) @ A.T through the TMA-load shrink, ragged M and K (x's tiles zero-filled past them)."""
+    shapes = [(300, 136, 5), (1000, 1032, 16), (130, 520, 32)] if ON_GPU else [(70, 264, 5), (33, 136, 16)]
+    for (M, K, r), dt in itertools.product(shapes, [torch.float16, torch.bfloat16] if ON_GPU else [torch.float16]):
+        x, _, A, _, _ = make_inputs(M, K, 8, r, dt, bias=False)
+        seed = torch.tensor([24680], dtype=torch.int64, device=DEVICE)
+        S = op_mod._shrink_tma(x, A, p, seed if p > 0 else None, op_mod._Cfg(*cfg))
+        mult = lk.dropout_mask(seed, M, K, p, device=DEVICE).double() * keep_scale(p) if p > 0 else 1.0
+        ref = (x.double() * mult) @ A.double().t()
+        assert S.shape == (M, r) and S.dtype == torch.float32
+        assert rel_err(S, ref, (x.double().abs() * mult) @ A.double().abs().t()) < TOL[dt][0], (M, K, r, dt)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (ON_GPU and _gemm_kernel_runs_here()), reason="the TMA shrink runs on sm_90 only")
+def test_lora_linear_takes_the_tma_shrink_at_many_rows(monkeypatch):
+    calls = []
+    real = op_mod._shrink_tma
+    monkeypatch.setattr(op_mod, "_shrink_tma", lambda *a, **k: calls.append(a[4]) or real(*a, **k))
+    for dtype, p in ((torch.bfloat16, 0.1), (torch.float16, 0.0)):
+        calls.clear()
+        y, y_ref, leaves, refs, y_abs = run_case(8200, 136, 264, 16, dtype, p)
+        assert len(calls) == 1, "expected the forward's shrink through the TMA kernel"
+        ftol, btol = TOL[dtype]
+        assert rel_err(y, y_ref, y_abs) < ftol, (dtype, "y")
+        for name, t, rt in zip(("dx", "dA", "dB"), leaves, refs):
+            assert rel_err(t.grad, rt.grad, rt.scale) < btol, (dtype, name)

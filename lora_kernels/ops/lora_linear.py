@@ -222,6 +222,35 @@ if HAS_TRITON:
         tl.store(s_ptrs, acc, mask=row_ok[:, None] & r_ok[None, :])
 
     @triton.jit
+    def _lora_shrink_tma_kernel(
+        x_desc, a_ptr, s_ptr, seed_ptr,  # x TMA descriptor [M, K] (block [BLOCK_M, BLOCK_K]), A [R, K], S [M, R] fp32, seed [1]
+        M, K, R, stride_ar, stride_ak,
+        keep_thr, inv_keep,
+        HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        """S[rows] = drop(x[rows]) @ A.T with x's tiles brought in by TMA (zero-filled past M and K):
+        one bulk copy per [BLOCK_M, BLOCK_K] tile instead of per-thread loads, so a CTA keeps
+        num_stages whole tiles in flight."""
+        m0 = tl.program_id(0) * BLOCK_M
+        rows = m0.to(tl.int64) + tl.arange(0, BLOCK_M)
+        offs_r = tl.arange(0, BLOCK_R)
+        r_ok = offs_r < R
+        if HAS_DROPOUT:
+            seed = tl.load(seed_ptr)
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            x = x_desc.load([m0, k0])
+            if HAS_DROPOUT:
+                x = tl.where(_keep_mask(seed, rows, k0, keep_thr, BLOCK_K), x, 0.0)
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :].to(tl.int64) * stride_ak,
+                        mask=r_ok[:, None] & (offs_k < K)[None, :], other=0.0)
+            acc = tl.dot(x, tl.trans(a.to(x.dtype)), acc)
+        if HAS_DROPOUT:
+            acc = acc * inv_keep
+        tl.store(s_ptr + rows[:, None] * R + offs_r[None, :], acc, mask=(rows < M)[:, None] & r_ok[None, :])
+
+    @triton.jit
     def _lora_expand_kernel(
         s_ptr, b_ptr, bias_ptr, y_ptr, seed_ptr,  # S [M, R] fp32, B [N, R], bias [N], y [M, N], seed [1]
         M, N, R,
@@ -476,10 +505,49 @@ def _launch_direct(kernel, grid, args, meta):
                  compiled.packed_metadata, None, None, None, *args, *constexprs)
 
 
+def _shrink_tma(x, A, p, seed, cfg: _Cfg) -> torch.Tensor:
+    """S = drop(x) @ A.T -> [M, R] fp32 through _lora_shrink_tma_kernel.   x [M, K] (TMA-readable), A [R, K]"""
+    M, K = x.shape
+    R = A.shape[0]
+    S = torch.empty((M, R), dtype=torch.float32, device=x.device)
+    _launch(_lora_shrink_tma_kernel, (_cdiv(M, cfg.block_a), 1),
+            TensorDescriptor.from_tensor(x, [cfg.block_a, cfg.block_b]), A, S, seed if seed is not None else S,
+            M, K, R, A.stride(0), A.stride(1),
+            keep_threshold(p), keep_scale(p),
+            HAS_DROPOUT=p > 0, BLOCK_M=cfg.block_a, BLOCK_K=cfg.block_b, BLOCK_R=_block_r(R),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return S
+
+
+# The shrink with x's tiles brought in by TMA (_lora_shrink_tma_kernel) on sm_90, 16-bit x, once the
+# row blocks fill half the GPU. benchmarks/sweep_shrink.py on an H100 (graph us, pointer kernel at
+# its tuned config -> TMA kernel), r16: 8192 x 4096 p0.05 38.1 -> 33.9 (32-row tiles: 2 CTAs per SM
+# hide more of the mask's Philox work, which is what separates p0.05 from p0's 26 us), 8192 x 14336
+# p0.05 123.9 -> 102.8, 8192 x 2048 22.0 -> 17.2, 8192 x 1024 11.9 -> 10.1; p0 26.7 -> 25.4. At 2048
+# rows the pointer kernel's K split wins (12.7 vs 21.8 us): not taken.
+_TMA_SHRINK = os.environ.get("LORA_KERNELS_TMA_SHRINK", "1") != "0"
+# r = 64 with fp32 adapters needs 278 KB of shared memory at 64 x 128 x 6 stages (limit 227 KB)
+_TMA_SHRINK_MAX_RANK = 32
+
+
+def _tma_shrink_cfg(x: torch.Tensor, R: int, p: float) -> _Cfg | None:
+    if not (_TMA_SHRINK and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and R <= _TMA_SHRINK_MAX_RANK):
+        return None
+    cfg = _Cfg(32, 256, 4, 4) if p > 0 else _Cfg(64, 128, 4, 6)
+    if _cdiv(x.shape[0], cfg.block_a) < _sm_count_of(x.device) // 2 or is_wrap_triton_enabled():
+        return None
+    idx = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    return cfg if _is_sm90(idx) and _tma_ok(x) else None
+
+
 def _shrink(x, A, p, seed, cfg: _Cfg | None = None) -> torch.Tensor:
     """S = drop(x) @ A.T -> [M, R] fp32.   x [M, K], A [R, K]"""
     M, K = x.shape
     R = A.shape[0]
+    if cfg is None:
+        tma_cfg = _tma_shrink_cfg(x, R, p)
+        if tma_cfg is not None:
+            return _shrink_tma(x, A, p, seed, tma_cfg)
     cfg = cfg or _shrink_cfg(M, R, p > 0)
     n_m = _cdiv(M, cfg.block_a)
     split = _split(n_m, _cdiv(K, cfg.block_b), x.device)  # decode: few rows, cut K instead

@@ -1,0 +1,39 @@
+"""The shrink pass S = drop(x) @ A.T alone: the pointer-load kernel at its tuned config against the
+TMA-load kernel at several tile configs (GPU, sm_90), CUDA-graph time and read bandwidth of x.
+
+    python benchmarks/sweep_shrink.py
+"""
+import torch
+import triton.testing
+
+from lora_kernels.ops import lora_linear as L
+
+SHAPES = [(8192, 4096, 16), (8192, 2048, 16), (8192, 1024, 16), (2048, 4096, 16), (8192, 14336, 16), (8192, 4096, 64)]
+TMA_CFGS = [(64, 256, 4, 4), (64, 128, 4, 6), (64, 256, 8, 4), (128, 128, 8, 4), (32, 256, 4, 4), (64, 512, 8, 3),
+            (128, 256, 8, 3)]
+
+
+def main():
+    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}")
+    for M, K, R in SHAPES:
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        A = torch.randn(R, K, device="cuda", dtype=torch.bfloat16) / K**0.5
+        seed = torch.tensor([1234], dtype=torch.int64, device="cuda")
+        for p in (0.05, 0.0):
+            ref = L._shrink(x, A, p, seed)
+            t0 = triton.testing.do_bench_cudagraph(lambda: L._shrink(x, A, p, seed), rep=40)
+            line = [f"M{M} K{K} r{R} p{p:g}: pointer {t0 * 1e3:6.1f} us ({M * K * 2 / t0 / 1e9:4.2f} TB/s)"]
+            for cfg in TMA_CFGS:
+                c = L._Cfg(*cfg)
+                try:
+                    out = L._shrink_tma(x, A, p, seed, c)
+                    err = ((out - ref).norm() / ref.norm()).item()
+                    t = triton.testing.do_bench_cudagraph(lambda: L._shrink_tma(x, A, p, seed, c), rep=40)
+                    line.append(f"tma{cfg} {t * 1e3:6.1f} us ({M * K * 2 / t / 1e9:4.2f}) err {err:.0e}")
+                except Exception as e:
+                    line.append(f"tma{cfg} failed: {type(e).__name__} {str(e)[:80]}")
+            print("\n   ".join(line), flush=True)
+
+
+if __name__ == "__main__":
+    main()
