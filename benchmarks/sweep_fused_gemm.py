@@ -15,7 +15,7 @@ from lora_kernels._bench import gpu_time_ms, graph_time_ms
 from lora_kernels._bench.linear import QUICK, Case, build, step_fn
 from lora_kernels.ops import lora_linear as op_mod
 
-VARIANTS = (("expand+cuBLAS", False), ("gemm-epilogue", True))
+VARIANTS = (("expand+cuBLAS", False, True), ("gemm, Rt late", True, False), ("gemm-epilogue", True, True))
 CASES = [(8192, 4096, 4096, 16, 0.05), (8192, 4096, 4096, 16, 0.0), (8192, 1024, 1024, 16, 0.05),
          (8192, 1024, 1024, 16, 0.0), (8192, 2048, 512, 16, 0.05), (8192, 4096, 14336, 16, 0.0),
          (2048, 4096, 4096, 16, 0.05), (8192, 4096, 4096, 64, 0.05)]
@@ -30,8 +30,8 @@ def main():
             base = step_fn(*fns["base"], x, dy, mode)
             bg, be = graph_time_ms(base), gpu_time_ms(base, 10, 40)
             cells, outs = [], {}
-            for name, fused in VARIANTS:
-                op_mod._FUSED_GEMM = fused
+            for name, fused, hoist in VARIANTS:
+                op_mod._FUSED_GEMM, op_mod._GEMM_HOIST_RT = fused, hoist
                 fn = step_fn(*fns["fused"], x, dy, mode)
                 torch.manual_seed(0)
                 out = fn()
@@ -46,12 +46,12 @@ def main():
                 e = gpu_time_ms(fn, 10, 40)
                 cells.append(f"{name} {g / bg:5.3f}x / {e / be:5.3f}x")
             ref = outs[VARIANTS[0][0]].float()
-            diffs = " ".join(f"{((outs[n].float() - ref).norm() / ref.norm()).item():.1e}" for n, _ in VARIANTS[1:])
+            diffs = " ".join(f"{((outs[n].float() - ref).norm() / ref.norm()).item():.1e}" for n, _, _ in VARIANTS[1:])
             print(f"{case.name:32s} {mode:8s} base {bg:.4f} ms   " + "   ".join(cells) + f"   rel diff {diffs}",
                   flush=True)
         del x, dy, fns
         torch.cuda.empty_cache()
-    op_mod._FUSED_GEMM = True
+    op_mod._FUSED_GEMM, op_mod._GEMM_HOIST_RT = True, True
 
 
 if __name__ == "__main__":

@@ -76,7 +76,8 @@ def _builds(ranks=(16, 64, 128, 256), dtypes=(("bf16", "bf16"), ("bf16", "fp32")
                 "l_ptr": "fp32", "r_ptr": adt, "bias_ptr": xdt, "seed_ptr": "i64"}
         yield ("gemm", R, xdt, adt, masked, c, ptrs,
                {"W_KMAJOR": not masked, "HAS_BIAS": not masked, "EPI_MASK": masked, "BM": BM, "BN": BN, "BK": BK,
-                "BLOCK_R": L._block_r(R), "GROUP_M": 8, "NUM_SMS": 132, "EPI_SPLIT": split})
+                "BLOCK_R": L._block_r(R), "GROUP_M": 8, "NUM_SMS": 132, "EPI_SPLIT": split,
+                "HOIST_RT": L._block_r(R) == 16})
 
 
     tma_ranks = sorted({R for R in ranks if R <= L._TMA_SHRINK_MAX_RANK} | {L._TMA_SHRINK_MAX_RANK})
@@ -112,8 +113,8 @@ def _compile(build):
 
 
 # For CI: rank 256 with fp32 adapters on bf16 activations, the pairing with the largest tiles, and
-# rank 64 for the GEMM-epilogue kernel (its largest rank: the most registers).
-QUICK = dict(ranks=(64, 256), dtypes=(("bf16", "fp32"),))  # the largest shared-memory footprints
+# ranks 16 (Rt loaded before the GEMM's main loop) and 64 (the most registers) for the GEMM-epilogue kernel.
+QUICK = dict(ranks=(16, 64, 256), dtypes=(("bf16", "fp32"),))  # the largest shared-memory footprints
 
 if __name__ == "__main__":
     quick = "--quick" in sys.argv

@@ -389,7 +389,7 @@ if HAS_TRITON:
         coef, keep_thr,
         W_KMAJOR: tl.constexpr, HAS_BIAS: tl.constexpr, EPI_MASK: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BLOCK_R: tl.constexpr,
-        GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, EPI_SPLIT: tl.constexpr,
+        GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, EPI_SPLIT: tl.constexpr, HOIST_RT: tl.constexpr,
     ):
         """y = a @ op(W) + coef * (L @ Rt) [* keep(rows, cols)] + bias: the base GEMM with the LoRA
         expansion in its epilogue, one persistent CTA per SM walking [BM, BN] tiles.
@@ -411,9 +411,14 @@ if HAS_TRITON:
             m0 = pid_m * BM
             n0 = pid_n * BN
             rows = m0.to(tl.int64) + tl.arange(0, BM)
-            # the epilogue's small operand L [BM, R] is loaded before the main loop: its latency hides there
+            # the epilogue's small operands L [BM, R] and (HOIST_RT) Rt [R, BN] are loaded before the
+            # main loop: their latency hides there
             l = tl.load(l_ptr + rows[:, None] * R + offs_r[None, :], mask=(rows < M)[:, None] & r_ok[None, :], other=0.0)
             l = (l * coef).to(dt)  # operands in the activations' dtype, as in the expand kernel
+            if HOIST_RT:
+                cols = n0 + tl.arange(0, BN)
+                rt = tl.load(r_ptr + offs_r[:, None] * stride_rr + cols[None, :].to(tl.int64) * stride_rc,
+                             mask=r_ok[:, None] & (cols < N_OUT)[None, :], other=0.0).to(dt)
             acc = tl.zeros((BM, BN), dtype=tl.float32)
             for kk in range(tl.cdiv(K_RED, BK)):
                 a = a_desc.load([m0, kk * BK])
@@ -423,21 +428,30 @@ if HAS_TRITON:
                     acc = tl.dot(a, w_desc.load([kk * BK, n0]), acc)
             if EPI_SPLIT == 1:
                 parts = (acc,)
-            else:  # [BM, BN] -> column slices [BM, SUB] (a register renaming, no data movement)
+                if HOIST_RT:
+                    rts = (rt,)
+            else:  # [BM, BN] -> column slices [BM, SUB] (a register renaming, no data movement), Rt alike
                 parts = _column_halves(acc, BM, BN)
+                if HOIST_RT:
+                    rts = _column_halves(rt, BLOCK_R, BN)
                 if EPI_SPLIT == 4:
                     parts = _column_halves(parts[0], BM, BN // 2) + _column_halves(parts[1], BM, BN // 2)
+                    if HOIST_RT:
+                        rts = _column_halves(rts[0], BLOCK_R, BN // 2) + _column_halves(rts[1], BLOCK_R, BN // 2)
             for h in tl.static_range(EPI_SPLIT):
                 c0 = n0 + h * SUB
                 cols = c0 + tl.arange(0, SUB)
-                rt = tl.load(r_ptr + offs_r[:, None] * stride_rr + cols[None, :].to(tl.int64) * stride_rc,
-                             mask=r_ok[:, None] & (cols < N_OUT)[None, :], other=0.0).to(dt)
+                if HOIST_RT:
+                    rt_h = rts[h]
+                else:
+                    rt_h = tl.load(r_ptr + offs_r[:, None] * stride_rr + cols[None, :].to(tl.int64) * stride_rc,
+                                   mask=r_ok[:, None] & (cols < N_OUT)[None, :], other=0.0).to(dt)
                 part = parts[h]
                 if EPI_MASK:
-                    lora = tl.dot(l, rt)
+                    lora = tl.dot(l, rt_h)
                     part += tl.where(_keep_mask(seed, rows, c0, keep_thr, SUB), lora, 0.0)
                 else:
-                    part = tl.dot(l, rt, part)
+                    part = tl.dot(l, rt_h, part)
                 if HAS_BIAS:
                     part += tl.load(bias_ptr + cols, mask=cols < N_OUT, other=0.0).to(tl.float32)[None, :]
                 y_desc.store([m0, c0], part.to(dt))
@@ -654,6 +668,11 @@ def _bwd_x(x, A, G, seed, scale, p, need_dx, cfg: _Cfg | None = None, split_dx: 
 # choice follows torch's settings). LORA_KERNELS_FUSED_GEMM=0 turns it off.
 _FUSED_GEMM = os.environ.get("LORA_KERNELS_FUSED_GEMM", "1") != "0"
 FUSED_GEMM_MIN_ROWS = 256  # fewer rows than two 128-row tiles: decode-sized calls keep the split kernels
+# Rt [r, BN] loaded before the main loop too: its shared-memory copy for the epilogue's MMA then stays
+# allocated through the loop (offline sm_90 compile at r16: 225 KB; r32 with fp32 adapters 238 KB,
+# over the 227 KB limit), so only at r <= 16. H100, 14 r16 cases of benchmarks/sweep_fused_gemm.py in
+# one run: 1% faster on average (0.97-1.03x per case, the run's noise)
+_GEMM_HOIST_RT = True
 _GEMM_MAX_RANK = 64  # the epilogue's [BM, r] and [r, BN] operands: r = 64 uses 255 registers at BN = 256
 
 
@@ -707,6 +726,7 @@ def _lora_gemm(a, weight, L, rt, coef, bias, w_kmajor: bool, p: float = 0.0, see
             coef, keep_threshold(p),
             W_KMAJOR=w_kmajor, HAS_BIAS=bias is not None, EPI_MASK=p > 0,
             BM=BM, BN=BN, BK=BK, BLOCK_R=_block_r(R), GROUP_M=8, NUM_SMS=grid, EPI_SPLIT=epi_split,
+            HOIST_RT=_GEMM_HOIST_RT and _block_r(R) == 16,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
