@@ -1,7 +1,7 @@
 """The shrink pass S = drop(x) @ A.T alone: the pointer-load kernel at its tuned config against the
 TMA-load kernel at several tile configs (GPU, sm_90), CUDA-graph time and read bandwidth of x.
 
-    python benchmarks/sweep_shrink.py
+    python benchmarks/sweep_shrink.py [--xpass]     (--xpass: the backward's dA pass instead)
 """
 import torch
 import triton.testing
@@ -35,5 +35,38 @@ def main():
             print("\n   ".join(line), flush=True)
 
 
+
+
+XPASS_CFGS = [(64, 128, 4, 4), (32, 128, 4, 6), (64, 64, 4, 6), (128, 128, 8, 3), (32, 256, 4, 4), (64, 256, 8, 3)]
+
+
+def xpass():
+    """The backward's dA pass (dA = s/(1-p) G.T @ drop(x)) alone: pointer kernel vs TMA tiles."""
+    for M, K, R in SHAPES[:5]:
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        A = torch.randn(R, K, device="cuda", dtype=torch.bfloat16) / K**0.5
+        G = torch.randn(M, R, device="cuda")
+        seed = torch.tensor([1234], dtype=torch.int64, device="cuda")
+        for p in (0.05, 0.0):
+            saved = L._TMA_SHRINK
+            L._TMA_SHRINK = False
+            ref = L._bwd_x(x, A, G, seed, 2.0, p, False)[0]
+            t0 = triton.testing.do_bench_cudagraph(lambda: L._bwd_x(x, A, G, seed, 2.0, p, False), rep=40)
+            L._TMA_SHRINK = saved
+            line = [f"dA pass M{M} K{K} r{R} p{p:g}: pointer {t0 * 1e3:6.1f} us ({M * K * 2 / t0 / 1e9:4.2f} TB/s)"]
+            for cfg in XPASS_CFGS:
+                c = L._Cfg(*cfg)
+                try:
+                    out = L._bwd_xa_tma(x, G, seed, 2.0, p, c)
+                    err = ((out - ref).norm() / ref.norm()).item()
+                    t = triton.testing.do_bench_cudagraph(lambda: L._bwd_xa_tma(x, G, seed, 2.0, p, c), rep=40)
+                    line.append(f"tma{cfg} {t * 1e3:6.1f} us ({M * K * 2 / t / 1e9:4.2f}) err {err:.0e}")
+                except Exception as e:
+                    line.append(f"tma{cfg} failed: {type(e).__name__} {str(e)[:80]}")
+            print("\n   ".join(line), flush=True)
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    xpass() if "--xpass" in sys.argv else main()

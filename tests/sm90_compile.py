@@ -91,7 +91,17 @@ def _builds(ranks=(16, 64, 128, 256), dtypes=(("bf16", "bf16"), ("bf16", "fp32")
                    {"HAS_DROPOUT": drop, "BLOCK_M": c.block_a, "BLOCK_K": c.block_b, "BLOCK_R": L._block_r(R)})
 
 
-KERNELS = {"gemm": "_lora_gemm_kernel", "shrink_tma": "_lora_shrink_tma_kernel", "shrink": "_lora_shrink_kernel", "x": "_lora_bwd_x_kernel", "expand": "_lora_expand_kernel",
+    for R, (xdt, adt) in itertools.product(tma_ranks, dtypes):
+        if xdt == "fp32":
+            continue
+        c = L._XPASS_TMA_CFG
+        ptrs = {"x_desc": f"tensordesc<{xdt}[{c.block_a},{c.block_b}]>", "g_ptr": "fp32", "seed_ptr": "i64",
+                "da_ptr": "fp32"}
+        yield ("xa_tma", R, xdt, adt, True, c, ptrs,
+               {"HAS_DROPOUT": True, "BLOCK_M": c.block_a, "BLOCK_K": c.block_b, "BLOCK_R": L._block_r(R)})
+
+
+KERNELS = {"gemm": "_lora_gemm_kernel", "xa_tma": "_lora_bwd_xa_tma_kernel", "shrink_tma": "_lora_shrink_tma_kernel", "shrink": "_lora_shrink_kernel", "x": "_lora_bwd_x_kernel", "expand": "_lora_expand_kernel",
            "dy": "_lora_bwd_dy_kernel"}
 
 

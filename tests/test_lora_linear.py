@@ -615,3 +615,20 @@ def test_lora_linear_takes_the_tma_shrink_at_many_rows(monkeypatch):
         assert rel_err(y, y_ref, y_abs) < ftol, (dtype, "y")
         for name, t, rt in zip(("dx", "dA", "dB"), leaves, refs):
             assert rel_err(t.grad, rt.grad, rt.scale) < btol, (dtype, name)
+
+
+@pytest.mark.skipif(not _gemm_kernel_runs_here(), reason="needs an sm_90 GPU or the Triton interpreter")
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_tma_da_pass_matches_float64(p):
+    """dA = s/(1-p) G.T @ (x * keep) through the TMA-load dA pass, ragged M and K, split and not."""
+    shapes = [(300, 136, 5), (8200, 264, 16), (130, 1032, 32)] if ON_GPU else [(70, 264, 5), (150, 136, 16)]
+    for (M, K, r), dt in itertools.product(shapes, [torch.float16, torch.bfloat16] if ON_GPU else [torch.float16]):
+        x, _, _, _, _ = make_inputs(M, K, 8, r, dt, bias=False)
+        G = torch.randn(M, r, device=DEVICE)
+        seed = torch.tensor([13579], dtype=torch.int64, device=DEVICE)
+        dA = op_mod._bwd_xa_tma(x, G, seed if p > 0 else None, 0.5, p, op_mod._XPASS_TMA_CFG)
+        mult = lk.dropout_mask(seed, M, K, p, device=DEVICE).double() * keep_scale(p) if p > 0 else 1.0
+        ref = 0.5 * G.double().t() @ (x.double() * mult)
+        assert dA.shape == (r, K) and dA.dtype == torch.float32
+        scale_ref = 0.5 * G.double().abs().t() @ (x.double().abs() * mult)
+        assert rel_err(dA, ref, scale_ref) < TOL[dt][1], (M, K, r, dt)

@@ -251,6 +251,36 @@ if HAS_TRITON:
         tl.store(s_ptr + rows[:, None] * R + offs_r[None, :], acc, mask=(rows < M)[:, None] & r_ok[None, :])
 
     @triton.jit
+    def _lora_bwd_xa_tma_kernel(
+        x_desc, g_ptr, seed_ptr, da_ptr,  # x TMA descriptor [M, K] (block [BLOCK_M, BLOCK_K]), G [M, R] fp32, seed [1], dA parts [SPLIT, R, K] fp32
+        M, K, R, M_PER_SPLIT,
+        keep_thr, coef,  # coef = s * keep_scale(p)
+        HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        """dA[split][:, cols] = coef * G[rows].T @ (x[rows, cols] * keep) for one BLOCK_K strip of
+        columns over this split's rows, x's tiles brought in by TMA (zero-filled past M and K)."""
+        pid_k = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        k0 = pid_k * BLOCK_K
+        cols = k0 + tl.arange(0, BLOCK_K)
+        offs_r = tl.arange(0, BLOCK_R)
+        r_ok = offs_r < R
+        dt = x_desc.dtype
+        if HAS_DROPOUT:
+            seed = tl.load(seed_ptr)
+        da = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+        for i in range(0, M_PER_SPLIT // BLOCK_M):
+            m0 = pid_s * M_PER_SPLIT + i * BLOCK_M
+            rows = m0.to(tl.int64) + tl.arange(0, BLOCK_M)
+            g = tl.load(g_ptr + rows[:, None] * R + offs_r[None, :], mask=(rows < M)[:, None] & r_ok[None, :], other=0.0)
+            x = x_desc.load([m0, k0])
+            if HAS_DROPOUT:
+                x = tl.where(_keep_mask(seed, rows, k0, keep_thr, BLOCK_K), x, 0.0)
+            da = tl.dot(tl.trans(g.to(dt)), x, da)
+        da_ptrs = da_ptr + pid_s.to(tl.int64) * R * K + offs_r[:, None] * K + cols[None, :]
+        tl.store(da_ptrs, da * coef, mask=r_ok[:, None] & (cols < K)[None, :])
+
+    @triton.jit
     def _lora_expand_kernel(
         s_ptr, b_ptr, bias_ptr, y_ptr, seed_ptr,  # S [M, R] fp32, B [N, R], bias [N], y [M, N], seed [1]
         M, N, R,
@@ -620,6 +650,44 @@ def _bwd_dy(dy, B, S, scale, x_dtype, deterministic, cfg: _Cfg | None = None):
     return G, db
 
 
+# The dA pass with TMA loads of x, 32-row tiles (two CTAs an SM hide more of the mask's Philox work,
+# as in the shrink). benchmarks/sweep_shrink.py --xpass on an H100, graph us, pointer kernel -> this,
+# r16 p0.05: 8192 x 4096 55.3 -> 40.0, 8192 x 1024 16.8 -> 14.9, 2048 x 4096 15.4 -> 14.7, 8192 x 14336
+# 164.1 -> 159.0; without dropout within +-0.7 us either way, so only with dropout.
+_XPASS_TMA_CFG = _Cfg(32, 256, 4, 4)
+
+
+def _tma_xpass_cfg(x: torch.Tensor, R: int, p: float) -> _Cfg | None:
+    """The dA pass with TMA loads of x (sm_90, 16-bit x, r <= 32, dropout; see _bwd_xa_tma), or None."""
+    if not (_TMA_SHRINK and p > 0 and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+            and R <= _TMA_SHRINK_MAX_RANK):
+        return None
+    if x.shape[0] < FUSED_GEMM_MIN_ROWS or is_wrap_triton_enabled():
+        return None
+    idx = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    return _XPASS_TMA_CFG if _is_sm90(idx) and _tma_ok(x) else None
+
+
+def _bwd_xa_tma(x, G, seed, scale, p, cfg: _Cfg) -> torch.Tensor:
+    """dA = s/(1-p) * G.T @ (x*keep) [R, K] fp32 through _lora_bwd_xa_tma_kernel.
+    x [M, K] (TMA-readable), G [M, R] fp32"""
+    M, K = x.shape
+    R = G.shape[1]
+    n_k = _cdiv(K, cfg.block_b)
+    split = _split(n_k, _cdiv(M, cfg.block_a), x.device)
+    m_per_split = _cdiv(_cdiv(M, split), cfg.block_a) * cfg.block_a
+    split = _cdiv(M, m_per_split)
+    da_parts = torch.empty((split, R, K) if split > 1 else (R, K), dtype=torch.float32, device=x.device)
+    _launch(_lora_bwd_xa_tma_kernel, (n_k, split),
+            TensorDescriptor.from_tensor(x, [cfg.block_a, cfg.block_b]), G, seed if seed is not None else G, da_parts,
+            M, K, R, m_per_split,
+            keep_threshold(p), scale * keep_scale(p),
+            HAS_DROPOUT=p > 0, BLOCK_M=cfg.block_a, BLOCK_K=cfg.block_b, BLOCK_R=_block_r(R),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return da_parts.sum(0) if split > 1 else da_parts
+
+
+
 def _bwd_x(x, A, G, seed, scale, p, need_dx, cfg: _Cfg | None = None, split_dx: bool | None = None):
     """One pass over x -> (dA = s/(1-p) * G.T @ (x*keep) [R, K] fp32,
     dx_lora = s/(1-p) * (G @ A) * keep [M, K] in x's dtype, or None when not need_dx).
@@ -638,6 +706,10 @@ def _bwd_x(x, A, G, seed, scale, p, need_dx, cfg: _Cfg | None = None, split_dx: 
         return da, dx
     M, K = x.shape
     R = A.shape[0]
+    if cfg is None and not need_dx:
+        tma_cfg = _tma_xpass_cfg(x, R, p)
+        if tma_cfg is not None:
+            return _bwd_xa_tma(x, G, seed, scale, p, tma_cfg), None
     cfg = cfg or _x_cfg(M, R, p > 0 and need_dx)
     n_k = _cdiv(K, cfg.block_b)
     split = _split(n_k, _cdiv(M, cfg.block_a), x.device)
