@@ -110,6 +110,14 @@ def run_case(M, K, N, r, dtype, p, *, scale=0.5, bias=True, lead=(), x_transform
     return y, y_ref, leaves, refs, y_abs
 
 
+def assert_matches(dtype, y, y_ref, leaves, refs, y_abs):
+    """run_case's output and the gradients of x, A, B within TOL[dtype] of float64."""
+    ftol, btol = TOL[dtype]
+    assert rel_err(y, y_ref, y_abs) < ftol, (dtype, "y")
+    for name, t, rt in zip(("dx", "dA", "dB"), leaves, refs):
+        assert rel_err(t.grad, rt.grad, rt.scale) < btol, (dtype, name)
+
+
 # ------------------------------------------------------------------------------------------------
 # forward and backward against float64
 # ------------------------------------------------------------------------------------------------
@@ -579,10 +587,7 @@ def test_lora_linear_takes_the_fused_gemm_and_matches_float64(monkeypatch, shape
         y, y_ref, leaves, refs, y_abs = run_case(M, K, N, r, dtype, p, bias=bias)
         want = [True, False] if N % 8 == 0 else []
         assert calls == want, f"expected {want} (forward: True, dgrad: False) through the fused GEMM, got {calls}"
-        ftol, btol = TOL[dtype]
-        assert rel_err(y, y_ref, y_abs) < ftol, (dtype, "y")
-        for name, t, rt in zip(("dx", "dA", "dB"), leaves, refs):
-            assert rel_err(t.grad, rt.grad, rt.scale) < btol, (dtype, name)
+        assert_matches(dtype, y, y_ref, leaves, refs, y_abs)
 
 
 @pytest.mark.skipif(not _gemm_kernel_runs_here(), reason="needs an sm_90 GPU or the Triton interpreter")
@@ -611,10 +616,7 @@ def test_lora_linear_takes_the_tma_shrink_at_many_rows(monkeypatch):
         calls.clear()
         y, y_ref, leaves, refs, y_abs = run_case(8200, 136, 264, 16, dtype, p)
         assert len(calls) == 1, "expected the forward's shrink through the TMA kernel"
-        ftol, btol = TOL[dtype]
-        assert rel_err(y, y_ref, y_abs) < ftol, (dtype, "y")
-        for name, t, rt in zip(("dx", "dA", "dB"), leaves, refs):
-            assert rel_err(t.grad, rt.grad, rt.scale) < btol, (dtype, name)
+        assert_matches(dtype, y, y_ref, leaves, refs, y_abs)
 
 
 @pytest.mark.skipif(not _gemm_kernel_runs_here(), reason="needs an sm_90 GPU or the Triton interpreter")
