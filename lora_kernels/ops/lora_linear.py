@@ -397,7 +397,6 @@ if HAS_TRITON:
         da_ptrs = da_ptr + pid_s.to(tl.int64) * R * K + offs_r[:, None] * K + cols[None, :]
         tl.store(da_ptrs, da * coef, mask=r_ok[:, None] & col_ok[None, :])
 
-
     @triton.jit
     def _tile_coords(tile, num_m, num_n, GROUP_M: tl.constexpr):
         """(row tile, column tile) of persistent tile number `tile`, in groups of GROUP_M row tiles:
@@ -408,8 +407,20 @@ if HAS_TRITON:
         return first_m + (tile % per_group) % rows, (tile % per_group) // rows
 
     @triton.jit
-    def _column_halves(t, BM: tl.constexpr, BN: tl.constexpr):
-        return tl.split(tl.permute(tl.reshape(t, (BM, 2, BN // 2)), (0, 2, 1)))
+    def _column_halves(t, ROWS: tl.constexpr, COLS: tl.constexpr):
+        """t [ROWS, COLS] -> (left, right) halves [ROWS, COLS / 2]: a register renaming, no data movement."""
+        return tl.split(tl.permute(tl.reshape(t, (ROWS, 2, COLS // 2)), (0, 2, 1)))
+
+    @triton.jit
+    def _column_slices(t, ROWS: tl.constexpr, COLS: tl.constexpr, SPLIT: tl.constexpr):
+        """t [ROWS, COLS] -> a tuple of SPLIT (1, 2 or 4) column slices [ROWS, COLS / SPLIT], left to right."""
+        if SPLIT == 1:
+            slices = (t,)
+        else:
+            slices = _column_halves(t, ROWS, COLS)
+            if SPLIT == 4:
+                slices = _column_halves(slices[0], ROWS, COLS // 2) + _column_halves(slices[1], ROWS, COLS // 2)
+        return slices
 
     @triton.jit
     def _lora_gemm_kernel(
@@ -456,18 +467,9 @@ if HAS_TRITON:
                     acc = tl.dot(a, w_desc.load([n0, kk * BK]).T, acc)
                 else:
                     acc = tl.dot(a, w_desc.load([kk * BK, n0]), acc)
-            if EPI_SPLIT == 1:
-                parts = (acc,)
-                if HOIST_RT:
-                    rts = (rt,)
-            else:  # [BM, BN] -> column slices [BM, SUB] (a register renaming, no data movement), Rt alike
-                parts = _column_halves(acc, BM, BN)
-                if HOIST_RT:
-                    rts = _column_halves(rt, BLOCK_R, BN)
-                if EPI_SPLIT == 4:
-                    parts = _column_halves(parts[0], BM, BN // 2) + _column_halves(parts[1], BM, BN // 2)
-                    if HOIST_RT:
-                        rts = _column_halves(rts[0], BLOCK_R, BN // 2) + _column_halves(rts[1], BLOCK_R, BN // 2)
+            parts = _column_slices(acc, BM, BN, EPI_SPLIT)
+            if HOIST_RT:
+                rts = _column_slices(rt, BLOCK_R, BN, EPI_SPLIT)
             for h in tl.static_range(EPI_SPLIT):
                 c0 = n0 + h * SUB
                 cols = c0 + tl.arange(0, SUB)
@@ -497,7 +499,7 @@ def _launch(kernel, grid, *args, **meta):
         return
     if is_wrap_triton_enabled():
         torch.library.wrap_triton(kernel)[grid](*args, **meta)
-    elif _FAST_LAUNCH and getattr(args[0], "base", args[0]).is_cuda and not _launch_hooks():
+    elif _FAST_LAUNCH and getattr(args[0], "base", args[0]).is_cuda and not _launch_hooks():  # (a TMA descriptor's .base)
         _launch_direct(kernel, grid, args, meta)
     else:
         kernel[grid](*args, **meta)
@@ -575,13 +577,12 @@ _TMA_SHRINK_MAX_RANK = 32
 
 
 def _tma_shrink_cfg(x: torch.Tensor, R: int, p: float) -> _Cfg | None:
-    if not (_TMA_SHRINK and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and R <= _TMA_SHRINK_MAX_RANK):
+    if not (_TMA_SHRINK and R <= _TMA_SHRINK_MAX_RANK):
         return None
     cfg = _Cfg(32, 256, 4, 4) if p > 0 else _Cfg(64, 128, 4, 6)
-    if _cdiv(x.shape[0], cfg.block_a) < _sm_count_of(x.device) // 2 or is_wrap_triton_enabled():
+    if _cdiv(x.shape[0], cfg.block_a) < _sm_count_of(x.device) // 2:
         return None
-    idx = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    return cfg if _is_sm90(idx) and _tma_ok(x) else None
+    return cfg if _sm90_tma_ok(x) else None
 
 
 def _shrink(x, A, p, seed, cfg: _Cfg | None = None) -> torch.Tensor:
@@ -659,13 +660,9 @@ _XPASS_TMA_CFG = _Cfg(32, 256, 4, 4)
 
 def _tma_xpass_cfg(x: torch.Tensor, R: int, p: float) -> _Cfg | None:
     """The dA pass with TMA loads of x (sm_90, 16-bit x, r <= 32, dropout; see _bwd_xa_tma), or None."""
-    if not (_TMA_SHRINK and p > 0 and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
-            and R <= _TMA_SHRINK_MAX_RANK):
+    if not (_TMA_SHRINK and p > 0 and R <= _TMA_SHRINK_MAX_RANK and x.shape[0] >= FUSED_GEMM_MIN_ROWS):
         return None
-    if x.shape[0] < FUSED_GEMM_MIN_ROWS or is_wrap_triton_enabled():
-        return None
-    idx = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    return _XPASS_TMA_CFG if _is_sm90(idx) and _tma_ok(x) else None
+    return _XPASS_TMA_CFG if _sm90_tma_ok(x) else None
 
 
 def _bwd_xa_tma(x, G, seed, scale, p, cfg: _Cfg) -> torch.Tensor:
@@ -685,7 +682,6 @@ def _bwd_xa_tma(x, G, seed, scale, p, cfg: _Cfg) -> torch.Tensor:
             HAS_DROPOUT=p > 0, BLOCK_M=cfg.block_a, BLOCK_K=cfg.block_b, BLOCK_R=_block_r(R),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return da_parts.sum(0) if split > 1 else da_parts
-
 
 
 def _bwd_x(x, A, G, seed, scale, p, need_dx, cfg: _Cfg | None = None, split_dx: bool | None = None):
@@ -759,16 +755,23 @@ def _tma_ok(t: torch.Tensor) -> bool:
             and t.data_ptr() % 16 == 0 and t.shape[1] * t.element_size() >= 16)
 
 
+def _sm90_tma_ok(t: torch.Tensor) -> bool:
+    """Whether the sm_90 TMA kernels (GEMM epilogue, TMA shrink and dA pass) may read t: a 16-bit
+    CUDA tensor TMA can read, on an sm_90 device, outside torch.compile's tracing (which sees the
+    cuBLAS composition: no host-side TMA descriptors there)."""
+    if not (t.is_cuda and t.dtype in (torch.float16, torch.bfloat16)) or is_wrap_triton_enabled():
+        return False
+    idx = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    return _is_sm90(idx) and _tma_ok(t)
+
+
 def _fused_gemm_ok(a: torch.Tensor, weight: torch.Tensor, R: int, n_out: int) -> bool:
     """Whether out [M, n_out] = a @ op(weight) + LoRA can run as _lora_gemm_kernel."""
-    if not (_FUSED_GEMM and a.is_cuda and a.dtype in (torch.float16, torch.bfloat16)):
+    if not _FUSED_GEMM or a.shape[0] < FUSED_GEMM_MIN_ROWS or R > _GEMM_MAX_RANK:
         return False
     if (n_out * a.element_size()) % 16:  # the output's rows are stored by TMA too
         return False
-    if a.shape[0] < FUSED_GEMM_MIN_ROWS or R > _GEMM_MAX_RANK or is_wrap_triton_enabled():
-        return False  # (torch.compile traces the cuBLAS composition: no host-side TMA descriptors)
-    idx = a.device.index if a.device.index is not None else torch.cuda.current_device()
-    return _is_sm90(idx) and _tma_ok(a) and _tma_ok(weight)
+    return _sm90_tma_ok(a) and _tma_ok(weight)
 
 
 def _gemm_cfg(masked: bool) -> tuple[_Cfg, int]:
