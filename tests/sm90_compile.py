@@ -52,7 +52,7 @@ def _builds(ranks=(16, 64, 128, 256), dtypes=(("bf16", "bf16"), ("bf16", "fp32")
                {"HAS_DROPOUT": drop, "DOT_PRECISION": prec, "BLOCK_M": c.block_a, "BLOCK_K": c.block_b, "BLOCK_R": BR})
         c = L._x_cfg(M_BIG, R, drop)
         yield ("x", R, xdt, adt, drop, c, {"x_ptr": xdt, "a_ptr": adt, "seed_ptr": "i64", "dx_ptr": xdt},
-               {"HAS_DROPOUT": drop, "WRITE_DX": True, "DOT_PRECISION": prec, "BLOCK_M": c.block_a,
+               {"HAS_DROPOUT": drop, "WRITE_DX": True, "ATOMIC": True, "DOT_PRECISION": prec, "BLOCK_M": c.block_a,
                 "BLOCK_K": c.block_b, "BLOCK_R": BR})
         c = L._expand_cfg(M_BIG, R)  # forward: y with bias; backward with dropout: dx_lora masked
         yield ("expand", R, xdt, adt, drop, c, {"b_ptr": adt, "bias_ptr": xdt, "y_ptr": xdt, "seed_ptr": "i64"},
@@ -98,7 +98,7 @@ def _builds(ranks=(16, 64, 128, 256), dtypes=(("bf16", "bf16"), ("bf16", "fp32")
         ptrs = {"x_desc": f"tensordesc<{xdt}[{c.block_a},{c.block_b}]>", "g_ptr": "fp32", "seed_ptr": "i64",
                 "da_ptr": "fp32"}
         yield ("xa_tma", R, xdt, adt, True, c, ptrs,
-               {"HAS_DROPOUT": True, "BLOCK_M": c.block_a, "BLOCK_K": c.block_b, "BLOCK_R": L._block_r(R)})
+               {"HAS_DROPOUT": True, "ATOMIC": True, "BLOCK_M": c.block_a, "BLOCK_K": c.block_b, "BLOCK_R": L._block_r(R)})
 
 
 KERNELS = {"gemm": "_lora_gemm_kernel", "xa_tma": "_lora_bwd_xa_tma_kernel", "shrink_tma": "_lora_shrink_tma_kernel", "shrink": "_lora_shrink_kernel", "x": "_lora_bwd_x_kernel", "expand": "_lora_expand_kernel",

@@ -619,18 +619,32 @@ def test_lora_linear_takes_the_tma_shrink_at_many_rows(monkeypatch):
         assert_matches(dtype, y, y_ref, leaves, refs, y_abs)
 
 
-@pytest.mark.skipif(not _gemm_kernel_runs_here(), reason="needs an sm_90 GPU or the Triton interpreter")
+def _da_pass(kernel, x, A, G, seed, p, da):
+    if kernel == "tma":
+        return op_mod._bwd_xa_tma(x, G, seed, 0.5, p, op_mod._XPASS_TMA_CFG, da=da)
+    return op_mod._bwd_x(x, A, G, seed, 0.5, p, False, op_mod._x_cfg(x.shape[0], A.shape[0]), da=da)[0]
+
+
+@pytest.mark.parametrize("kernel", ["tma", "pointer"])
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_tma_da_pass_matches_float64(p):
-    """dA = s/(1-p) G.T @ (x * keep) through the TMA-load dA pass, ragged M and K, split and not."""
+def test_da_pass_matches_float64(kernel, p):
+    """dA = s/(1-p) G.T @ (x * keep) through the dA pass (TMA loads or pointer loads), ragged M and K,
+    with the rows split or not, the strips added atomically into a zeroed dA or kept as partials
+    (deterministic mode)."""
+    from lora_kernels import _backend
+
+    if not (ON_GPU or _backend.interpreting()) or (kernel == "tma" and not _gemm_kernel_runs_here()):
+        pytest.skip("needs a GPU or the Triton interpreter (the TMA kernel: sm_90 or the interpreter)")
     shapes = [(300, 136, 5), (8200, 264, 16), (130, 1032, 32)] if ON_GPU else [(70, 264, 5), (150, 136, 16)]
-    for (M, K, r), dt in itertools.product(shapes, [torch.float16, torch.bfloat16] if ON_GPU else [torch.float16]):
-        x, _, _, _, _ = make_inputs(M, K, 8, r, dt, bias=False)
+    for (M, K, r), dt, atomic in itertools.product(
+            shapes, [torch.float16, torch.bfloat16] if ON_GPU else [torch.float16], (True, False)):
+        x, _, A, _, _ = make_inputs(M, K, 8, r, dt, bias=False)
         G = torch.randn(M, r, device=DEVICE)
         seed = torch.tensor([13579], dtype=torch.int64, device=DEVICE)
-        dA = op_mod._bwd_xa_tma(x, G, seed if p > 0 else None, 0.5, p, op_mod._XPASS_TMA_CFG)
+        da = torch.zeros(r, K, device=DEVICE) if atomic else None
+        dA = _da_pass(kernel, x, A, G, seed if p > 0 else None, p, da)
         mult = lk.dropout_mask(seed, M, K, p, device=DEVICE).double() * keep_scale(p) if p > 0 else 1.0
         ref = 0.5 * G.double().t() @ (x.double() * mult)
-        assert dA.shape == (r, K) and dA.dtype == torch.float32
+        assert dA.shape == (r, K) and dA.dtype == torch.float32 and (dA is da or not atomic)
         scale_ref = 0.5 * G.double().abs().t() @ (x.double().abs() * mult)
-        assert rel_err(dA, ref, scale_ref) < TOL[dt][1], (M, K, r, dt)
+        assert rel_err(dA, ref, scale_ref) < TOL[dt][1], (M, K, r, dt, atomic)

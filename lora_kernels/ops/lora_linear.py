@@ -251,14 +251,27 @@ if HAS_TRITON:
         tl.store(s_ptr + rows[:, None] * R + offs_r[None, :], acc, mask=(rows < M)[:, None] & r_ok[None, :])
 
     @triton.jit
+    def _store_da(da_ptr, da, offs_r, cols, pid_s, R, K, ATOMIC: tl.constexpr):
+        """One program's dA [R, BLOCK_K] strip: added into a zeroed dA [R, K] (ATOMIC: one fp32 add
+        per element per row split, no partials to sum), or stored as split pid_s of [SPLIT, R, K]
+        partials (deterministic mode: summed afterwards in a fixed order)."""
+        ok = (offs_r < R)[:, None] & (cols < K)[None, :]
+        if ATOMIC:
+            tl.atomic_add(da_ptr + offs_r[:, None] * K + cols[None, :], da, mask=ok, sem="relaxed")
+        else:
+            tl.store(da_ptr + pid_s.to(tl.int64) * R * K + offs_r[:, None] * K + cols[None, :], da, mask=ok)
+
+    @triton.jit
     def _lora_bwd_xa_tma_kernel(
-        x_desc, g_ptr, seed_ptr, da_ptr,  # x TMA descriptor [M, K] (block [BLOCK_M, BLOCK_K]), G [M, R] fp32, seed [1], dA parts [SPLIT, R, K] fp32
+        x_desc, g_ptr, seed_ptr, da_ptr,  # x TMA descriptor [M, K] (block [BLOCK_M, BLOCK_K]), G [M, R] fp32, seed [1],
+                                          # dA [R, K] fp32 (ATOMIC) or parts [SPLIT, R, K]
         M, K, R, M_PER_SPLIT,
         keep_thr, coef,  # coef = s * keep_scale(p)
-        HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+        HAS_DROPOUT: tl.constexpr, ATOMIC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
-        """dA[split][:, cols] = coef * G[rows].T @ (x[rows, cols] * keep) for one BLOCK_K strip of
-        columns over this split's rows, x's tiles brought in by TMA (zero-filled past M and K)."""
+        """dA[:, cols] (+)= coef * G[rows].T @ (x[rows, cols] * keep) for one BLOCK_K strip of columns
+        over this split's rows, x's tiles brought in by TMA (zero-filled past M and K)."""
         pid_k = tl.program_id(0)
         pid_s = tl.program_id(1)
         k0 = pid_k * BLOCK_K
@@ -277,8 +290,7 @@ if HAS_TRITON:
             if HAS_DROPOUT:
                 x = tl.where(_keep_mask(seed, rows, k0, keep_thr, BLOCK_K), x, 0.0)
             da = tl.dot(tl.trans(g.to(dt)), x, da)
-        da_ptrs = da_ptr + pid_s.to(tl.int64) * R * K + offs_r[:, None] * K + cols[None, :]
-        tl.store(da_ptrs, da * coef, mask=r_ok[:, None] & (cols < K)[None, :])
+        _store_da(da_ptr, da * coef, offs_r, cols, pid_s, R, K, ATOMIC)
 
     @triton.jit
     def _lora_expand_kernel(
@@ -354,15 +366,16 @@ if HAS_TRITON:
 
     @triton.jit
     def _lora_bwd_x_kernel(
-        x_ptr, a_ptr, g_ptr, seed_ptr, dx_ptr, da_ptr,  # x [M, K], A [R, K], G [M, R] f32, dx [M, K], dA parts [SPLIT, R, K] f32
+        x_ptr, a_ptr, g_ptr, seed_ptr, dx_ptr, da_ptr,  # x [M, K], A [R, K], G [M, R] f32, dx [M, K],
+                                                        # dA [R, K] f32 (ATOMIC) or parts [SPLIT, R, K]
         M, K, R, M_PER_SPLIT,
         stride_xm, stride_xk, stride_ar, stride_ak, stride_dxm, stride_dxk,
         keep_thr, coef,  # coef = s * keep_scale(p) = s / (1 - p)
-        HAS_DROPOUT: tl.constexpr, WRITE_DX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        HAS_DROPOUT: tl.constexpr, WRITE_DX: tl.constexpr, ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
         """One pass over x for a [M-range, BLOCK_K] strip:
-        dA[split][:, cols] = coef * G.T @ (x * keep);   dx[:, cols] = coef * (G @ A[:, cols]) * keep.
+        dA[:, cols] (+)= coef * G.T @ (x * keep);   dx[:, cols] = coef * (G @ A[:, cols]) * keep.
         """
         pid_k = tl.program_id(0)
         pid_s = tl.program_id(1)
@@ -394,8 +407,7 @@ if HAS_TRITON:
                     dx = tl.where(keep, dx, 0.0)
                 tl.store(dx_ptr + rows[:, None] * stride_dxm + cols[None, :].to(tl.int64) * stride_dxk,
                          dx.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
-        da_ptrs = da_ptr + pid_s.to(tl.int64) * R * K + offs_r[:, None] * K + cols[None, :]
-        tl.store(da_ptrs, da * coef, mask=r_ok[:, None] & col_ok[None, :])
+        _store_da(da_ptr, da * coef, offs_r, cols, pid_s, R, K, ATOMIC)
 
     @triton.jit
     def _tile_coords(tile, num_m, num_n, GROUP_M: tl.constexpr):
@@ -626,8 +638,9 @@ def _expand(S, B, scale, bias, y, cfg: _Cfg | None = None, p: float = 0.0, seed=
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def _bwd_dy(dy, B, S, scale, x_dtype, deterministic, cfg: _Cfg | None = None):
-    """One pass over dy -> (G = dy @ B [M, R] fp32, dB = scale * dy.T @ S [N, R] fp32)."""
+def _bwd_dy(dy, B, S, scale, x_dtype, deterministic, cfg: _Cfg | None = None, db: torch.Tensor | None = None):
+    """One pass over dy -> (G = dy @ B [M, R] fp32, dB = scale * dy.T @ S [N, R] fp32).
+    db: a zeroed fp32 [N, R] buffer for the programs to add dB into (else one is allocated)."""
     M, N = dy.shape
     R = B.shape[1]
     cfg = cfg or _dy_cfg(M, R, B.element_size() > dy.element_size())
@@ -636,7 +649,10 @@ def _bwd_dy(dy, B, S, scale, x_dtype, deterministic, cfg: _Cfg | None = None):
     n_per_split = _cdiv(_cdiv(N, split), cfg.block_b) * cfg.block_b
     split = _cdiv(N, n_per_split)
     g_parts = torch.empty((split, M, R) if split > 1 else (M, R), dtype=torch.float32, device=dy.device)
-    db = g_parts if deterministic else torch.zeros((N, R), dtype=torch.float32, device=dy.device)
+    if deterministic:
+        db = g_parts  # unused by the kernel
+    elif db is None:
+        db = torch.zeros((N, R), dtype=torch.float32, device=dy.device)
     _launch(_lora_bwd_dy_kernel, (n_m, split),
             dy, B, S, g_parts, db,
             M, N, R, n_per_split,
@@ -665,28 +681,45 @@ def _tma_xpass_cfg(x: torch.Tensor, R: int, p: float) -> _Cfg | None:
     return _XPASS_TMA_CFG if _sm90_tma_ok(x) else None
 
 
-def _bwd_xa_tma(x, G, seed, scale, p, cfg: _Cfg) -> torch.Tensor:
+def _da_split(M: int, K: int, R: int, cfg: _Cfg, device, da: torch.Tensor | None):
+    """(split, rows per split, where the dA programs write) for a dA pass over x [M, K].
+    Few column strips (small K) leave the GPU idle, so the rows are cut into splits whose dA
+    strips are added into `da` (a zeroed fp32 [R, K] buffer) with fp32 atomics: one add per element
+    per split, in place of [SPLIT, R, K] partials and a reduction kernel (5.1 us at 8192 x 4096, r16,
+    H100). Without `da` (deterministic mode) the partials are kept and summed in a fixed order."""
+    split = _split(_cdiv(K, cfg.block_b), _cdiv(M, cfg.block_a), device)
+    m_per_split = _cdiv(_cdiv(max(M, 1), split), cfg.block_a) * cfg.block_a
+    split = max(1, _cdiv(M, m_per_split))
+    if da is None:
+        alloc = torch.zeros if M == 0 else torch.empty
+        da = alloc((split, R, K) if split > 1 else (R, K), dtype=torch.float32, device=device)
+    return split, m_per_split, da
+
+
+def _da_result(da: torch.Tensor) -> torch.Tensor:
+    return da.sum(0) if da.dim() == 3 else da
+
+
+def _bwd_xa_tma(x, G, seed, scale, p, cfg: _Cfg, da: torch.Tensor | None = None) -> torch.Tensor:
     """dA = s/(1-p) * G.T @ (x*keep) [R, K] fp32 through _lora_bwd_xa_tma_kernel.
-    x [M, K] (TMA-readable), G [M, R] fp32"""
+    x [M, K] (TMA-readable), G [M, R] fp32; da: a zeroed fp32 [R, K] buffer to add into (see _da_split)"""
     M, K = x.shape
     R = G.shape[1]
-    n_k = _cdiv(K, cfg.block_b)
-    split = _split(n_k, _cdiv(M, cfg.block_a), x.device)
-    m_per_split = _cdiv(_cdiv(M, split), cfg.block_a) * cfg.block_a
-    split = _cdiv(M, m_per_split)
-    da_parts = torch.empty((split, R, K) if split > 1 else (R, K), dtype=torch.float32, device=x.device)
-    _launch(_lora_bwd_xa_tma_kernel, (n_k, split),
-            TensorDescriptor.from_tensor(x, [cfg.block_a, cfg.block_b]), G, seed if seed is not None else G, da_parts,
+    split, m_per_split, out = _da_split(M, K, R, cfg, x.device, da)
+    _launch(_lora_bwd_xa_tma_kernel, (_cdiv(K, cfg.block_b), split),
+            TensorDescriptor.from_tensor(x, [cfg.block_a, cfg.block_b]), G, seed if seed is not None else G, out,
             M, K, R, m_per_split,
             keep_threshold(p), scale * keep_scale(p),
-            HAS_DROPOUT=p > 0, BLOCK_M=cfg.block_a, BLOCK_K=cfg.block_b, BLOCK_R=_block_r(R),
+            HAS_DROPOUT=p > 0, ATOMIC=da is not None, BLOCK_M=cfg.block_a, BLOCK_K=cfg.block_b, BLOCK_R=_block_r(R),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return da_parts.sum(0) if split > 1 else da_parts
+    return _da_result(out)
 
 
-def _bwd_x(x, A, G, seed, scale, p, need_dx, cfg: _Cfg | None = None, split_dx: bool | None = None):
+def _bwd_x(x, A, G, seed, scale, p, need_dx, cfg: _Cfg | None = None, split_dx: bool | None = None,
+           da: torch.Tensor | None = None):
     """One pass over x -> (dA = s/(1-p) * G.T @ (x*keep) [R, K] fp32,
     dx_lora = s/(1-p) * (G @ A) * keep [M, K] in x's dtype, or None when not need_dx).
+    da: a zeroed fp32 [R, K] buffer to add dA into (see _da_split).
 
     With dropout, dx_lora comes from a second kernel (the expand kernel with the mask on its
     output) instead of the same pass (split_dx, default: p > 0): the one-pass kernel needs the mask
@@ -696,7 +729,7 @@ def _bwd_x(x, A, G, seed, scale, p, need_dx, cfg: _Cfg | None = None, split_dx: 
     if split_dx is None:
         split_dx = p > 0 and _SPLIT_DX
     if need_dx and split_dx:
-        da, _ = _bwd_x(x, A, G, seed, scale, p, False, cfg, split_dx=False)
+        da, _ = _bwd_x(x, A, G, seed, scale, p, False, cfg, split_dx=False, da=da)
         dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         _expand(G, A.t(), scale * keep_scale(p), None, dx, p=p, seed=seed)  # A.t(): [K, R] view
         return da, dx
@@ -705,25 +738,20 @@ def _bwd_x(x, A, G, seed, scale, p, need_dx, cfg: _Cfg | None = None, split_dx: 
     if cfg is None and not need_dx:
         tma_cfg = _tma_xpass_cfg(x, R, p)
         if tma_cfg is not None:
-            return _bwd_xa_tma(x, G, seed, scale, p, tma_cfg), None
+            return _bwd_xa_tma(x, G, seed, scale, p, tma_cfg, da=da), None
     cfg = cfg or _x_cfg(M, R, p > 0 and need_dx)
-    n_k = _cdiv(K, cfg.block_b)
-    split = _split(n_k, _cdiv(M, cfg.block_a), x.device)
-    m_per_split = _cdiv(_cdiv(max(M, 1), split), cfg.block_a) * cfg.block_a
-    split = max(1, _cdiv(M, m_per_split))
-    alloc = torch.zeros if M == 0 else torch.empty
-    da_parts = alloc((split, R, K) if split > 1 else (R, K), dtype=torch.float32, device=x.device)
+    split, m_per_split, out = _da_split(M, K, R, cfg, x.device, da)
     dx = torch.empty((M, K), dtype=x.dtype, device=x.device) if need_dx else None
-    _launch(_lora_bwd_x_kernel, (n_k, split if M > 0 else 0),
-            x, A, G, seed if seed is not None else G, dx if need_dx else da_parts, da_parts,
+    _launch(_lora_bwd_x_kernel, (_cdiv(K, cfg.block_b), split if M > 0 else 0),
+            x, A, G, seed if seed is not None else G, dx if need_dx else out, out,
             M, K, R, m_per_split,
             x.stride(0), x.stride(1), A.stride(0), A.stride(1),
             dx.stride(0) if need_dx else 0, dx.stride(1) if need_dx else 0,
             keep_threshold(p), scale * keep_scale(p),
-            HAS_DROPOUT=p > 0, WRITE_DX=need_dx, DOT_PRECISION=_dot_precision(x.dtype),
+            HAS_DROPOUT=p > 0, WRITE_DX=need_dx, ATOMIC=da is not None, DOT_PRECISION=_dot_precision(x.dtype),
             BLOCK_M=cfg.block_a, BLOCK_K=cfg.block_b, BLOCK_R=_block_r(R),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return (da_parts.sum(0) if split > 1 else da_parts), dx
+    return _da_result(out), dx
 
 
 # The base GEMM with the LoRA expansion in its epilogue (_lora_gemm_kernel) replaces "expand kernel
@@ -817,16 +845,25 @@ def _fwd_triton(x, weight, A, B, scale, bias, p, seed):
 
 
 def _bwd_triton(dy, x, weight, A, B, S, seed, scale, p, need_dx):
-    G, db = _bwd_dy(dy, B, S, scale, x.dtype, torch.are_deterministic_algorithms_enabled())
-    if need_dx and _fused_gemm_ok(dy, weight, A.shape[0], weight.shape[1]):
-        da, _ = _bwd_x(x, A, G, seed, scale, p, False)
+    N, R = B.shape
+    K = x.shape[1]
+    if torch.are_deterministic_algorithms_enabled():  # no atomics: partial sums in a fixed order
+        grads = db = da = None
+    else:  # dB and dA are fp32 atomic sums: one zeroed buffer for both, one cast at the end
+        grads = torch.zeros(N * R + R * K, dtype=torch.float32, device=x.device)
+        db, da = grads[:N * R].view(N, R), grads[N * R:].view(R, K)
+    G, db = _bwd_dy(dy, B, S, scale, x.dtype, grads is None, db=db)
+    fused = need_dx and _fused_gemm_ok(dy, weight, R, K)
+    da, dx = _bwd_x(x, A, G, seed, scale, p, need_dx and not fused, da=da)
+    if fused:
         dx = _lora_gemm(dy, weight, G, A, scale * keep_scale(p), None, w_kmajor=False, p=p, seed=seed)
-        return dx, da.to(A.dtype), db.to(B.dtype)
-    da, dx = _bwd_x(x, A, G, seed, scale, p, need_dx)
-    if need_dx:
+    elif need_dx:
         dx.addmm_(dy, weight)  # cuBLAS with beta = 1: dx = dy @ W + dx_lora
     else:
         dx = x.new_empty(0)
+    if grads is not None and A.dtype != grads.dtype:
+        grads = grads.to(A.dtype)
+        da, db = grads[N * R:].view(R, K), grads[:N * R].view(N, R)
     return dx, da.to(A.dtype), db.to(B.dtype)
 
 

@@ -1,0 +1,81 @@
+"""GPU time of each kernel in one fused LoRA training step, next to the frozen base's (GPU).
+
+    python benchmarks/breakdown_lora_linear.py [MxKxNxr ...] [--p 0.05] [--steps 20] [--before MODULE]
+
+For each shape: forward + torch.autograd.grad of (x, A, B) through `lora_kernels.lora_linear`, and
+forward + grad of x through the base F.linear, each profiled over --steps steps after warm-up.
+Prints the mean GPU microseconds per step of every kernel (name shortened), the sum, and the
+difference to the base: where the LoRA overhead of a training step goes, kernel by kernel.
+Then the CUDA-graph time of each (median, three rounds in turn, so drift hits all alike).
+--before MODULE: also a copy of the op module as it was (lora_kernels.ops.MODULE, its torch.library
+namespace renamed so both can load), to compare a change against the code before it in one run.
+"""
+import argparse
+import importlib
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+import triton.testing
+from torch.profiler import ProfilerActivity, profile
+
+import lora_kernels as lk
+
+
+def kernel_us(fn, steps: int) -> dict:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    total = defaultdict(float)
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            total[ev.name[:60]] += ev.device_time / steps
+    return dict(total)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("shapes", nargs="*", default=["8192x4096x4096x16", "8192x1024x1024x16"])
+    ap.add_argument("--p", type=float, default=0.05)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--before", default=None)
+    args = ap.parse_args()
+    before = importlib.import_module(f"lora_kernels.ops.{args.before}") if args.before else None
+    dt, dev = torch.bfloat16, "cuda"
+    for shape in args.shapes:
+        M, K, N, r = (int(v) for v in shape.split("x"))
+        x = torch.randn(M, K, device=dev, dtype=dt, requires_grad=True)
+        W = torch.randn(N, K, device=dev, dtype=dt) / K**0.5
+        A = (torch.randn(r, K, device=dev, dtype=dt) / K**0.5).requires_grad_(True)
+        B = (torch.randn(N, r, device=dev, dtype=dt) / r**0.5).requires_grad_(True)
+        dy = torch.randn(M, N, device=dev, dtype=dt)
+        cases = {
+            "fused": lambda: torch.autograd.grad(lk.lora_linear(x, W, A, B, 2.0, None, args.p), [x, A, B], dy),
+            "base": lambda: torch.autograd.grad(F.linear(x, W), [x], dy),
+        }
+        if before is not None:
+            cases["before"] = lambda: torch.autograd.grad(before.lora_linear(x, W, A, B, 2.0, None, args.p), [x, A, B], dy)
+        res = {name: kernel_us(fn, args.steps) for name, fn in cases.items()}
+        print(f"== {shape} p{args.p}: GPU us per training step (fwd + bwd), mean of {args.steps}")
+        for name, table in res.items():
+            for k, v in sorted(table.items(), key=lambda kv: -kv[1]):
+                print(f"  {name:<6} {v:8.1f}  {k}")
+            print(f"  {name:<6} {sum(table.values()):8.1f}  TOTAL")
+        extra = sum(res["fused"].values()) - sum(res["base"].values())
+        print(f"  fused - base: {extra:.1f} us ({sum(res['fused'].values()) / sum(res['base'].values()):.3f}x)")
+        graph = defaultdict(list)
+        for _ in range(3):
+            for name, fn in cases.items():
+                graph[name].append(triton.testing.do_bench_cudagraph(fn, rep=60, return_mode="median") * 1e3)
+        base_g = sorted(graph["base"])[1]
+        for name, ts in graph.items():
+            print(f"  graph {name:<6} {sorted(ts)[1]:8.1f} us  ({sorted(ts)[1] / base_g:.3f}x base; rounds "
+                  + " ".join(f"{t:.1f}" for t in ts) + ")")
+
+
+if __name__ == "__main__":
+    main()
