@@ -638,9 +638,8 @@ def _expand(S, B, scale, bias, y, cfg: _Cfg | None = None, p: float = 0.0, seed=
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def _bwd_dy(dy, B, S, scale, x_dtype, deterministic, cfg: _Cfg | None = None, db: torch.Tensor | None = None):
-    """One pass over dy -> (G = dy @ B [M, R] fp32, dB = scale * dy.T @ S [N, R] fp32).
-    db: a zeroed fp32 [N, R] buffer for the programs to add dB into (else one is allocated)."""
+def _bwd_dy(dy, B, S, scale, x_dtype, deterministic, cfg: _Cfg | None = None):
+    """One pass over dy -> (G = dy @ B [M, R] fp32, dB = scale * dy.T @ S [N, R] fp32)."""
     M, N = dy.shape
     R = B.shape[1]
     cfg = cfg or _dy_cfg(M, R, B.element_size() > dy.element_size())
@@ -649,10 +648,7 @@ def _bwd_dy(dy, B, S, scale, x_dtype, deterministic, cfg: _Cfg | None = None, db
     n_per_split = _cdiv(_cdiv(N, split), cfg.block_b) * cfg.block_b
     split = _cdiv(N, n_per_split)
     g_parts = torch.empty((split, M, R) if split > 1 else (M, R), dtype=torch.float32, device=dy.device)
-    if deterministic:
-        db = g_parts  # unused by the kernel
-    elif db is None:
-        db = torch.zeros((N, R), dtype=torch.float32, device=dy.device)
+    db = g_parts if deterministic else torch.zeros((N, R), dtype=torch.float32, device=dy.device)
     _launch(_lora_bwd_dy_kernel, (n_m, split),
             dy, B, S, g_parts, db,
             M, N, R, n_per_split,
@@ -810,12 +806,17 @@ def _gemm_cfg(masked: bool) -> tuple[_Cfg, int]:
     return _Cfg(128, 256, 8, 3), (4 if masked else 1)
 
 
-def _lora_gemm(a, weight, L, rt, coef, bias, w_kmajor: bool, p: float = 0.0, seed=None) -> torch.Tensor:
+def _lora_gemm(a, weight, L, rt, coef, bias, w_kmajor: bool, p: float = 0.0, seed=None,
+               cfg: _Cfg | None = None) -> torch.Tensor:
     """out = a @ (W.T if w_kmajor else W) + coef * (L @ rt) [* keep when p > 0] + bias -> [M, N_OUT]
-    in a's dtype.   a [M, K_RED], weight [N, K], L [M, R] fp32 contiguous, rt [R, N_OUT] (any strides)"""
+    in a's dtype.   a [M, K_RED], weight [N, K], L [M, R] fp32 contiguous, rt [R, N_OUT] (any strides)
+    cfg: tiles other than the table's (BM = block_a, BN = block_b), for sweeps"""
     M, K_RED = a.shape
     R, N_OUT = rt.shape
-    cfg, epi_split = _gemm_cfg(p > 0)
+    table, epi_split = _gemm_cfg(p > 0)
+    if cfg is not None:
+        epi_split = max(1, cfg.block_b // 64) if p > 0 else 1
+    cfg = cfg or table
     BM, BN, BK = cfg.block_a, cfg.block_b, 64
     out = torch.empty((M, N_OUT), dtype=a.dtype, device=a.device)
     a_desc = TensorDescriptor.from_tensor(a, [BM, BK])
@@ -845,14 +846,12 @@ def _fwd_triton(x, weight, A, B, scale, bias, p, seed):
 
 
 def _bwd_triton(dy, x, weight, A, B, S, seed, scale, p, need_dx):
-    N, R = B.shape
-    K = x.shape[1]
-    if torch.are_deterministic_algorithms_enabled():  # no atomics: partial sums in a fixed order
-        grads = db = da = None
-    else:  # dB and dA are fp32 atomic sums: one zeroed buffer for both, one cast at the end
-        grads = torch.zeros(N * R + R * K, dtype=torch.float32, device=x.device)
-        db, da = grads[:N * R].view(N, R), grads[N * R:].view(R, K)
-    G, db = _bwd_dy(dy, B, S, scale, x.dtype, grads is None, db=db)
+    R, K = A.shape
+    # dA and dB are fp32 atomic sums into zeroed buffers; in deterministic mode, partial sums added in
+    # a fixed order. (Two buffers: the op's outputs may not be views of one.)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    da = None if deterministic else torch.zeros((R, K), dtype=torch.float32, device=x.device)
+    G, db = _bwd_dy(dy, B, S, scale, x.dtype, deterministic)
     fused = need_dx and _fused_gemm_ok(dy, weight, R, K)
     da, dx = _bwd_x(x, A, G, seed, scale, p, need_dx and not fused, da=da)
     if fused:
@@ -861,9 +860,6 @@ def _bwd_triton(dy, x, weight, A, B, S, seed, scale, p, need_dx):
         dx.addmm_(dy, weight)  # cuBLAS with beta = 1: dx = dy @ W + dx_lora
     else:
         dx = x.new_empty(0)
-    if grads is not None and A.dtype != grads.dtype:
-        grads = grads.to(A.dtype)
-        da, db = grads[N * R:].view(R, K), grads[:N * R].view(N, R)
     return dx, da.to(A.dtype), db.to(B.dtype)
 
 
