@@ -798,12 +798,13 @@ def _fused_gemm_ok(a: torch.Tensor, weight: torch.Tensor, R: int, n_out: int) ->
     return _sm90_tma_ok(a) and _tma_ok(weight)
 
 
-def _gemm_cfg(masked: bool) -> tuple[_Cfg, int]:
-    """(tile config: block_a = BM, block_b = BN, BK = 64; the epilogue's column slices). The masked
-    dgrad runs its epilogue on 64-column slices: with the mask and a whole [128, 256] LoRA product
-    beside the accumulator it spilled (offline sm_90 compile: 255 registers + 1.2 KB of stack; 320
-    bytes with 128-column slices; none with 64)."""
-    return _Cfg(128, 256, 8, 3), (4 if masked else 1)
+def _gemm_cfg(masked: bool, tile: _Cfg | None = None) -> tuple[_Cfg, int]:
+    """(tile config: block_a = BM, block_b = BN, BK = 64; the epilogue's column slices) for the table's
+    tile or `tile`. The masked dgrad runs its epilogue on 64-column slices: with the mask and a whole
+    [128, 256] LoRA product beside the accumulator it spilled (offline sm_90 compile: 255 registers +
+    1.2 KB of stack; 320 bytes with 128-column slices; none with 64)."""
+    tile = tile or _Cfg(128, 256, 8, 3)
+    return tile, (max(1, tile.block_b // 64) if masked else 1)
 
 
 def _lora_gemm(a, weight, L, rt, coef, bias, w_kmajor: bool, p: float = 0.0, seed=None,
@@ -813,10 +814,7 @@ def _lora_gemm(a, weight, L, rt, coef, bias, w_kmajor: bool, p: float = 0.0, see
     cfg: tiles other than the table's (BM = block_a, BN = block_b), for sweeps"""
     M, K_RED = a.shape
     R, N_OUT = rt.shape
-    table, epi_split = _gemm_cfg(p > 0)
-    if cfg is not None:
-        epi_split = max(1, cfg.block_b // 64) if p > 0 else 1
-    cfg = cfg or table
+    cfg, epi_split = _gemm_cfg(p > 0, cfg)
     BM, BN, BK = cfg.block_a, cfg.block_b, 64
     out = torch.empty((M, N_OUT), dtype=a.dtype, device=a.device)
     a_desc = TensorDescriptor.from_tensor(a, [BM, BK])
