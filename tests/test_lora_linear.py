@@ -581,6 +581,7 @@ def test_lora_linear_takes_the_fused_gemm_and_matches_float64(monkeypatch, shape
     calls = []
     real = op_mod._lora_gemm
     monkeypatch.setattr(op_mod, "_lora_gemm", lambda *a, **k: calls.append(k["w_kmajor"]) or real(*a, **k))
+    monkeypatch.setattr(op_mod, "_GEMM_MIN_TILE_USE", 0.0)  # ragged N and K on purpose: the tiles' edges
     M, K, N, r = shape
     for dtype, bias in ((torch.bfloat16, True), (torch.float16, False)):
         calls.clear()
@@ -588,6 +589,22 @@ def test_lora_linear_takes_the_fused_gemm_and_matches_float64(monkeypatch, shape
         want = [True, False] if N % 8 == 0 else []
         assert calls == want, f"expected {want} (forward: True, dgrad: False) through the fused GEMM, got {calls}"
         assert_matches(dtype, y, y_ref, leaves, refs, y_abs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (ON_GPU and _gemm_kernel_runs_here()), reason="the fused GEMM path runs on sm_90 only")
+def test_fused_gemm_only_where_its_tiles_fit_the_feature_dims(monkeypatch):
+    """Ragged N or K (more than 5% of the [128, 256] x 64 tiles empty) take cuBLAS, which picks its
+    tiles per shape; ragged M does not matter. Each way, every output against float64."""
+    calls = []
+    real = op_mod._lora_gemm
+    monkeypatch.setattr(op_mod, "_lora_gemm", lambda *a, **k: calls.append(k["w_kmajor"]) or real(*a, **k))
+    for (M, K, N), want in (((300, 512, 512), [True, False]), ((300, 512, 1056), [False]),
+                            ((300, 1056, 512), [True]), ((300, 1032, 2056), [])):
+        calls.clear()
+        y, y_ref, leaves, refs, y_abs = run_case(M, K, N, 16, torch.bfloat16, 0.1)
+        assert calls == want, f"{M}x{K}->{N}: expected {want} (forward: True, dgrad: False), got {calls}"
+        assert_matches(torch.bfloat16, y, y_ref, leaves, refs, y_abs)
 
 
 @pytest.mark.skipif(not _gemm_kernel_runs_here(), reason="needs an sm_90 GPU or the Triton interpreter")

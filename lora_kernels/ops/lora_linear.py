@@ -789,9 +789,26 @@ def _sm90_tma_ok(t: torch.Tensor) -> bool:
     return _is_sm90(idx) and _tma_ok(t)
 
 
+# Share of the GEMM kernel's tiles that must be real work along the feature dims: [128, 256] output
+# tiles and 64-deep steps over K_RED, against cuBLAS, which picks its tiles per shape. H100, graph us
+# against the cuBLAS path (expand + addmm, benchmarks/sweep_gemm_tiles.py): 8192 x 1032 -> 2056
+# (0.89 of N's tiles and 0.95 of K's steps used) fwd 96.1 vs 89.8, masked dgrad 114.0 vs 84.4;
+# 4100 x 1032 -> 2056 fwd 55.8 vs 43.3, masked dgrad 74.2 vs 43.5; with N and K multiples of the
+# tiles the kernel wins, ragged M included (4100 x 4096 -> 4096 fwd 188.1 vs 199.0, 3000 rows 136.8
+# vs 144.7). So ragged N / K of more than 5% go the cuBLAS way.
+_GEMM_MIN_TILE_USE = 0.95
+
+
+def _tile_use(n: int, tile: int) -> float:
+    return n / (_cdiv(n, tile) * tile)
+
+
 def _fused_gemm_ok(a: torch.Tensor, weight: torch.Tensor, R: int, n_out: int) -> bool:
     """Whether out [M, n_out] = a @ op(weight) + LoRA can run as _lora_gemm_kernel."""
     if not _FUSED_GEMM or a.shape[0] < FUSED_GEMM_MIN_ROWS or R > _GEMM_MAX_RANK:
+        return False
+    tile, _ = _gemm_cfg(False)
+    if _tile_use(n_out, tile.block_b) * _tile_use(a.shape[1], 64) < _GEMM_MIN_TILE_USE:
         return False
     if (n_out * a.element_size()) % 16:  # the output's rows are stored by TMA too
         return False
