@@ -67,6 +67,10 @@ def main():
             "expand": lambda: L._expand(S, B, 2.0, None, y),
             "dy pass": lambda: L._bwd_dy(dy, B, S, 2.0, dt, False),
             "x pass": lambda: L._bwd_x(x, A, G, seed, 2.0, p, True),
+            "TensorDescriptor x": lambda: L.TensorDescriptor.from_tensor(x, [128, 64]),
+            "_lora_gemm fwd": lambda: L._lora_gemm(x, W, S, B.t(), 2.0, None, True),
+            "_lora_gemm dgrad p": lambda: L._lora_gemm(dy, W, S, A, 2.0, None, False, p=p, seed=seed),
+            "dA pass (TMA)": lambda: L._bwd_x(x, A, G, seed, 2.0, p, False),
             "_fwd_triton": lambda: L._fwd_triton(x, W, A, B, 2.0, None, p, seed),
             "_bwd_triton": lambda: L._bwd_triton(dy, x, W, A, B, S, seed, 2.0, p, True),
         }
@@ -74,6 +78,9 @@ def main():
             print(f"host us  {name:<24} {host_us(fn):8.1f}")
     print(f"host us  {'lora_linear fwd (grad)':<24} {host_us(lambda: lk.lora_linear(xg, W, A, B, 2.0, None, p)):8.1f}")
     print(f"host us  {'lora_linear fwd+bwd':<24} {host_us(step):8.1f}")
+    naive = lambda: torch.autograd.grad(  # noqa: E731
+        F.linear(xg, W) + 2.0 * F.linear(F.linear(F.dropout(xg, p), A), B), [xg, A, B], dy)
+    print(f"host us  {'naive fwd+bwd':<24} {host_us(naive):8.1f}")
     print(f"host us  {'base fwd+bwd':<24} {host_us(lambda: torch.autograd.grad(F.linear(xg, W), [xg], dy)):8.1f}")
 
     print_cprofile(step, 50, 16)
