@@ -30,7 +30,8 @@ GEMM (TMA loads, 128 x 256 x 64 tiles, 3 stages) ran it at 97-100% of cuBLAS on 
 training shapes measured (82-90% at 4096 -> 14336 and 1024 -> 1024; benchmarks/probe_triton_gemm.py),
 so the LoRA expansion rides in its epilogue instead of costing one more write and one more read of
 y [M, N]; the op came out faster than with cuBLAS at every shape measured. Where that kernel does not
-run (fp32, other GPUs, unaligned rows, r > 64, under torch.compile) cuBLAS keeps the GEMM.
+run (fp32, other GPUs, unaligned rows, r > 64, ragged N or K: see _GEMM_MIN_TILE_USE, under
+torch.compile) cuBLAS keeps the GEMM.
 
 Precision: the LoRA products run on tensor cores with operands in the activations' dtype and fp32
 accumulation. With 16-bit activations and fp32 adapters (PEFT's default), A, B, S and G are rounded
