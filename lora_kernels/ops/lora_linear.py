@@ -790,6 +790,10 @@ def _sm90_tma_ok(t: torch.Tensor) -> bool:
     return _is_sm90(idx) and _tma_ok(t)
 
 
+_GEMM_TILE = _Cfg(128, 256, 8, 3)  # BM = block_a, BN = block_b; see _gemm_cfg
+_GEMM_BK = 64  # the main loop's step over K_RED
+
+
 # Share of the GEMM kernel's tiles that must be real work along the feature dims: [128, 256] output
 # tiles and 64-deep steps over K_RED, against cuBLAS, which picks its tiles per shape. H100, graph us
 # against the cuBLAS path (expand + addmm, benchmarks/sweep_gemm_tiles.py): 8192 x 1032 -> 2056
@@ -808,8 +812,7 @@ def _fused_gemm_ok(a: torch.Tensor, weight: torch.Tensor, R: int, n_out: int) ->
     """Whether out [M, n_out] = a @ op(weight) + LoRA can run as _lora_gemm_kernel."""
     if not _FUSED_GEMM or a.shape[0] < FUSED_GEMM_MIN_ROWS or R > _GEMM_MAX_RANK:
         return False
-    tile, _ = _gemm_cfg(False)
-    if _tile_use(n_out, tile.block_b) * _tile_use(a.shape[1], 64) < _GEMM_MIN_TILE_USE:
+    if _tile_use(n_out, _GEMM_TILE.block_b) * _tile_use(a.shape[1], _GEMM_BK) < _GEMM_MIN_TILE_USE:
         return False
     if (n_out * a.element_size()) % 16:  # the output's rows are stored by TMA too
         return False
@@ -821,7 +824,7 @@ def _gemm_cfg(masked: bool, tile: _Cfg | None = None) -> tuple[_Cfg, int]:
     tile or `tile`. The masked dgrad runs its epilogue on 64-column slices: with the mask and a whole
     [128, 256] LoRA product beside the accumulator it spilled (offline sm_90 compile: 255 registers +
     1.2 KB of stack; 320 bytes with 128-column slices; none with 64)."""
-    tile = tile or _Cfg(128, 256, 8, 3)
+    tile = tile or _GEMM_TILE
     return tile, (max(1, tile.block_b // 64) if masked else 1)
 
 
@@ -833,7 +836,7 @@ def _lora_gemm(a, weight, L, rt, coef, bias, w_kmajor: bool, p: float = 0.0, see
     M, K_RED = a.shape
     R, N_OUT = rt.shape
     cfg, epi_split = _gemm_cfg(p > 0, cfg)
-    BM, BN, BK = cfg.block_a, cfg.block_b, 64
+    BM, BN, BK = cfg.block_a, cfg.block_b, _GEMM_BK
     out = torch.empty((M, N_OUT), dtype=a.dtype, device=a.device)
     a_desc = TensorDescriptor.from_tensor(a, [BM, BK])
     w_desc = TensorDescriptor.from_tensor(weight, [BN, BK] if w_kmajor else [BK, BN])
