@@ -1,8 +1,11 @@
 """The shrink pass S = drop(x) @ A.T alone: the pointer-load kernel at its tuned config against the
 TMA-load kernel at several tile configs (GPU, sm_90), CUDA-graph time and read bandwidth of x.
 
-    python benchmarks/sweep_shrink.py [--xpass]     (--xpass: the backward's dA pass instead)
+    python benchmarks/sweep_shrink.py [--xpass] [--dropout-only] [--cfgs BMxBKxWARPSxSTAGES,...] [--shapes MxKxR,...]
+--xpass: the backward's dA pass instead; --dropout-only: p = 0.05 only (default also p = 0); --cfgs / --shapes: other TMA
+tiles / shapes than the lists below.
 """
+import argparse
 import torch
 import triton.testing
 
@@ -19,7 +22,7 @@ def main():
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
         A = torch.randn(R, K, device="cuda", dtype=torch.bfloat16) / K**0.5
         seed = torch.tensor([1234], dtype=torch.int64, device="cuda")
-        for p in (0.05, 0.0):
+        for p in PS:
             ref = L._shrink(x, A, p, seed)
             t0 = triton.testing.do_bench_cudagraph(lambda: L._shrink(x, A, p, seed), rep=40)
             line = [f"M{M} K{K} r{R} p{p:g}: pointer {t0 * 1e3:6.1f} us ({M * K * 2 / t0 / 1e9:4.2f} TB/s)"]
@@ -42,12 +45,12 @@ XPASS_CFGS = [(64, 128, 4, 4), (32, 128, 4, 6), (64, 64, 4, 6), (128, 128, 8, 3)
 
 def xpass():
     """The backward's dA pass (dA = s/(1-p) G.T @ drop(x)) alone: pointer kernel vs TMA tiles."""
-    for M, K, R in SHAPES[:5]:
+    for M, K, R in SHAPES[:5] if not SHAPES_GIVEN else SHAPES:
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
         A = torch.randn(R, K, device="cuda", dtype=torch.bfloat16) / K**0.5
         G = torch.randn(M, R, device="cuda")
         seed = torch.tensor([1234], dtype=torch.int64, device="cuda")
-        for p in (0.05, 0.0):
+        for p in PS:
             saved = L._TMA_SHRINK
             L._TMA_SHRINK = False
             ref = L._bwd_x(x, A, G, seed, 2.0, p, False)[0]
@@ -67,6 +70,16 @@ def xpass():
 
 
 if __name__ == "__main__":
-    import sys
-
-    xpass() if "--xpass" in sys.argv else main()
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--xpass", action="store_true")
+    ap.add_argument("--dropout-only", action="store_true")
+    ap.add_argument("--cfgs", default="")
+    ap.add_argument("--shapes", default="")
+    args = ap.parse_args()
+    PS = (0.05,) if args.dropout_only else (0.05, 0.0)
+    SHAPES_GIVEN = bool(args.shapes)
+    if args.shapes:
+        SHAPES = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    if args.cfgs:
+        TMA_CFGS = XPASS_CFGS = [tuple(int(v) for v in c.split("x")) for c in args.cfgs.split(",")]
+    xpass() if args.xpass else main()

@@ -84,7 +84,7 @@ def _builds(ranks=(16, 64, 128, 256), dtypes=(("bf16", "bf16"), ("bf16", "fp32")
     for R, (xdt, adt), drop in itertools.product(tma_ranks, dtypes, (False, True)):
         if xdt == "fp32":
             continue  # the TMA shrink runs for 16-bit activations only
-        for c in (L._Cfg(32, 256, 4, 4), L._Cfg(64, 128, 4, 6)):
+        for c in (L._TMA_SHRINK_DROPOUT_CFG, L._TMA_SHRINK_DROPOUT_SMALL_A_CFG, L._TMA_SHRINK_CFG):
             ptrs = {"x_desc": f"tensordesc<{xdt}[{c.block_a},{c.block_b}]>", "a_ptr": adt, "s_ptr": "fp32",
                     "seed_ptr": "i64"}
             yield ("shrink_tma", R, xdt, adt, drop, c, ptrs,

@@ -609,7 +609,7 @@ def test_fused_gemm_only_where_its_tiles_fit_the_feature_dims(monkeypatch):
 
 @pytest.mark.skipif(not _gemm_kernel_runs_here(), reason="needs an sm_90 GPU or the Triton interpreter")
 @pytest.mark.parametrize("p", [0.0, 0.3])
-@pytest.mark.parametrize("cfg", [(32, 256, 4, 4), (64, 128, 4, 6)], ids=str)
+@pytest.mark.parametrize("cfg", [(32, 256, 4, 4), (64, 128, 4, 6), (16, 128, 2, 6)], ids=str)
 def test_tma_shrink_kernel_matches_float64(cfg, p):
     """S = drop(x) @ A.T through the TMA-load shrink, ragged M and K (x's tiles zero-filled past them)."""
     shapes = [(300, 136, 5), (1000, 1032, 16), (130, 520, 32)] if ON_GPU else [(70, 264, 5), (33, 136, 16)]
@@ -634,6 +634,22 @@ def test_lora_linear_takes_the_tma_shrink_at_many_rows(monkeypatch):
         y, y_ref, leaves, refs, y_abs = run_case(8200, 136, 264, 16, dtype, p)
         assert len(calls) == 1, "expected the forward's shrink through the TMA kernel"
         assert_matches(dtype, y, y_ref, leaves, refs, y_abs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (ON_GPU and _gemm_kernel_runs_here()), reason="the TMA shrink runs on sm_90 only")
+def test_tma_shrink_tiles_follow_the_adapters_bytes():
+    """[16, 128] tiles with dropout only where A's step tile is no larger than x's (16-bit, r <= 16)."""
+    x = torch.randn(8200, 136, device=DEVICE, dtype=torch.bfloat16)
+    cases = ((torch.bfloat16, 16, 0.1, op_mod._TMA_SHRINK_DROPOUT_SMALL_A_CFG),
+             (torch.bfloat16, 8, 0.1, op_mod._TMA_SHRINK_DROPOUT_SMALL_A_CFG),
+             (torch.float32, 16, 0.1, op_mod._TMA_SHRINK_DROPOUT_CFG),
+             (torch.bfloat16, 32, 0.1, op_mod._TMA_SHRINK_DROPOUT_CFG),
+             (torch.bfloat16, 16, 0.0, op_mod._TMA_SHRINK_CFG))
+    with op_mod._raw_launches():  # (under wrap_triton's tracing the TMA kernels are not taken)
+        for adt, r, p, want in cases:
+            A = torch.randn(r, 136, device=DEVICE, dtype=adt)
+            assert op_mod._tma_shrink_cfg(x, A, p) == want, (adt, r, p)
 
 
 def _da_pass(kernel, x, A, G, seed, p, da):

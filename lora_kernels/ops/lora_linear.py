@@ -584,17 +584,39 @@ def _shrink_tma(x, A, p, seed, cfg: _Cfg) -> torch.Tensor:
 # hide more of the mask's Philox work, which is what separates p0.05 from p0's 26 us), 8192 x 14336
 # p0.05 123.9 -> 102.8, 8192 x 2048 22.0 -> 17.2, 8192 x 1024 11.9 -> 10.1; p0 26.7 -> 25.4. At 2048
 # rows the pointer kernel's K split wins (12.7 vs 21.8 us): not taken.
+# With dropout, [16, 128] tiles of 2 warps and 6 stages (eleventh session, same sweep, graph us,
+# [32, 256] x 4 warps x 4 stages -> this): 8192 x 4096 33.8 -> 29.0, 8192 x 2048 17.1 -> 15.2,
+# 8192 x 1024 9.9 -> 8.9, 8192 x 14336 103.9 -> 90.3. The masked shrink is bound by the SMs' issue of
+# the Philox work, not by DRAM (~12 GB/s per SM whatever the number of SMs it runs on,
+# benchmarks/sweep_shrink.py and the side-pass experiment in RESULTS): more, smaller CTAs keep more
+# independent Philox chains in flight per SM. Others of that sweep: [32, 128] x 4 x 6 30.1,
+# [32, 128] x 4 x 8 30.5, [16, 128] x 4 x 6 36.4, [16, 128] x 2 x 8 40.6, [16, 256] x 2 x 4 42.6.
+# Only where a step's A tile is no larger than its x tile (16-bit adapters, r <= 16): half the rows
+# per CTA doubles A's bytes per byte of x, and with fp32 adapters at r16 (44.1 vs 35.4 us at 8192 x
+# 4096, 13.3 vs 10.4 at 8192 x 1024) or bf16 at r32 (50.6 vs 36.1) the [32, 256] tiles stay faster.
 _TMA_SHRINK = os.environ.get("LORA_KERNELS_TMA_SHRINK", "1") != "0"
+_TMA_SHRINK_CFG = _Cfg(64, 128, 4, 6)  # without dropout
+_TMA_SHRINK_DROPOUT_CFG = _Cfg(32, 256, 4, 4)
+_TMA_SHRINK_DROPOUT_SMALL_A_CFG = _Cfg(16, 128, 2, 6)  # 16-bit adapters, r <= 16
 # r = 64 with fp32 adapters needs 278 KB of shared memory at 64 x 128 x 6 stages (limit 227 KB)
 _TMA_SHRINK_MAX_RANK = 32
 
 
-def _tma_shrink_cfg(x: torch.Tensor, R: int, p: float) -> _Cfg | None:
+def _tma_shrink_cfg(x: torch.Tensor, A: torch.Tensor, p: float) -> _Cfg | None:
+    """The TMA shrink's tiles for x [M, K] and A [R, K], or None for the pointer kernel."""
+    R = A.shape[0]
     if not (_TMA_SHRINK and R <= _TMA_SHRINK_MAX_RANK):
         return None
-    cfg = _Cfg(32, 256, 4, 4) if p > 0 else _Cfg(64, 128, 4, 6)
-    if _cdiv(x.shape[0], cfg.block_a) < _sm_count_of(x.device) // 2:
+    # the row threshold counts 32-row blocks whatever the tile: at 2048 rows (64 blocks on 132 SMs)
+    # the pointer kernel wins against either tile (12.2 us vs 18.8 with [16, 128] tiles)
+    if _cdiv(x.shape[0], 32) < _sm_count_of(x.device) // 2:
         return None
+    if p == 0:
+        cfg = _TMA_SHRINK_CFG
+    elif R <= 16 and A.element_size() == 2:
+        cfg = _TMA_SHRINK_DROPOUT_SMALL_A_CFG
+    else:
+        cfg = _TMA_SHRINK_DROPOUT_CFG
     return cfg if _sm90_tma_ok(x) else None
 
 
@@ -603,7 +625,7 @@ def _shrink(x, A, p, seed, cfg: _Cfg | None = None) -> torch.Tensor:
     M, K = x.shape
     R = A.shape[0]
     if cfg is None:
-        tma_cfg = _tma_shrink_cfg(x, R, p)
+        tma_cfg = _tma_shrink_cfg(x, A, p)
         if tma_cfg is not None:
             return _shrink_tma(x, A, p, seed, tma_cfg)
     cfg = cfg or _shrink_cfg(M, R, p > 0)
@@ -668,7 +690,11 @@ def _bwd_dy(dy, B, S, scale, x_dtype, deterministic, cfg: _Cfg | None = None):
 # as in the shrink). benchmarks/sweep_shrink.py --xpass on an H100, graph us, pointer kernel -> this,
 # r16 p0.05: 8192 x 4096 55.3 -> 40.0, 8192 x 1024 16.8 -> 14.9, 2048 x 4096 15.4 -> 14.7, 8192 x 14336
 # 164.1 -> 159.0; without dropout within +-0.7 us either way, so only with dropout.
-_XPASS_TMA_CFG = _Cfg(32, 256, 4, 4)
+# 8 warps instead of 4 (eleventh session, same sweep, graph us, 4 -> 8 warps): 8192 x 4096 40.1 ->
+# 36.9, 8192 x 2048 23.9 -> 22.4, 8192 x 1024 14.9 -> 14.0, 2048 x 4096 14.5 -> 13.8, 8192 x 14336
+# 157.8 -> 155.7 (more warps for the Philox work, as in the shrink; [16, 128] tiles lost here:
+# the dA strips are summed per row step). 3 stages instead of 4: within 0.5 us.
+_XPASS_TMA_CFG = _Cfg(32, 256, 8, 4)
 
 
 def _tma_xpass_cfg(x: torch.Tensor, R: int, p: float) -> _Cfg | None:
