@@ -16,17 +16,17 @@ TMA_CFGS = [(64, 256, 4, 4), (64, 128, 4, 6), (64, 256, 8, 4), (128, 128, 8, 4),
             (128, 256, 8, 3)]
 
 
-def main():
+def main(shapes=SHAPES, cfgs=TMA_CFGS, ps=(0.05, 0.0)):
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}")
-    for M, K, R in SHAPES:
+    for M, K, R in shapes:
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
         A = torch.randn(R, K, device="cuda", dtype=torch.bfloat16) / K**0.5
         seed = torch.tensor([1234], dtype=torch.int64, device="cuda")
-        for p in PS:
+        for p in ps:
             ref = L._shrink(x, A, p, seed)
             t0 = triton.testing.do_bench_cudagraph(lambda: L._shrink(x, A, p, seed), rep=40)
             line = [f"M{M} K{K} r{R} p{p:g}: pointer {t0 * 1e3:6.1f} us ({M * K * 2 / t0 / 1e9:4.2f} TB/s)"]
-            for cfg in TMA_CFGS:
+            for cfg in cfgs:
                 c = L._Cfg(*cfg)
                 try:
                     out = L._shrink_tma(x, A, p, seed, c)
@@ -43,21 +43,21 @@ def main():
 XPASS_CFGS = [(64, 128, 4, 4), (32, 128, 4, 6), (64, 64, 4, 6), (128, 128, 8, 3), (32, 256, 4, 4), (64, 256, 8, 3)]
 
 
-def xpass():
+def xpass(shapes=SHAPES[:5], cfgs=XPASS_CFGS, ps=(0.05, 0.0)):
     """The backward's dA pass (dA = s/(1-p) G.T @ drop(x)) alone: pointer kernel vs TMA tiles."""
-    for M, K, R in SHAPES[:5] if not SHAPES_GIVEN else SHAPES:
+    for M, K, R in shapes:
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
         A = torch.randn(R, K, device="cuda", dtype=torch.bfloat16) / K**0.5
         G = torch.randn(M, R, device="cuda")
         seed = torch.tensor([1234], dtype=torch.int64, device="cuda")
-        for p in PS:
+        for p in ps:
             saved = L._TMA_SHRINK
             L._TMA_SHRINK = False
             ref = L._bwd_x(x, A, G, seed, 2.0, p, False)[0]
             t0 = triton.testing.do_bench_cudagraph(lambda: L._bwd_x(x, A, G, seed, 2.0, p, False), rep=40)
             L._TMA_SHRINK = saved
             line = [f"dA pass M{M} K{K} r{R} p{p:g}: pointer {t0 * 1e3:6.1f} us ({M * K * 2 / t0 / 1e9:4.2f} TB/s)"]
-            for cfg in XPASS_CFGS:
+            for cfg in cfgs:
                 c = L._Cfg(*cfg)
                 try:
                     out = L._bwd_xa_tma(x, G, seed, 2.0, p, c)
@@ -76,10 +76,9 @@ if __name__ == "__main__":
     ap.add_argument("--cfgs", default="")
     ap.add_argument("--shapes", default="")
     args = ap.parse_args()
-    PS = (0.05,) if args.dropout_only else (0.05, 0.0)
-    SHAPES_GIVEN = bool(args.shapes)
+    kw = {"ps": (0.05,) if args.dropout_only else (0.05, 0.0)}
     if args.shapes:
-        SHAPES = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+        kw["shapes"] = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     if args.cfgs:
-        TMA_CFGS = XPASS_CFGS = [tuple(int(v) for v in c.split("x")) for c in args.cfgs.split(",")]
-    xpass() if args.xpass else main()
+        kw["cfgs"] = [tuple(int(v) for v in c.split("x")) for c in args.cfgs.split(",")]
+    xpass(**kw) if args.xpass else main(**kw)

@@ -4,6 +4,7 @@ On CPU both backends run (the Triton kernels through the interpreter, fp32/fp16 
 interpreter's bf16 dot is broken upstream); on a GPU the same tests run the compiled kernels, bf16
 and larger shapes included.
 """
+import dataclasses
 import itertools
 
 import pytest
@@ -609,7 +610,8 @@ def test_fused_gemm_only_where_its_tiles_fit_the_feature_dims(monkeypatch):
 
 @pytest.mark.skipif(not _gemm_kernel_runs_here(), reason="needs an sm_90 GPU or the Triton interpreter")
 @pytest.mark.parametrize("p", [0.0, 0.3])
-@pytest.mark.parametrize("cfg", [(32, 256, 4, 4), (64, 128, 4, 6), (16, 128, 2, 6)], ids=str)
+@pytest.mark.parametrize("cfg", [dataclasses.astuple(c) for c in (op_mod._TMA_SHRINK_DROPOUT_CFG, op_mod._TMA_SHRINK_CFG,
+                                                                    op_mod._TMA_SHRINK_DROPOUT_SMALL_A_CFG)], ids=str)
 def test_tma_shrink_kernel_matches_float64(cfg, p):
     """S = drop(x) @ A.T through the TMA-load shrink, ragged M and K (x's tiles zero-filled past them)."""
     shapes = [(300, 136, 5), (1000, 1032, 16), (130, 520, 32)] if ON_GPU else [(70, 264, 5), (33, 136, 16)]
