@@ -1,6 +1,6 @@
 """GPU time of each kernel in one fused LoRA training step, next to the frozen base's (GPU).
 
-    python benchmarks/breakdown_lora_linear.py [MxKxNxr ...] [--p 0.05] [--steps 20] [--before MODULE]
+    python benchmarks/breakdown_lora_linear.py [MxKxNxr ...] [--p 0.05] [--steps 20] [--before MODULE] [--fwd]
 
 For each shape: forward + torch.autograd.grad of (x, A, B) through `lora_kernels.lora_linear`, and
 forward + grad of x through the base F.linear, each profiled over --steps steps after warm-up.
@@ -9,6 +9,7 @@ difference to the base: where the LoRA overhead of a training step goes, kernel 
 Then the CUDA-graph time of each (median, three rounds in turn, so drift hits all alike).
 --before MODULE: also a copy of the op module as it was (lora_kernels.ops.MODULE, its torch.library
 namespace renamed so both can load), to compare a change against the code before it in one run.
+--fwd: the training forward alone (x, A, B require grad; no backward) instead of the step.
 """
 import argparse
 import importlib
@@ -43,6 +44,7 @@ def main():
     ap.add_argument("--p", type=float, default=0.05)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--before", default=None)
+    ap.add_argument("--fwd", action="store_true", help="time the training forward alone")
     args = ap.parse_args()
     before = importlib.import_module(f"lora_kernels.ops.{args.before}") if args.before else None
     dt, dev = torch.bfloat16, "cuda"
@@ -53,14 +55,21 @@ def main():
         A = (torch.randn(r, K, device=dev, dtype=dt) / K**0.5).requires_grad_(True)
         B = (torch.randn(N, r, device=dev, dtype=dt) / r**0.5).requires_grad_(True)
         dy = torch.randn(M, N, device=dev, dtype=dt)
-        cases = {
-            "fused": lambda: torch.autograd.grad(lk.lora_linear(x, W, A, B, 2.0, None, args.p), [x, A, B], dy),
-            "base": lambda: torch.autograd.grad(F.linear(x, W), [x], dy),
-        }
+        mods = {"fused": lk, "base": None}
         if before is not None:
-            cases["before"] = lambda: torch.autograd.grad(before.lora_linear(x, W, A, B, 2.0, None, args.p), [x, A, B], dy)
+            mods["before"] = before
+
+        def case(mod):
+            def fwd():
+                return F.linear(x, W) if mod is None else mod.lora_linear(x, W, A, B, 2.0, None, args.p)
+            if args.fwd:
+                return lambda: fwd().detach()  # no autograd graph outlives the call (graph capture)
+            return lambda: torch.autograd.grad(fwd(), [x] if mod is None else [x, A, B], dy)
+
+        cases = {name: case(mod) for name, mod in mods.items()}
         res = {name: kernel_us(fn, args.steps) for name, fn in cases.items()}
-        print(f"== {shape} p{args.p}: GPU us per training step (fwd + bwd), mean of {args.steps}")
+        what = "training forward" if args.fwd else "training step (fwd + bwd)"
+        print(f"== {shape} p{args.p}: GPU us per {what}, mean of {args.steps}")
         for name, table in res.items():
             for k, v in sorted(table.items(), key=lambda kv: -kv[1]):
                 print(f"  {name:<6} {v:8.1f}  {k}")

@@ -818,6 +818,7 @@ def _sm90_tma_ok(t: torch.Tensor) -> bool:
 
 _GEMM_TILE = _Cfg(128, 256, 8, 3)  # BM = block_a, BN = block_b; see _gemm_cfg
 _GEMM_BK = 64  # the main loop's step over K_RED
+_GEMM_GROUP_M = 8  # row tiles per group of the persistent tile order (see _tile_coords)
 
 
 # Share of the GEMM kernel's tiles that must be real work along the feature dims: [128, 256] output
@@ -855,14 +856,17 @@ def _gemm_cfg(masked: bool, tile: _Cfg | None = None) -> tuple[_Cfg, int]:
 
 
 def _lora_gemm(a, weight, L, rt, coef, bias, w_kmajor: bool, p: float = 0.0, seed=None,
-               cfg: _Cfg | None = None) -> torch.Tensor:
+               cfg: _Cfg | None = None, bk: int | None = None, epi_split: int | None = None,
+               group_m: int | None = None) -> torch.Tensor:
     """out = a @ (W.T if w_kmajor else W) + coef * (L @ rt) [* keep when p > 0] + bias -> [M, N_OUT]
     in a's dtype.   a [M, K_RED], weight [N, K], L [M, R] fp32 contiguous, rt [R, N_OUT] (any strides)
-    cfg: tiles other than the table's (BM = block_a, BN = block_b), for sweeps"""
+    cfg, bk, epi_split, group_m: other than the table's tiles (BM = block_a, BN = block_b), K step,
+    epilogue slices and tile grouping, for sweeps"""
     M, K_RED = a.shape
     R, N_OUT = rt.shape
-    cfg, epi_split = _gemm_cfg(p > 0, cfg)
-    BM, BN, BK = cfg.block_a, cfg.block_b, _GEMM_BK
+    cfg, split = _gemm_cfg(p > 0, cfg)
+    epi_split = epi_split or split
+    BM, BN, BK = cfg.block_a, cfg.block_b, bk or _GEMM_BK
     out = torch.empty((M, N_OUT), dtype=a.dtype, device=a.device)
     a_desc = TensorDescriptor.from_tensor(a, [BM, BK])
     w_desc = TensorDescriptor.from_tensor(weight, [BN, BK] if w_kmajor else [BK, BN])
@@ -874,7 +878,7 @@ def _lora_gemm(a, weight, L, rt, coef, bias, w_kmajor: bool, p: float = 0.0, see
             M, N_OUT, K_RED, R, rt.stride(0), rt.stride(1),
             coef, keep_threshold(p),
             W_KMAJOR=w_kmajor, HAS_BIAS=bias is not None, EPI_MASK=p > 0,
-            BM=BM, BN=BN, BK=BK, BLOCK_R=_block_r(R), GROUP_M=8, NUM_SMS=grid, EPI_SPLIT=epi_split,
+            BM=BM, BN=BN, BK=BK, BLOCK_R=_block_r(R), GROUP_M=group_m or _GEMM_GROUP_M, NUM_SMS=grid, EPI_SPLIT=epi_split,
             HOIST_RT=_GEMM_HOIST_RT and _block_r(R) == 16,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
