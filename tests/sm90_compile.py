@@ -53,7 +53,7 @@ def _builds(ranks=(16, 64, 128, 256), dtypes=(("bf16", "bf16"), ("bf16", "fp32")
         c = L._x_cfg(M_BIG, R, drop)
         yield ("x", R, xdt, adt, drop, c, {"x_ptr": xdt, "a_ptr": adt, "seed_ptr": "i64", "dx_ptr": xdt},
                {"HAS_DROPOUT": drop, "WRITE_DX": True, "ATOMIC": True, "DOT_PRECISION": prec, "BLOCK_M": c.block_a,
-                "BLOCK_K": c.block_b, "BLOCK_R": BR})
+                "BLOCK_K": c.block_b, "BLOCK_R": BR, "WAIT_END": False})
         c = L._expand_cfg(M_BIG, R)  # forward: y with bias; backward with dropout: dx_lora masked
         yield ("expand", R, xdt, adt, drop, c, {"b_ptr": adt, "bias_ptr": xdt, "y_ptr": xdt, "seed_ptr": "i64"},
                {"HAS_BIAS": not drop, "HAS_DROPOUT": drop, "DOT_PRECISION": prec, "BLOCK_M": c.block_a,
@@ -77,7 +77,7 @@ def _builds(ranks=(16, 64, 128, 256), dtypes=(("bf16", "bf16"), ("bf16", "fp32")
         yield ("gemm", R, xdt, adt, masked, c, ptrs,
                {"W_KMAJOR": not masked, "HAS_BIAS": not masked, "EPI_MASK": masked, "BM": BM, "BN": BN, "BK": BK,
                 "BLOCK_R": L._block_r(R), "GROUP_M": 8, "NUM_SMS": 132, "EPI_SPLIT": split,
-                "HOIST_RT": L._block_r(R) == 16})
+                "HOIST_RT": L._block_r(R) == 16, "TRIGGER": masked})
 
 
     tma_ranks = sorted({R for R in ranks if R <= L._TMA_SHRINK_MAX_RANK} | {L._TMA_SHRINK_MAX_RANK})
@@ -98,7 +98,8 @@ def _builds(ranks=(16, 64, 128, 256), dtypes=(("bf16", "bf16"), ("bf16", "fp32")
         ptrs = {"x_desc": f"tensordesc<{xdt}[{c.block_a},{c.block_b}]>", "g_ptr": "fp32", "seed_ptr": "i64",
                 "da_ptr": "fp32"}
         yield ("xa_tma", R, xdt, adt, True, c, ptrs,
-               {"HAS_DROPOUT": True, "ATOMIC": True, "BLOCK_M": c.block_a, "BLOCK_K": c.block_b, "BLOCK_R": L._block_r(R)})
+               {"HAS_DROPOUT": True, "ATOMIC": True, "BLOCK_M": c.block_a, "BLOCK_K": c.block_b, "BLOCK_R": L._block_r(R),
+                "WAIT_END": True})
 
 
 KERNELS = {"gemm": "_lora_gemm_kernel", "xa_tma": "_lora_bwd_xa_tma_kernel", "shrink_tma": "_lora_shrink_tma_kernel", "shrink": "_lora_shrink_kernel", "x": "_lora_bwd_x_kernel", "expand": "_lora_expand_kernel",

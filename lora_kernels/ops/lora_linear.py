@@ -269,10 +269,12 @@ if HAS_TRITON:
         M, K, R, M_PER_SPLIT,
         keep_thr, coef,  # coef = s * keep_scale(p)
         HAS_DROPOUT: tl.constexpr, ATOMIC: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, WAIT_END: tl.constexpr,
     ):
         """dA[:, cols] (+)= coef * G[rows].T @ (x[rows, cols] * keep) for one BLOCK_K strip of columns
-        over this split's rows, x's tiles brought in by TMA (zero-filled past M and K)."""
+        over this split's rows, x's tiles brought in by TMA (zero-filled past M and K). WAIT_END:
+        launched while the kernel before it runs (programmatic dependent launch) and touching nothing
+        it writes; this kernel ends after it (see _pdl_ok)."""
         pid_k = tl.program_id(0)
         pid_s = tl.program_id(1)
         k0 = pid_k * BLOCK_K
@@ -292,6 +294,8 @@ if HAS_TRITON:
                 x = tl.where(_keep_mask(seed, rows, k0, keep_thr, BLOCK_K), x, 0.0)
             da = tl.dot(tl.trans(g.to(dt)), x, da)
         _store_da(da_ptr, da * coef, offs_r, cols, pid_s, R, K, ATOMIC)
+        if WAIT_END:
+            tl.extra.cuda.gdc_wait()
 
     @triton.jit
     def _lora_expand_kernel(
@@ -373,7 +377,7 @@ if HAS_TRITON:
         stride_xm, stride_xk, stride_ar, stride_ak, stride_dxm, stride_dxk,
         keep_thr, coef,  # coef = s * keep_scale(p) = s / (1 - p)
         HAS_DROPOUT: tl.constexpr, WRITE_DX: tl.constexpr, ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, WAIT_END: tl.constexpr,
     ):
         """One pass over x for a [M-range, BLOCK_K] strip:
         dA[:, cols] (+)= coef * G.T @ (x * keep);   dx[:, cols] = coef * (G @ A[:, cols]) * keep.
@@ -409,6 +413,8 @@ if HAS_TRITON:
                 tl.store(dx_ptr + rows[:, None] * stride_dxm + cols[None, :].to(tl.int64) * stride_dxk,
                          dx.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
         _store_da(da_ptr, da * coef, offs_r, cols, pid_s, R, K, ATOMIC)
+        if WAIT_END:  # as in _lora_bwd_xa_tma_kernel (dA only: WRITE_DX is off when it is set)
+            tl.extra.cuda.gdc_wait()
 
     @triton.jit
     def _tile_coords(tile, num_m, num_n, GROUP_M: tl.constexpr):
@@ -444,6 +450,7 @@ if HAS_TRITON:
         W_KMAJOR: tl.constexpr, HAS_BIAS: tl.constexpr, EPI_MASK: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BLOCK_R: tl.constexpr,
         GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, EPI_SPLIT: tl.constexpr, HOIST_RT: tl.constexpr,
+        TRIGGER: tl.constexpr,
     ):
         """y = a @ op(W) + coef * (L @ Rt) [* keep(rows, cols)] + bias: the base GEMM with the LoRA
         expansion in its epilogue, one persistent CTA per SM walking [BM, BN] tiles.
@@ -451,7 +458,10 @@ if HAS_TRITON:
           dgrad:   a = dy, op(W) = W,  L = G, Rt = A,   coef = s / (1 - p), keep  -> dx
         TMA loads zero-fill past the edges and TMA stores clip, so ragged M / N / K need no masks.
         The epilogue runs on EPI_SPLIT column slices of the tile (y_desc's block is [BM, BN / EPI_SPLIT]):
-        with the mask, a whole [BM, BN] LoRA product beside the accumulator would spill."""
+        with the mask, a whole [BM, BN] LoRA product beside the accumulator would spill.
+        TRIGGER: the next kernel, launched with programmatic dependent launch, may start now (see _pdl_ok)."""
+        if TRIGGER:
+            tl.extra.cuda.gdc_launch_dependents()
         num_m = tl.cdiv(M, BM)
         num_n = tl.cdiv(N_OUT, BN)
         dt = y_desc.dtype
@@ -723,9 +733,10 @@ def _da_result(da: torch.Tensor) -> torch.Tensor:
     return da.sum(0) if da.dim() == 3 else da
 
 
-def _bwd_xa_tma(x, G, seed, scale, p, cfg: _Cfg, da: torch.Tensor | None = None) -> torch.Tensor:
+def _bwd_xa_tma(x, G, seed, scale, p, cfg: _Cfg, da: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
     """dA = s/(1-p) * G.T @ (x*keep) [R, K] fp32 through _lora_bwd_xa_tma_kernel.
-    x [M, K] (TMA-readable), G [M, R] fp32; da: a zeroed fp32 [R, K] buffer to add into (see _da_split)"""
+    x [M, K] (TMA-readable), G [M, R] fp32; da: a zeroed fp32 [R, K] buffer to add into (see _da_split)
+    pdl: launched with programmatic dependent launch after a kernel it shares nothing written with"""
     M, K = x.shape
     R = G.shape[1]
     split, m_per_split, out = _da_split(M, K, R, cfg, x.device, da)
@@ -734,15 +745,17 @@ def _bwd_xa_tma(x, G, seed, scale, p, cfg: _Cfg, da: torch.Tensor | None = None)
             M, K, R, m_per_split,
             keep_threshold(p), scale * keep_scale(p),
             HAS_DROPOUT=p > 0, ATOMIC=da is not None, BLOCK_M=cfg.block_a, BLOCK_K=cfg.block_b, BLOCK_R=_block_r(R),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            WAIT_END=pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_pdl_meta(pdl))
     return _da_result(out)
 
 
 def _bwd_x(x, A, G, seed, scale, p, need_dx, cfg: _Cfg | None = None, split_dx: bool | None = None,
-           da: torch.Tensor | None = None):
+           da: torch.Tensor | None = None, pdl: bool = False):
     """One pass over x -> (dA = s/(1-p) * G.T @ (x*keep) [R, K] fp32,
     dx_lora = s/(1-p) * (G @ A) * keep [M, K] in x's dtype, or None when not need_dx).
     da: a zeroed fp32 [R, K] buffer to add dA into (see _da_split).
+    pdl (dA only): launched with programmatic dependent launch beside the kernel before it, which
+    writes nothing this pass reads or writes (see _pdl_ok).
 
     With dropout, dx_lora comes from a second kernel (the expand kernel with the mask on its
     output) instead of the same pass (split_dx, default: p > 0): the one-pass kernel needs the mask
@@ -758,10 +771,11 @@ def _bwd_x(x, A, G, seed, scale, p, need_dx, cfg: _Cfg | None = None, split_dx: 
         return da, dx
     M, K = x.shape
     R = A.shape[0]
+    pdl = pdl and not need_dx
     if cfg is None and not need_dx:
         tma_cfg = _tma_xpass_cfg(x, R, p)
         if tma_cfg is not None:
-            return _bwd_xa_tma(x, G, seed, scale, p, tma_cfg, da=da), None
+            return _bwd_xa_tma(x, G, seed, scale, p, tma_cfg, da=da, pdl=pdl), None
     cfg = cfg or _x_cfg(M, R, p > 0 and need_dx)
     split, m_per_split, out = _da_split(M, K, R, cfg, x.device, da)
     dx = torch.empty((M, K), dtype=x.dtype, device=x.device) if need_dx else None
@@ -772,8 +786,8 @@ def _bwd_x(x, A, G, seed, scale, p, need_dx, cfg: _Cfg | None = None, split_dx: 
             dx.stride(0) if need_dx else 0, dx.stride(1) if need_dx else 0,
             keep_threshold(p), scale * keep_scale(p),
             HAS_DROPOUT=p > 0, WRITE_DX=need_dx, ATOMIC=da is not None, DOT_PRECISION=_dot_precision(x.dtype),
-            BLOCK_M=cfg.block_a, BLOCK_K=cfg.block_b, BLOCK_R=_block_r(R),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            BLOCK_M=cfg.block_a, BLOCK_K=cfg.block_b, BLOCK_R=_block_r(R), WAIT_END=pdl,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_pdl_meta(pdl))
     return _da_result(out), dx
 
 
@@ -786,6 +800,28 @@ def _bwd_x(x, A, G, seed, scale, p, need_dx, cfg: _Cfg | None = None, split_dx: 
 # for 16-bit activations whose rows TMA can read (16-byte aligned); fp32 keeps cuBLAS (its TF32
 # choice follows torch's settings). LORA_KERNELS_FUSED_GEMM=0 turns it off.
 _FUSED_GEMM = os.environ.get("LORA_KERNELS_FUSED_GEMM", "1") != "0"
+
+# Programmatic dependent launch (sm_90) in the fused backward, LORA_KERNELS_PDL=0 turns it off: the
+# dgrad GEMM runs first and lets the dA pass start at once, whose CTAs take the SMs of the GEMM's
+# last, partly empty wave as its CTAs end (1024 tiles on 132 SMs at 8192 x 4096 -> 4096). The two
+# share no written memory; the dA pass waits for the GEMM's end only before it exits. H100, graph us
+# per training step against the code before (benchmarks/breakdown_lora_linear.py --before, r16
+# p0.05): 8192 x 4096 -> 4096 933.2 vs 948.3, 8192 x 2048 -> 512 133.1 vs 139.1, 8192 x 1024 -> 1024
+# 115.1 vs 115.4. The same in the forward (the shrink lets the GEMM start, whose CTAs wait for S
+# after their first main loop) was slower at the headline (954.5 vs 936.7) and is not done. Only on
+# direct launches: torch.compile's launcher (wrap_triton) does not take the launch option, and the
+# kernels are then correct without it (the wait returns at once).
+_PDL = os.environ.get("LORA_KERNELS_PDL", "1") != "0"
+
+
+def _pdl_ok() -> bool:
+    return _PDL and not is_wrap_triton_enabled()
+
+
+def _pdl_meta(on: bool) -> dict:
+    return {"launch_pdl": True} if on else {}
+
+
 FUSED_GEMM_MIN_ROWS = 256  # fewer rows than two 128-row tiles: decode-sized calls keep the split kernels
 # Rt [r, BN] loaded before the main loop too: its shared-memory copy for the epilogue's MMA then stays
 # allocated through the loop (offline sm_90 compile at r16: 225 KB; r32 with fp32 adapters 238 KB,
@@ -857,11 +893,12 @@ def _gemm_cfg(masked: bool, tile: _Cfg | None = None) -> tuple[_Cfg, int]:
 
 def _lora_gemm(a, weight, L, rt, coef, bias, w_kmajor: bool, p: float = 0.0, seed=None,
                cfg: _Cfg | None = None, bk: int | None = None, epi_split: int | None = None,
-               group_m: int | None = None) -> torch.Tensor:
+               group_m: int | None = None, trigger: bool = False) -> torch.Tensor:
     """out = a @ (W.T if w_kmajor else W) + coef * (L @ rt) [* keep when p > 0] + bias -> [M, N_OUT]
     in a's dtype.   a [M, K_RED], weight [N, K], L [M, R] fp32 contiguous, rt [R, N_OUT] (any strides)
     cfg, bk, epi_split, group_m: other than the table's tiles (BM = block_a, BN = block_b), K step,
-    epilogue slices and tile grouping, for sweeps"""
+    epilogue slices and tile grouping, for sweeps
+    trigger: the next launch may start at once (programmatic dependent launch, see _pdl_ok)"""
     M, K_RED = a.shape
     R, N_OUT = rt.shape
     cfg, split = _gemm_cfg(p > 0, cfg)
@@ -879,7 +916,7 @@ def _lora_gemm(a, weight, L, rt, coef, bias, w_kmajor: bool, p: float = 0.0, see
             coef, keep_threshold(p),
             W_KMAJOR=w_kmajor, HAS_BIAS=bias is not None, EPI_MASK=p > 0,
             BM=BM, BN=BN, BK=BK, BLOCK_R=_block_r(R), GROUP_M=group_m or _GEMM_GROUP_M, NUM_SMS=grid, EPI_SPLIT=epi_split,
-            HOIST_RT=_GEMM_HOIST_RT and _block_r(R) == 16,
+            HOIST_RT=_GEMM_HOIST_RT and _block_r(R) == 16, TRIGGER=trigger,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
@@ -902,13 +939,18 @@ def _bwd_triton(dy, x, weight, A, B, S, seed, scale, p, need_dx):
     da = None if deterministic else torch.zeros((R, K), dtype=torch.float32, device=x.device)
     G, db = _bwd_dy(dy, B, S, scale, x.dtype, deterministic)
     fused = need_dx and _fused_gemm_ok(dy, weight, R, K)
-    da, dx = _bwd_x(x, A, G, seed, scale, p, need_dx and not fused, da=da)
     if fused:
-        dx = _lora_gemm(dy, weight, G, A, scale * keep_scale(p), None, w_kmajor=False, p=p, seed=seed)
-    elif need_dx:
-        dx.addmm_(dy, weight)  # cuBLAS with beta = 1: dx = dy @ W + dx_lora
+        # the GEMM first, then the dA pass, which (with programmatic dependent launch) takes the SMs
+        # of the GEMM's partly empty last wave as its CTAs end: the two share no written memory
+        pdl = _pdl_ok()
+        dx = _lora_gemm(dy, weight, G, A, scale * keep_scale(p), None, w_kmajor=False, p=p, seed=seed, trigger=pdl)
+        da, _ = _bwd_x(x, A, G, seed, scale, p, False, da=da, pdl=pdl)
     else:
-        dx = x.new_empty(0)
+        da, dx = _bwd_x(x, A, G, seed, scale, p, need_dx, da=da)
+        if need_dx:
+            dx.addmm_(dy, weight)  # cuBLAS with beta = 1: dx = dy @ W + dx_lora
+        else:
+            dx = x.new_empty(0)
     return dx, da.to(A.dtype), db.to(B.dtype)
 
 
