@@ -76,7 +76,7 @@ def _builds(ranks=(16, 64, 128, 256), dtypes=(("bf16", "bf16"), ("bf16", "fp32")
                 "l_ptr": "fp32", "r_ptr": adt, "bias_ptr": xdt, "seed_ptr": "i64"}
         yield ("gemm", R, xdt, adt, masked, c, ptrs,
                {"W_KMAJOR": not masked, "HAS_BIAS": not masked, "EPI_MASK": masked, "BM": BM, "BN": BN, "BK": BK,
-                "BLOCK_R": L._block_r(R), "GROUP_M": 8, "NUM_SMS": 132, "EPI_SPLIT": split,
+                "BLOCK_R": L._block_r(R), "GROUP_M": L._GEMM_GROUP_M, "NUM_SMS": 132, "EPI_SPLIT": split,
                 "HOIST_RT": L._block_r(R) == 16, "TRIGGER": masked})
 
 
