@@ -1186,78 +1186,115 @@ __global__ void __launch_bounds__(kRowsThreads) rows_shrink_kernel(SgmvShrinkArg
 }
 
 // Expand, block (tile, column chunk): out[rows, n] = s_l * S[rows, :r] @ B_l[n, :r].T for n in the
-// chunk [c0, c0 + chunk). Three phases:
-//   1. the chunk's B_l rows (contiguous in B: chunk x R elements) are copied into shared memory by
-//      cp.async, every 16-byte piece issued at once (19 KB per block at r16 and 608 columns);
-//   2. while they fly, S of the tile's rows is summed over the shrink's split partials, rounded to T
-//      (what a 16-bit matmul chain does), into shared memory;
-//   3. warp w takes the chunk's 32-column units w, w + 4, ...: B operands from shared memory, each
-//      16-row group of the tile multiplied against them (mma.sync), one 16-byte store per row.
-// Why: with B loaded into registers one unit ahead (the previous design) each warp had ~2 KB in
-// flight and every block paid the tile lookup, the S sums and the B latency one after another:
-// 23 us for 25 MB at T1024 L128 r16 (H100, ncu: 0.77 TB/s from DRAM, long-scoreboard stalls 9 of
-// 15.5 cycles per instruction, 94 registers and 1.5 waves).
-// Output permutation: logical column 2t + e of n-tile nt is physical column 8t + 2nt + e of a
-// 32-column unit, so after its 4 n-tiles lane (g, t) holds columns 8t .. 8t + 7 of rows g and
-// g + 8: one 16-byte store each. B's shared layout: rows of 16 KS elements (the rank padded to the
-// MMA's k16 steps), in 32-byte pieces q = n KS + c / 16 stored at q ^ ((n / 8) % 4): one operand
-// load of a warp reads rows {0, 1, 8, 9, 16, 17, 24, 25} + 2 nt, which land in 4 different 32-byte
-// bank groups, two rows each (2 wavefronts for 256 bytes, the minimum; 4 without the swizzle).
-constexpr int kExpandSmemMax = 40 * 1024;  // dynamic shared memory of one block (<= 48 KB: no opt-in)
+// chunk [c0, c0 + chunk). Transposed on the tensor cores: one m16n8k16 MMA computes 16 columns of y
+// for 8 rows of the tile,
+//   D[16 columns][8 rows] += B_l[16 columns][16 ranks] @ S[8 rows][16 ranks].T
+// so that B_l, [N, R] with the rank contiguous, is the row-major a-operand as it lies in memory, S
+// the col-major b-operand, and a tile of 8 rows (1024 rows over 128 adapters) fills the MMA.
+// Phases:
+//   1. before waiting for the shrink: each warp loads the B operands of its first 64-column unit
+//      straight into registers (B does not depend on the shrink, so this overlaps its tail);
+//   2. S of the tile's rows, the sum of the shrink's split partials rounded to T (what a 16-bit
+//      matmul chain does), into shared memory with the tile's output row numbers;
+//   3. warp w takes the units w, w + 4, ... of the chunk, the next unit's B loads in flight while it
+//      multiplies the current one against each 8-row group of S, one 16-byte store per lane and row.
+// Why: the previous expand (MMA rows = tile rows, B staged in shared memory) spent half of every
+// MMA on the padding rows 8-15 of an 8-row tile and ~220 instructions per 32 x 8 outputs on
+// swizzled shared-memory addressing, masks and row selection; with its loads and stores switched
+// off it still took 11 us at T1024 L128 r16 (H100, ncu: issue-bound, 14 K active cycles per SM),
+// and 18.6 us with them, for 25 MB.
+// Operand mapping (lane (g, t) = (lane / 4, lane % 4); the MMA sums over k, so any permutation of
+// the ranks applied to both operands gives the same product, see the shrink):
+//   ranks: the 4 physical ranks kofs(ks, t) + 0..3 stand for logical k {2t, 2t + 1, 2t + 8, 2t + 9}
+//          of k-step ks; with KS >= 2, k-steps 2p and 2p + 1 share one 16-byte piece per row
+//          (physical ranks 32 p + 8 t + 0..7), else one 8-byte piece (4 t + 0..3);
+//   columns: MMA j (0..3) of a 64-column unit maps its a-row g to column 8 g + 2 j and a-row g + 8 to
+//          8 g + 2 j + 1, so lane (g, t) ends with columns 8 g .. 8 g + 7 of tile rows 2 t and
+//          2 t + 1 of the 8-row group: two 16-byte stores. Its a-operands are the rows 8 g .. 8 g + 7
+//          of the unit's B_l slice, 8 or 16 bytes each at its physical ranks: a warp's load
+//          instruction reads 8 whole 32-byte sectors, every byte used.
+template <int KS>
+__host__ __device__ constexpr int rows_expand_pieces() { return KS == 1 ? 1 : KS / 2; }  // B pieces per row
 
 template <int KS>
-__host__ __device__ constexpr int rows_expand_s_bytes() { return kTileRows * (16 * KS + 8) * 2; }
+__device__ __forceinline__ int rows_kofs(int ks, int t) {  // first physical rank of k-step ks, lane t
+  return KS == 1 ? 4 * t : 32 * (ks >> 1) + 8 * t + 4 * (ks & 1);
+}
 
+// The B operands of one 64-column unit: piece p of row 8 g + j (uint4; with KS == 1 only .x, .y).
 template <int KS>
-__device__ __forceinline__ int rows_b_off(int n, int c) {  // element offset of B(n, c) in the chunk
-  return (((n * KS + (c >> 4)) ^ ((n >> 3) & 3)) << 4) + (c & 15);
+struct ExpandFrag {
+  uint4 v[8][rows_expand_pieces<KS>()];
+};
+
+// keep[ks]: the part of k-step ks's 4 physical ranks below the adapter's rank r. B may hold
+// anything past an adapter's rank, NaN included, so those elements are zeroed as they are loaded,
+// not multiplied by S's zeros.
+template <typename T, int KS>
+__device__ __forceinline__ void rows_expand_load(ExpandFrag<KS>& f, const T* Bl, int64_t n0, int64_t col_end, int R,
+                                                 const uint64_t (&keep)[KS], int gq, int tq) {
+  constexpr int P = rows_expand_pieces<KS>();
+  const bool col_ok = n0 + 8 * gq < col_end;  // N % 8 == 0: a lane's 8 columns are all in or all out
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const T* row = Bl + (n0 + 8 * gq + j) * R;
+#pragma unroll
+    for (int p = 0; p < P; ++p) {
+      if constexpr (KS == 1) {
+        const bool ok = col_ok && 4 * tq < R;  // R % 8 == 0: a piece lies wholly below R or not
+        const uint2 u = ok ? *reinterpret_cast<const uint2*>(row + 4 * tq) : make_uint2(0, 0);
+        f.v[j][p] = make_uint4(u.x & static_cast<uint32_t>(keep[0]), u.y & static_cast<uint32_t>(keep[0] >> 32), 0, 0);
+      } else {
+        const int k = 32 * p + 8 * tq;
+        const uint4 u = (col_ok && k < R) ? ld16(row + k) : make_uint4(0, 0, 0, 0);
+        const uint64_t m0 = keep[2 * p], m1 = keep[2 * p + 1];
+        f.v[j][p] = make_uint4(u.x & static_cast<uint32_t>(m0), u.y & static_cast<uint32_t>(m0 >> 32),
+                               u.z & static_cast<uint32_t>(m1), u.w & static_cast<uint32_t>(m1 >> 32));
+      }
+    }
+  }
 }
 
 template <typename T, int KS>
 __global__ void __launch_bounds__(kRowsThreads) rows_expand_kernel(SgmvExpandArgs a, int chunk) {
-  extern __shared__ __align__(16) unsigned char rows_smem[];
-  constexpr int LDS = 16 * KS + 8;  // S row pitch (elements): 16-byte rows, spread banks
-  T* Ss = reinterpret_cast<T*>(rows_smem);                                // [kTileRows][LDS]
-  T* Bs = reinterpret_cast<T*>(rows_smem + rows_expand_s_bytes<KS>());  // [chunk][16 KS], swizzled
+  constexpr int LDS = 16 * KS + 4;  // S row pitch (elements): 8-byte aligned rows, banks spread
+  __shared__ __align__(16) T Ss[kTileRows][LDS];
+  __shared__ int orow_s[kTileRows];
 
   Tile tl;
   if (!find_tile_warp(blockIdx.x, a.seg, a.L, tl)) return;
   const int64_t c0 = static_cast<int64_t>(blockIdx.y) * chunk;
   if (c0 >= a.D) return;
-  const int ncols = static_cast<int>(dmin<int64_t>(chunk, a.D - c0));
+  const int64_t col_end = dmin<int64_t>(a.D, c0 + chunk);
+  const int n_units = static_cast<int>((col_end - c0 + 63) / 64);
   const int grp = tl.g;
   const int r = grp < a.L ? rank_of(a.ranks, grp, a.R) : 0;
   const int nrows = static_cast<int>(tl.end - tl.begin);
+  const int n_rg = (nrows + 7) / 8;
   const int64_t* perm = a.seg.perm + tl.begin;
   T* out = static_cast<T*>(a.out);
   const float scale = r > 0 ? a.scales[grp] : 0.f;
-
-  // 1. B_l[c0 : c0 + ncols, :R] -> Bs (pieces past R stay unwritten: the rank mask below zeroes them)
-  if (r > 0) {
-    const T* Bl = static_cast<const T*>(a.V) + (static_cast<int64_t>(grp) * a.D + c0) * a.R;
-    const int vr = a.R / 8;  // 16-byte pieces per row of B (R % 8 == 0)
-    for (int e = threadIdx.x; e < ncols * vr; e += blockDim.x) {
-      const int n = e / vr, c = 8 * (e % vr);
-      cp_async16(Bs + rows_b_off<KS>(n, c), Bl + static_cast<int64_t>(n) * a.R + c);
-    }
-  }
-  cp_async_commit();
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
   const int gq = lane >> 2, tq = lane & 3;
-  int orow[kTileRows / 8];  // output row of each of this lane's 8 row slots (-1 past the tile)
-#pragma unroll
-  for (int q = 0; q < kTileRows / 8; ++q) {
-    const int o = 8 * q + gq;
-    orow[q] = o < nrows ? static_cast<int>(perm[o]) : -1;
-  }
-  // Everything above reads what kernels before the shrink wrote (segments, B); the shrink's
-  // partials and the writes below wait for the shrink to complete.
-  grid_dep_wait();
+  const T* Bl = static_cast<const T*>(a.V) + static_cast<int64_t>(grp < a.L ? grp : 0) * a.D * a.R;
 
-  // 2. S of the tile's rows into shared memory (zeros past the rank and past the tile), and for
+  uint64_t keep[KS];  // see rows_expand_load
+#pragma unroll
+  for (int ks = 0; ks < KS; ++ks) {
+    const int n_ok = dmax(0, dmin(4, r - rows_kofs<KS>(ks, tq)));
+    keep[ks] = n_ok >= 4 ? ~0ull : ((1ull << (16 * n_ok)) - 1);
+  }
+
+  // 1. the first unit's B operands (B is written before the shrink: safe before the wait)
+  ExpandFrag<KS> cur;
+  if (r > 0 && warp < n_units) rows_expand_load<T, KS>(cur, Bl, c0 + 64 * warp, col_end, a.R, keep, gq, tq);
+  for (int o = threadIdx.x; o < kTileRows; o += blockDim.x) orow_s[o] = o < nrows ? static_cast<int>(perm[o]) : -1;
+  grid_dep_wait();  // the shrink's partials
+
+  // 2. S of the tile's rows (zeros past the rank and past the tile; 8-row groups whole), and for
   // backward (s_out) in fp32, one writer per row
-  for (int e = threadIdx.x; e < kTileRows * 4 * KS; e += blockDim.x) {
+  for (int e = threadIdx.x; e < n_rg * 8 * 4 * KS; e += blockDim.x) {
     const int o = e / (4 * KS);
     const int c = (e % (4 * KS)) * 4;
     float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -1276,79 +1313,75 @@ __global__ void __launch_bounds__(kRowsThreads) rows_expand_kernel(SgmvExpandArg
     uint2 packed;
     packed.x = pack2<T>(v.x, v.y);
     packed.y = pack2<T>(v.z, v.w);
-    *reinterpret_cast<uint2*>(Ss + o * LDS + c) = packed;
+    *reinterpret_cast<uint2*>(&Ss[o][c]) = packed;
   }
-  // ranks 16 ks + 4 tq + 0..3 of this lane: the part of each 8-byte B operand below r (B may hold
-  // anything past an adapter's rank, NaN included, and Bs is not written past R: those elements are
-  // zeroed, not multiplied by 0)
-  uint64_t keep[KS];
-#pragma unroll
-  for (int ks = 0; ks < KS; ++ks) {
-    const int n_ok = dmax(0, dmin(4, r - (16 * ks + 4 * tq)));
-    keep[ks] = n_ok >= 4 ? ~0ull : ((1ull << (16 * n_ok)) - 1);
-  }
-  cp_async_wait<0>();
   __syncthreads();
+  if (r == 0) {  // no adapter (or rank 0): the LoRA term of these rows is 0
+    for (int e = threadIdx.x; e < nrows * ((col_end - c0) / 8); e += blockDim.x) {
+      const int o = e / static_cast<int>((col_end - c0) / 8);
+      const int64_t n = c0 + 8 * (e % ((col_end - c0) / 8));
+      st16(out + static_cast<int64_t>(orow_s[o]) * a.stride_om + n, make_uint4(0, 0, 0, 0));
+    }
+    return;
+  }
 
-  // 3. units of 32 columns
-  const int n_units = (ncols + 31) / 32;
+  // 3. units of 64 columns
 #pragma unroll 1
   for (int unit = warp; unit < n_units; unit += kRowsWarps) {  // warp-uniform
-    uint2 bv[4][KS];  // B operand of n-tile nt, logical column g: physical column 8 (g / 2) + 2 nt + g % 2
+    // r16: the next unit's loads in flight while this one multiplies (16 registers); at larger ranks a
+    // unit's operands take 32-64 registers and the block's other warps hide the latency instead
+    constexpr bool kAhead = KS == 1;
+    ExpandFrag<KS> nxt;
+    const bool more = kAhead && unit + kRowsWarps < n_units;
+    if (more) rows_expand_load<T, KS>(nxt, Bl, c0 + 64 * (unit + kRowsWarps), col_end, a.R, keep, gq, tq);
+    if (!kAhead && unit != warp) rows_expand_load<T, KS>(cur, Bl, c0 + 64 * unit, col_end, a.R, keep, gq, tq);
+    // a-operands: {row 8g + 2j: k lo, row 8g + 2j + 1: k lo, row 8g + 2j: k hi, row 8g + 2j + 1: k hi}
+    uint32_t af[4][KS][4];
 #pragma unroll
-    for (int nt = 0; nt < 4; ++nt) {
-      const int n = 32 * unit + 8 * (gq >> 1) + 2 * nt + (gq & 1);
+    for (int j = 0; j < 4; ++j)
 #pragma unroll
       for (int ks = 0; ks < KS; ++ks) {
-        bv[nt][ks] = make_uint2(0, 0);
-        if (r > 0 && n < ncols && 16 * ks + 4 * tq < a.R) {
-          const uint2 raw = *reinterpret_cast<const uint2*>(Bs + rows_b_off<KS>(n, 16 * ks + 4 * tq));
-          bv[nt][ks] = make_uint2(raw.x & static_cast<uint32_t>(keep[ks]), raw.y & static_cast<uint32_t>(keep[ks] >> 32));
-        }
+        const int p = KS == 1 ? 0 : ks >> 1;
+        const bool hi = KS != 1 && (ks & 1);
+        const uint4 e0 = cur.v[2 * j][p], e1 = cur.v[2 * j + 1][p];
+        af[j][ks][0] = hi ? e0.z : e0.x;
+        af[j][ks][1] = hi ? e1.z : e1.x;
+        af[j][ks][2] = hi ? e0.w : e0.y;
+        af[j][ks][3] = hi ? e1.w : e1.y;
       }
-    }
-    const int64_t n8 = c0 + 32 * unit + 8 * tq;  // this lane's 8 output columns
+    const bool col_ok = c0 + 64 * unit + 8 * gq < col_end;
+    const int64_t n8 = c0 + 64 * unit + 8 * gq;  // this lane's 8 output columns
 #pragma unroll 1
-    for (int rg = 0; rg * 16 < nrows; ++rg) {  // block-uniform trip count
-      uint32_t sf[KS][4];  // S as MMA a-operands: {row g: c, c+1 | row g+8: c, c+1 | row g: c+2, c+3 | ...}
+    for (int rg = 0; rg < n_rg; ++rg) {  // block-uniform trip count
+      uint32_t sf[KS][2];  // b-operands: S[row 8 rg + g] at the lane's physical ranks
 #pragma unroll
       for (int ks = 0; ks < KS; ++ks) {
-        const T* p = Ss + (16 * rg + gq) * LDS + 16 * ks + 4 * tq;
-        const uint2 lo = *reinterpret_cast<const uint2*>(p);
-        const uint2 hi = *reinterpret_cast<const uint2*>(p + 8 * LDS);
-        sf[ks][0] = lo.x;
-        sf[ks][1] = hi.x;
-        sf[ks][2] = lo.y;
-        sf[ks][3] = hi.y;
-      }
-      int rows2[2] = {-1, -1};
-#pragma unroll
-      for (int q = 0; q < kTileRows / 8; ++q) {  // orow[2 rg], orow[2 rg + 1] without dynamic indexing
-        if (q == 2 * rg) rows2[0] = orow[q];
-        if (q == 2 * rg + 1) rows2[1] = orow[q];
+        const uint2 u = *reinterpret_cast<const uint2*>(&Ss[8 * rg + gq][rows_kofs<KS>(ks, tq)]);
+        sf[ks][0] = u.x;
+        sf[ks][1] = u.y;
       }
       float acc[4][4];
 #pragma unroll
-      for (int nt = 0; nt < 4; ++nt) {
+      for (int j = 0; j < 4; ++j) {
 #pragma unroll
-        for (int i = 0; i < 4; ++i) acc[nt][i] = 0.f;
+        for (int i = 0; i < 4; ++i) acc[j][i] = 0.f;
 #pragma unroll
-        for (int ks = 0; ks < KS; ++ks) {
-          const uint32_t b[2] = {bv[nt][ks].x, bv[nt][ks].y};
-          mma_16816<T>(acc[nt], sf[ks], b);
-        }
+        for (int ks = 0; ks < KS; ++ks) mma_16816<T>(acc[j], af[j][ks], sf[ks]);
       }
+      // lane (g, t): acc[j][h] = column 8g + 2j, acc[j][2 + h] = column 8g + 2j + 1, of tile row 8 rg + 2t + h
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        if (rows2[h] < 0 || n8 >= c0 + ncols) continue;
+        const int orow = orow_s[8 * rg + 2 * tq + h];
+        if (orow < 0 || !col_ok) continue;
         uint4 vals;
-        vals.x = pack2<T>(scale * acc[0][2 * h], scale * acc[0][2 * h + 1]);
-        vals.y = pack2<T>(scale * acc[1][2 * h], scale * acc[1][2 * h + 1]);
-        vals.z = pack2<T>(scale * acc[2][2 * h], scale * acc[2][2 * h + 1]);
-        vals.w = pack2<T>(scale * acc[3][2 * h], scale * acc[3][2 * h + 1]);
-        st16(out + static_cast<int64_t>(rows2[h]) * a.stride_om + n8, vals);
+        vals.x = pack2<T>(scale * acc[0][h], scale * acc[0][2 + h]);
+        vals.y = pack2<T>(scale * acc[1][h], scale * acc[1][2 + h]);
+        vals.z = pack2<T>(scale * acc[2][h], scale * acc[2][2 + h]);
+        vals.w = pack2<T>(scale * acc[3][h], scale * acc[3][2 + h]);
+        st16(out + static_cast<int64_t>(orow) * a.stride_om + n8, vals);
       }
     }
+    if (more) cur = nxt;
   }
 }
 
@@ -1614,33 +1647,31 @@ cudaError_t launch_overlapped(void (*kernel)(KArgs...), dim3 grid, dim3 block, s
   return cudaGetLastError();
 }
 
-int rows_expand_chunk(int64_t D, int R, int64_t n_tiles, int sm_count, int blocks_per_sm) {
-  // Columns per block: ~8 blocks per SM in all (1024 rows over 128 adapters at r16, N = 4096: 145 tile
-  // slots x 7 chunks of 608 columns, 19 KB of B each), at most what kExpandSmemMax holds next to S
-  // (r64: 248 -> 224 columns), a multiple of 32 (one unit per warp step).
-  const int ks = R <= 16 ? 1 : (R <= 32 ? 2 : 4);
-  const int s_bytes = ks == 1 ? rows_expand_s_bytes<1>() : (ks == 2 ? rows_expand_s_bytes<2>() : rows_expand_s_bytes<4>());
-  const int64_t cap = std::max<int64_t>(32, (kExpandSmemMax - s_bytes) / (32 * ks) / 32 * 32);
+int rows_expand_chunk(int64_t D, int64_t n_tiles, int sm_count, int blocks_per_sm) {
+  // Columns per block: ~8 blocks per SM in all (1024 rows over 128 adapters at r16, N = 4096: 145
+  // tile slots x 7 chunks of 640 columns), a multiple of 64 (one unit of a warp).
   const int64_t want = static_cast<int64_t>(blocks_per_sm > 0 ? blocks_per_sm : 8) * std::max(sm_count, 1);
   const int64_t groups = std::max<int64_t>(1, want / std::max<int64_t>(1, n_tiles));
-  return static_cast<int>(std::min<int64_t>(cap, std::max<int64_t>(32, cdiv(cdiv(D, groups), 32) * 32)));
+  return static_cast<int>(std::max<int64_t>(64, cdiv(cdiv(D, groups), 64) * 64));
 }
 
 cudaError_t rows_expand(DType dtype, const SgmvExpandArgs& a, int sm_count, cudaStream_t stream, int blocks_per_sm) {
   if (a.M == 0 || a.D == 0 || a.seg.n_tiles_max == 0) return cudaSuccess;
-  if (!a.v_c_contiguous || a.R > 64 || a.R % 8 != 0 || dtype == DType::kFloat32) return cudaErrorInvalidValue;
-  const int chunk = rows_expand_chunk(a.D, a.R, a.seg.n_tiles_max, sm_count, blocks_per_sm);
+  if (!a.v_c_contiguous || a.R > 64 || a.R % 8 != 0 || a.D % 8 != 0 || a.stride_om % 8 != 0 ||
+      dtype == DType::kFloat32)
+    return cudaErrorInvalidValue;
+  const int chunk = rows_expand_chunk(a.D, a.seg.n_tiles_max, sm_count, blocks_per_sm);
   const dim3 grid(static_cast<unsigned>(a.seg.n_tiles_max), static_cast<unsigned>(cdiv(a.D, chunk)));
   cudaError_t err = cudaSuccess;
   const cudaError_t e = with_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     if constexpr (!std::is_same<T, float>::value) {
       if (a.R <= 16) {
-        err = launch_overlapped(rows_expand_kernel<T, 1>, grid, dim3(kRowsThreads), rows_expand_s_bytes<1>() + chunk * 32, stream, a, chunk);
+        err = launch_overlapped(rows_expand_kernel<T, 1>, grid, dim3(kRowsThreads), 0, stream, a, chunk);
       } else if (a.R <= 32) {
-        err = launch_overlapped(rows_expand_kernel<T, 2>, grid, dim3(kRowsThreads), rows_expand_s_bytes<2>() + chunk * 64, stream, a, chunk);
+        err = launch_overlapped(rows_expand_kernel<T, 2>, grid, dim3(kRowsThreads), 0, stream, a, chunk);
       } else {
-        err = launch_overlapped(rows_expand_kernel<T, 4>, grid, dim3(kRowsThreads), rows_expand_s_bytes<4>() + chunk * 128, stream, a, chunk);
+        err = launch_overlapped(rows_expand_kernel<T, 4>, grid, dim3(kRowsThreads), 0, stream, a, chunk);
       }
     }
   });

@@ -45,8 +45,6 @@ def emulated_source(cu: str) -> str:
     cu = cu.replace("#include <mma.h>", "").replace("#include <cub/block/block_scan.cuh>", "")
     cu = cu.replace("#include <cub/block/block_radix_sort.cuh>", "")
     cu = cu.replace("extern __shared__ float xs[];", "float* xs = reinterpret_cast<float*>(emu::g_dyn_smem.data());")
-    cu = cu.replace("extern __shared__ __align__(16) unsigned char rows_smem[];",
-                    "unsigned char* rows_smem = emu::g_dyn_smem.data();")
     cu = cu.replace("cudaGetLastError()", "emu::last_error()")
     # 16-byte accesses fault on a GPU when misaligned, not on a CPU: check them here
     for fn in ("uint4 ld16(const void* p) {", "void st16(void* p, const uint4& v) {"):

@@ -270,8 +270,8 @@ int main(int argc, char** argv) {
     {70, 264, 96, 64, 2, 3, false, true, 0, 0.0, false},      // R = 64, 35 rows per adapter: passes of 16 rows
     {200, 64, 40, 32, 2, 132, false, true, 0, 0.1, false},    // R = 32, long segments: two row groups per pass
     {70, 136, 520, 16, 2, 1, false, false, 0, 0.1, false},    // one SM: each expand warp walks 3 column units
-    {48, 136, 200, 24, 4, 2, false, true, 0, 0.1, false},     // R = 24: B's shared rows padded to 32 ranks
-    {20, 64, 600, 64, 3, 132, false, true, 0, 0.0, false},    // R = 64: the expand's chunk capped by shared memory
+    {48, 136, 200, 24, 4, 2, false, true, 0, 0.1, false},     // R = 24: each B row's last 16-byte piece lies past R (not loaded)
+    {20, 64, 600, 64, 3, 132, false, true, 0, 0.0, false},    // R = 64: two 16-byte pieces of B per row and lane
   };
   // the one-block segment builder against the stable sort (make_segments compares them), at the
   // sizes of its three variants, with rows past the adapters and bad indices
