@@ -15,8 +15,8 @@ from lora_kernels._bench.multi import decode_case
 from lora_kernels.ops.multi_lora import RowIndex, _ext_ops
 
 CASES = ("256,32,16,uniform", "1024,128,16,distinct", "4096,128,16,distinct", "1024,64,64,distinct")
-SHRINK = (4, 6, 8, 12, 16, 24)
-EXPAND = (3, 5, 8, 12, 16, 24)
+SHRINK = (3, 4, 6, 8, 12, 16)
+EXPAND = (1, 2, 3, 4, 6, 8, 12)
 
 
 def main():

@@ -415,13 +415,51 @@ __device__ __forceinline__ bool find_tile(int64_t t, const Segments& s, int L, T
 }
 
 // find_tile with a warp's 32 lanes probing at once (every lane of a full warp calls it; all get the
-// same answer): log32 rounds of one load each instead of log2 dependent loads. At L = 128 that is 2
-// round trips instead of 8 before a block knows its adapter, and the register kernels' blocks are
-// short (a few microseconds), so the lookup was a visible part of their time.
+// same answer). Up to kLookupOneRound groups, one round trip: lane i loads tile_start and seg_start
+// at positions i, i + 32, ... all at once, a ballot counts the positions p in [1, groups) with
+// tile_start[p] <= t (that count is the tile's group: tile_start is nondecreasing), and shuffles
+// hand every lane the entries of that group. Else log32 rounds of one load each. Why: the register
+// kernels' blocks are short (a few microseconds) and start with this lookup on their critical path;
+// a binary search was 8 dependent loads at L = 128, the multi-round probe 3-4 (the bound check, 2
+// probe rounds, then seg_start), ~0.5 us each on an H100.
+constexpr int kLookupOneRound = 255;  // groups (L + 1): positions 0 .. groups fit 8 loads per lane
+
+__device__ __forceinline__ int warp_pick(const int (&v)[8], int p) {  // position p = 32 j + lane's value; p uniform
+  // a shuffle per j and a select (a select of v[j] before one shuffle compiles to a dynamically
+  // indexed array in local memory)
+  int got = 0;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const int x = __shfl_sync(0xffffffffu, v[j], p & 31);
+    got = j == (p >> 5) ? x : got;
+  }
+  return got;
+}
+
 __device__ __forceinline__ bool find_tile_warp(int64_t t, const Segments& s, int L, Tile& out) {
   const int groups = L + 1;
-  if (t >= s.tile_start[groups]) return false;
   const int lane = threadIdx.x & 31;
+  if (groups <= kLookupOneRound) {
+    int ts[8], ss[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {  // tile_start / seg_start have groups + 1 entries
+      const int p = lane + 32 * j;
+      ts[j] = p <= groups ? s.tile_start[p] : 0;
+      ss[j] = p <= groups ? s.seg_start[p] : 0;
+    }
+    if (t >= warp_pick(ts, groups)) return false;
+    int lo = 0;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int p = lane + 32 * j;
+      lo += __popc(__ballot_sync(0xffffffffu, p >= 1 && p < groups && ts[j] <= t));
+    }
+    out.g = lo;
+    out.begin = warp_pick(ss, lo) + (t - warp_pick(ts, lo)) * kTileRows;
+    out.end = dmin(static_cast<int64_t>(warp_pick(ss, lo + 1)), out.begin + kTileRows);
+    return true;
+  }
+  if (t >= s.tile_start[groups]) return false;
   int lo = 0, hi = groups - 1;  // the answer (the last g with tile_start[g] <= t) is in [lo, hi]
   while (lo < hi) {
     const int step = (hi - lo + 32) / 32;  // 32 probes lo + step, lo + 2 step, ... cover [lo, hi]
@@ -1293,23 +1331,48 @@ __global__ void __launch_bounds__(kRowsThreads) rows_expand_kernel(SgmvExpandArg
   grid_dep_wait();  // the shrink's partials
 
   // 2. S of the tile's rows (zeros past the rank and past the tile; 8-row groups whole), and for
-  // backward (s_out) in fp32, one writer per row
-  for (int e = threadIdx.x; e < n_rg * 8 * 4 * KS; e += blockDim.x) {
-    const int o = e / (4 * KS);
-    const int c = (e % (4 * KS)) * 4;
+  // backward (s_out) in fp32, one writer per row. Item = 4 ranks of a row (a float4 per partial).
+  // Where items are fewer than threads, G lanes share an item, each summing the partials p = its
+  // lane in the group + G i, and a butterfly adds the G sums: at T256 L32 (split 16, 32 items) one
+  // round trip of 4 loads per thread instead of 16 loads behind one thread's register reuse.
+  const int items = n_rg * 8 * 4 * KS;
+  int G = 1;
+  while (G < 32 && 2 * G <= a.split && 2 * G * items <= kRowsThreads) G *= 2;  // block-uniform
+  for (int e0 = 0; e0 < items * G; e0 += kRowsThreads) {  // G > 1: one pass, whole groups of lanes
+    const int e = e0 + threadIdx.x;
+    const int it = e / G, pg = e % G;
+    const int o = it / (4 * KS);
+    const int c = (it % (4 * KS)) * 4;
+    const bool mine = e < items * G && o < nrows && c < a.R;
     float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (o < nrows && c < a.R) {
-      const int64_t row = perm[o];
-      for (int p = 0; p < a.split; ++p) {
-        const float4 q = *reinterpret_cast<const float4*>(a.part + (static_cast<int64_t>(p) * a.M + row) * a.R + c);
+    if (mine) {
+      const float* src = a.part + perm[o] * a.R + c;
+      const int64_t step = a.M * a.R;  // one split
+      int p = pg;
+      for (; p + 3 * G < a.split; p += 4 * G) {  // 4 loads in flight, added in split order
+        float4 q[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) q[u] = *reinterpret_cast<const float4*>(src + (p + u * G) * step);
+#pragma unroll
+        for (int u = 0; u < 4; ++u) { v.x += q[u].x; v.y += q[u].y; v.z += q[u].z; v.w += q[u].w; }
+      }
+      for (; p < a.split; p += G) {
+        const float4 q = *reinterpret_cast<const float4*>(src + p * step);
         v.x += q.x; v.y += q.y; v.z += q.z; v.w += q.w;
       }
-      if (c + 0 >= r) v.x = 0.f;
-      if (c + 1 >= r) v.y = 0.f;
-      if (c + 2 >= r) v.z = 0.f;
-      if (c + 3 >= r) v.w = 0.f;
-      if (a.s_out != nullptr && blockIdx.y == 0) *reinterpret_cast<float4*>(a.s_out + row * a.R + c) = v;
     }
+    for (int off = 1; off < G; off <<= 1) {  // every lane of the warp: G divides 32
+      v.x += __shfl_xor_sync(0xffffffffu, v.x, off);
+      v.y += __shfl_xor_sync(0xffffffffu, v.y, off);
+      v.z += __shfl_xor_sync(0xffffffffu, v.z, off);
+      v.w += __shfl_xor_sync(0xffffffffu, v.w, off);
+    }
+    if (e >= items * G || pg != 0) continue;
+    if (c + 0 >= r) v.x = 0.f;
+    if (c + 1 >= r) v.y = 0.f;
+    if (c + 2 >= r) v.z = 0.f;
+    if (c + 3 >= r) v.w = 0.f;
+    if (mine && a.s_out != nullptr && blockIdx.y == 0) *reinterpret_cast<float4*>(a.s_out + perm[o] * a.R + c) = v;
     uint2 packed;
     packed.x = pack2<T>(v.x, v.y);
     packed.y = pack2<T>(v.z, v.w);
