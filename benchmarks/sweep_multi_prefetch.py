@@ -1,11 +1,14 @@
-"""The register shrink's L2 prefetch (its upper bound LORA_KERNELS_MULTI_PREFETCH_MB; 0 = off) on decode
-cases that sort their rows in the call, against gather+bmm and the same kernels on rows sorted beforehand (RowIndex),
-CUDA-graph timing (GPU).
+"""How a call that sorts its rows overlaps the sort, on decode cases (GPU, CUDA-graph timing): direct
+mode (the register kernels find most tiles' rows from the raw indices while the sort runs; the
+default where the prefetch does not apply), and the sorted mode with the register shrink's L2
+prefetch (its upper bound LORA_KERNELS_MULTI_PREFETCH_MB; 0 = off), against gather+bmm and the same
+kernels on rows sorted beforehand (RowIndex).
 
     python benchmarks/sweep_multi_prefetch.py [T,L,r,popularity ...]
 
 Prints one line per case and setting: us, effective bandwidth (x, y and each used adapter once) and
-the speed-up over gather+bmm measured in the same run.
+the speed-up over gather+bmm measured in the same run; every setting's output must equal the
+pre-sorted path's bit for bit.
 """
 import os
 import sys
@@ -18,8 +21,12 @@ from lora_kernels.ops.multi_lora import RowIndex, _ext_ops
 
 CASES = ("256,32,16,uniform", "1024,128,16,distinct", "1024,64,64,distinct", "4096,128,16,distinct",
          "2048,8,16,zipf")
-BUDGETS_MB = (0, 32, 48, 64)
-ENV = "LORA_KERNELS_MULTI_PREFETCH_MB"
+SETTINGS = (
+    ("default", {}),
+    ("direct mode", {"LORA_KERNELS_MULTI_PREFETCH_MB": "0"}),
+    ("sorted, prefetch  0 MB", {"LORA_KERNELS_MULTI_DIRECT": "0", "LORA_KERNELS_MULTI_PREFETCH_MB": "0"}),
+    ("sorted, prefetch 32 MB", {"LORA_KERNELS_MULTI_DIRECT": "0", "LORA_KERNELS_MULTI_PREFETCH_MB": "32"}),
+)
 
 
 def _graph_us(fn) -> float:
@@ -28,7 +35,8 @@ def _graph_us(fn) -> float:
 
 def main():
     op = _ext_ops().multi_lora_fwd
-    saved = os.environ.get(ENV)
+    names = {k for _, env in SETTINGS for k in env}
+    saved = {k: os.environ.get(k) for k in names}
     for spec in sys.argv[1:] or CASES:
         x, A, B, s, idx, nbytes = decode_case(spec)
         seg = RowIndex(idx).segments(A.shape[0])
@@ -37,17 +45,20 @@ def main():
         pre = _graph_us(lambda: op(x, A, B, idx, s, None, "segment", False, *seg))
         print(f"case {spec}: gather+bmm {base:.1f} us; pre-sorted {pre:.1f} us = {base / pre:.2f}x, "
               f"{nbytes / pre / 1e3:.0f} GB/s")
-        for mb in BUDGETS_MB:
-            os.environ[ENV] = str(mb)
+        for label, env in SETTINGS:
+            for k in names:  # the launchers read these per call
+                os.environ.pop(k, None)
+            os.environ.update(env)
             got = op(x, A, B, idx, s, None, "segment", False)[0]
-            same = torch.equal(got, want)  # a prefetch is a hint: the result must not move by a bit
+            same = torch.equal(got, want)
             t = _graph_us(lambda: op(x, A, B, idx, s, None, "segment", False))
-            print(f"  sort in the call, prefetch {mb:2d} MB: {t:6.1f} us = {base / t:5.2f}x gather+bmm, "
+            print(f"  sort in the call, {label}: {t:6.1f} us = {base / t:5.2f}x gather+bmm, "
                   f"{nbytes / t / 1e3:5.0f} GB/s{'' if same else '  RESULT DIFFERS FROM THE PRE-SORTED PATH'}")
-    if saved is None:
-        os.environ.pop(ENV, None)
-    else:
-        os.environ[ENV] = saved
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 if __name__ == "__main__":

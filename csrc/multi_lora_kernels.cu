@@ -351,7 +351,7 @@ constexpr int kSortThreads = 512;
 template <int kItems>
 __global__ void __launch_bounds__(kSortThreads)
     sort_segments_kernel(IntVec idx, int64_t M, int L, int end_bit, int64_t* perm, int32_t* seg_start,
-                         int32_t* tile_start) {
+                         int32_t* tile_start, int32_t* overflow) {
   using Sort = cub::BlockRadixSort<int, kSortThreads, kItems, int>;
   using Scan = cub::BlockScan<int, kSortThreads>;  // scan_tiles' storage
   __shared__ union {
@@ -390,6 +390,22 @@ __global__ void __launch_bounds__(kSortThreads)
   }
   __syncthreads();  // seg_start is visible to the block; the key array becomes the scan's storage
   scan_tiles<kSortThreads>(L, [&](int g) { return seg_start[g + 1] - seg_start[g]; }, tile_start, sm.scan);
+  if (overflow == nullptr) return;
+  // overflow = {count, the tiles past each group's first, ascending}: group g's are tile_start[g] + 1
+  // .. tile_start[g + 1] - 1, at the offset a block scan of those counts gives
+  __syncthreads();  // tile_start (global, this block's writes) is visible; the scan storage is free
+  const int groups = L + 1;
+  int carry = 0;  // the same in every thread (the scan's aggregate)
+  for (int base = 0; base < groups; base += kSortThreads) {
+    const int g = base + threadIdx.x;
+    const int extra = g < groups ? dmax(0, tile_start[g + 1] - tile_start[g] - 1) : 0;
+    int prefix = 0, total = 0;
+    Scan(sm.scan).ExclusiveSum(extra, prefix, total);
+    for (int i = 0; i < extra; ++i) overflow[1 + carry + prefix + i] = tile_start[g] + 1 + i;
+    carry += total;
+    __syncthreads();  // the scan storage is reused
+  }
+  if (threadIdx.x == 0) overflow[0] = carry;
 }
 
 struct Tile {
@@ -1107,27 +1123,114 @@ __device__ void rows_prefetch(const SgmvShrinkArgs& a, IntVec idx) {
   }
 }
 
+// The rows a register-kernel block works on, as original row numbers in sorted order (-1 past
+// nrows) in shared memory, and their group; false (block-uniform) when the block has none.
+//   sorted mode (direct.ptr == nullptr): tile slot `slot` of the sort's tables;
+//   direct mode (see rows_direct_ok in the header): slots [0, L] are the groups themselves, slot g
+//   taking the first kTileRows rows i with key(idx[i]) = g in row order (what the stable sort puts
+//   first), found by scanning the raw indices: one round trip and a block scan, no wait for the
+//   sort; slot L + 1 + k takes the sort's k-th tile past its group's first (seg.overflow), for
+//   which the block waits for the sort. At most M / kTileRows such tiles exist, so the slots that
+//   wait are few (4 at 256 rows, against 37 tile slots in sorted mode).
+// tables_ready: the sort's tables may be read without waiting for the previous kernel.
+// Why direct mode: a call that sorts spent ~4-5 us (H100, T256-T1024) in the one-block sort before
+// any register-kernel block knew its rows, though at decode batch sizes no group has more than
+// kTileRows rows; now the shrink's loads start while the sort runs, and the sort only matters to
+// groups that overflow their first tile.
+struct BlockRows {
+  int rows[kTileRows];
+  int wsum[kRowsWarps];
+};
+
+__device__ bool block_rows(int64_t slot, const Segments& seg, IntVec direct, int64_t M, int L, bool tables_ready,
+                           BlockRows& br, int& g, int& nrows) {
+  constexpr int kPer = static_cast<int>(kDirectMaxRows / kRowsThreads);
+  for (int o = threadIdx.x; o < kTileRows; o += blockDim.x) br.rows[o] = -1;
+  if (direct.ptr != nullptr && slot <= L) {
+    g = static_cast<int>(slot);
+    const int per = static_cast<int>((M + kRowsThreads - 1) / kRowsThreads);  // rows of this thread, in row order
+    const int64_t row0 = static_cast<int64_t>(threadIdx.x) * per;
+    bool match[kPer];
+    int m = 0;
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) {
+      match[j] = false;
+      if (j < per && row0 + j < M) {
+        const int k = adapter_of(direct, row0 + j, L);
+        match[j] = (k < 0 ? L : k) == g;
+      }
+      m += match[j] ? 1 : 0;
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int incl = m;  // inclusive scan of the match counts over the block
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+      const int v = __shfl_up_sync(0xffffffffu, incl, off);
+      if (lane >= off) incl += v;
+    }
+    if (lane == 31) br.wsum[warp] = incl;
+    __syncthreads();  // also orders the -1 fill before the writes below
+    int pos = incl - m, total = 0;
+#pragma unroll
+    for (int w = 0; w < kRowsWarps; ++w) {
+      const int v = br.wsum[w];
+      pos += w < warp ? v : 0;
+      total += v;
+    }
+#pragma unroll
+    for (int j = 0; j < kPer; ++j)
+      if (match[j]) {
+        if (pos < kTileRows) br.rows[pos] = static_cast<int>(row0 + j);
+        ++pos;
+      }
+    nrows = dmin(total, kTileRows);
+    __syncthreads();
+    return nrows > 0;
+  }
+  if (!tables_ready) grid_dep_wait();
+  int64_t t = slot;
+  if (direct.ptr != nullptr) {  // the k-th tile past its group's first (seg.overflow: count, tiles)
+    const int64_t k = slot - (L + 1);
+    if (k >= seg.overflow[0]) return false;  // block-uniform
+    t = seg.overflow[1 + k];
+  }
+  Tile tl;
+  if (!find_tile_warp(t, seg, L, tl)) return false;  // block-uniform
+  g = tl.g;
+  nrows = static_cast<int>(tl.end - tl.begin);
+  __syncthreads();  // the -1 fill before the writes below
+  for (int o = threadIdx.x; o < nrows; o += blockDim.x) br.rows[o] = static_cast<int>(seg.perm[tl.begin + o]);
+  __syncthreads();
+  return true;
+}
+
 template <typename T, int NT, int RG, int U>
 __global__ void __launch_bounds__(kRowsThreads) rows_shrink_kernel(SgmvShrinkArgs a, IntVec pf_idx) {
   constexpr int kRows = 16 * RG;
   constexpr int kCols = 8 * NT;  // >= R
   __shared__ float red[kRowsWarps][kRows][kCols + 1];
 
+  __shared__ BlockRows br;
+
   if (pf_idx.ptr != nullptr) rows_prefetch<T>(a, pf_idx);  // sorted in this call: see rows_prefetch
-  grid_dep_wait();  // the segment tables (and x) come from earlier kernels
+  const bool direct = a.direct.ptr != nullptr;
+  // Sorted mode: the segment tables (and x) come from earlier kernels. Direct mode: x, A and the
+  // indices were complete when the sort (launched serially) started, and block_rows waits for the
+  // sort where a block needs its tables; the expand reads the tables only after its own wait, so it
+  // may start at once.
+  if (!direct) grid_dep_wait();
   grid_dep_launch_dependents();
-  Tile tl;
-  if (!find_tile_warp(blockIdx.x, a.seg, a.L, tl)) return;
-  const int s = blockIdx.y;
+  int grp = 0, nrows = 0;
+  // (sorted mode: the tables are ready after the wait above; direct mode: slots past L wait in block_rows)
+  if (!block_rows(direct ? blockIdx.y : blockIdx.x, a.seg, a.direct, a.M, a.L, !direct, br, grp, nrows)) return;
+  const int s = direct ? blockIdx.x : blockIdx.y;
   const int64_t d_begin = static_cast<int64_t>(s) * a.d_chunk;
   const int64_t d_end = dmin(a.D, d_begin + a.d_chunk);
-  const int grp = tl.g;
   const int r = grp < a.L ? rank_of(a.ranks, grp, a.R) : 0;
-  const int nrows = static_cast<int>(tl.end - tl.begin);
-  const int64_t* perm = a.seg.perm + tl.begin;
+  const int* perm = br.rows;
   float* out = a.part + static_cast<int64_t>(s) * a.M * a.R;
   if (r == 0 || d_end <= d_begin) {
-    for (int e = threadIdx.x; e < nrows * a.R; e += blockDim.x) out[perm[e / a.R] * a.R + e % a.R] = 0.f;
+    for (int e = threadIdx.x; e < nrows * a.R; e += blockDim.x) out[static_cast<int64_t>(perm[e / a.R]) * a.R + e % a.R] = 0.f;
     return;
   }
 
@@ -1217,7 +1320,7 @@ __global__ void __launch_bounds__(kRowsThreads) rows_shrink_kernel(SgmvShrinkArg
 #pragma unroll
         for (int w = 0; w < kRowsWarps; ++w) v += red[w][o][c];
       }
-      out[perm[p0 + o] * a.R + c] = v;
+      out[static_cast<int64_t>(perm[p0 + o]) * a.R + c] = v;
     }
     __syncthreads();  // red is reused by the next pass
   }
@@ -1297,19 +1400,22 @@ template <typename T, int KS>
 __global__ void __launch_bounds__(kRowsThreads) rows_expand_kernel(SgmvExpandArgs a, int chunk) {
   constexpr int LDS = 16 * KS + 4;  // S row pitch (elements): 8-byte aligned rows, banks spread
   __shared__ __align__(16) T Ss[kTileRows][LDS];
-  __shared__ int orow_s[kTileRows];
+  __shared__ BlockRows br;
 
-  Tile tl;
-  if (!find_tile_warp(blockIdx.x, a.seg, a.L, tl)) return;
-  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * chunk;
+  // The sort's tables are complete before the expand starts in sorted mode (the shrink triggers
+  // this launch only after its own wait); in direct mode only after the wait below.
+  const bool direct = a.direct.ptr != nullptr;
+  const int64_t c0 = static_cast<int64_t>(direct ? blockIdx.x : blockIdx.y) * chunk;
   if (c0 >= a.D) return;
+  int grp = 0, nrows = 0;
+  if (!block_rows(direct ? blockIdx.y : blockIdx.x, a.seg, a.direct, a.M, a.L, !direct, br, grp, nrows)) return;
+  const bool chunk0 = c0 == 0;  // writes s_out
   const int64_t col_end = dmin<int64_t>(a.D, c0 + chunk);
   const int n_units = static_cast<int>((col_end - c0 + 63) / 64);
-  const int grp = tl.g;
   const int r = grp < a.L ? rank_of(a.ranks, grp, a.R) : 0;
-  const int nrows = static_cast<int>(tl.end - tl.begin);
   const int n_rg = (nrows + 7) / 8;
-  const int64_t* perm = a.seg.perm + tl.begin;
+  const int* perm = br.rows;
+  const int* orow_s = br.rows;
   T* out = static_cast<T*>(a.out);
   const float scale = r > 0 ? a.scales[grp] : 0.f;
   const int warp = threadIdx.x >> 5;
@@ -1327,7 +1433,6 @@ __global__ void __launch_bounds__(kRowsThreads) rows_expand_kernel(SgmvExpandArg
   // 1. the first unit's B operands (B is written before the shrink: safe before the wait)
   ExpandFrag<KS> cur;
   if (r > 0 && warp < n_units) rows_expand_load<T, KS>(cur, Bl, c0 + 64 * warp, col_end, a.R, keep, gq, tq);
-  for (int o = threadIdx.x; o < kTileRows; o += blockDim.x) orow_s[o] = o < nrows ? static_cast<int>(perm[o]) : -1;
   grid_dep_wait();  // the shrink's partials
 
   // 2. S of the tile's rows (zeros past the rank and past the tile; 8-row groups whole), and for
@@ -1346,7 +1451,7 @@ __global__ void __launch_bounds__(kRowsThreads) rows_expand_kernel(SgmvExpandArg
     const bool mine = e < items * G && o < nrows && c < a.R;
     float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
     if (mine) {
-      const float* src = a.part + perm[o] * a.R + c;
+      const float* src = a.part + static_cast<int64_t>(perm[o]) * a.R + c;
       const int64_t step = a.M * a.R;  // one split
       int p = pg;
       for (; p + 3 * G < a.split; p += 4 * G) {  // 4 loads in flight, added in split order
@@ -1372,7 +1477,7 @@ __global__ void __launch_bounds__(kRowsThreads) rows_expand_kernel(SgmvExpandArg
     if (c + 1 >= r) v.y = 0.f;
     if (c + 2 >= r) v.z = 0.f;
     if (c + 3 >= r) v.w = 0.f;
-    if (mine && a.s_out != nullptr && blockIdx.y == 0) *reinterpret_cast<float4*>(a.s_out + perm[o] * a.R + c) = v;
+    if (mine && a.s_out != nullptr && chunk0) *reinterpret_cast<float4*>(a.s_out + static_cast<int64_t>(perm[o]) * a.R + c) = v;
     uint2 packed;
     packed.x = pack2<T>(v.x, v.y);
     packed.y = pack2<T>(v.z, v.w);
@@ -1535,16 +1640,16 @@ int64_t max_tiles(int64_t M, int L) {
 }
 
 cudaError_t sort_segments(IntVec idx, int64_t M, int L, int64_t* perm, int32_t* seg_start, int32_t* tile_start,
-                          cudaStream_t stream) {
+                          cudaStream_t stream, int32_t* overflow) {
   if (M > kSortMaxRows || L < 0) return cudaErrorInvalidValue;
   int end_bit = 1;
   while ((1LL << end_bit) <= static_cast<int64_t>(L) + 1) ++end_bit;  // bits of the padding key L + 1
   if (M <= kSortThreads * 2) {
-    sort_segments_kernel<2><<<1, kSortThreads, 0, stream>>>(idx, M, L, end_bit, perm, seg_start, tile_start);
+    sort_segments_kernel<2><<<1, kSortThreads, 0, stream>>>(idx, M, L, end_bit, perm, seg_start, tile_start, overflow);
   } else if (M <= kSortThreads * 8) {
-    sort_segments_kernel<8><<<1, kSortThreads, 0, stream>>>(idx, M, L, end_bit, perm, seg_start, tile_start);
+    sort_segments_kernel<8><<<1, kSortThreads, 0, stream>>>(idx, M, L, end_bit, perm, seg_start, tile_start, overflow);
   } else {
-    sort_segments_kernel<16><<<1, kSortThreads, 0, stream>>>(idx, M, L, end_bit, perm, seg_start, tile_start);
+    sort_segments_kernel<16><<<1, kSortThreads, 0, stream>>>(idx, M, L, end_bit, perm, seg_start, tile_start, overflow);
   }
   return cudaGetLastError();
 }
@@ -1633,7 +1738,11 @@ int rows_shrink_split(int64_t M, int L, int64_t D, int sm_count, int64_t* d_chun
 cudaError_t rows_shrink(DType dtype, const SgmvShrinkArgs& a, cudaStream_t stream, IntVec pf_idx) {
   if (a.M == 0 || a.seg.n_tiles_max == 0) return cudaSuccess;
   if (!a.w_d_contiguous || a.R > 64 || dtype == DType::kFloat32) return cudaErrorInvalidValue;
-  const dim3 grid(static_cast<unsigned>(a.seg.n_tiles_max), static_cast<unsigned>(a.split));
+  if (a.direct.ptr != nullptr && (a.M > kDirectMaxRows || a.L + 1 > kDirectMaxGroups || a.seg.overflow == nullptr))
+    return cudaErrorInvalidValue;
+  const dim3 grid = a.direct.ptr != nullptr
+                        ? dim3(static_cast<unsigned>(a.split), static_cast<unsigned>(a.L + 1 + max_overflow_tiles(a.M)))
+                        : dim3(static_cast<unsigned>(a.seg.n_tiles_max), static_cast<unsigned>(a.split));
   const bool short_segments = a.M <= 16LL * std::max(a.L, 1);
   cudaError_t err = cudaSuccess;
   const cudaError_t e = with_dtype(dtype, [&](auto tag) {
@@ -1675,6 +1784,16 @@ bool pdl_enabled() {
   if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
   return major >= 9;
 #endif
+}
+
+bool rows_direct_ok(int64_t M, int L) {
+  // Worth it only where the shrink can start while the sort runs (programmatic dependent launch);
+  // the grids put the group slots first (block dispatch follows the grid's y order), so that they
+  // are resident before the slots that wait for the sort.
+  // LORA_KERNELS_MULTI_DIRECT=0 (read per call) turns it off.
+  const char* v = std::getenv("LORA_KERNELS_MULTI_DIRECT");
+  if (v != nullptr && std::string(v) == "0") return false;
+  return pdl_enabled() && M >= 1 && M <= kDirectMaxRows && L >= 1 && L + 1 <= kDirectMaxGroups;
 }
 
 bool rows_prefetch_worth(int64_t bytes) {
@@ -1723,8 +1842,12 @@ cudaError_t rows_expand(DType dtype, const SgmvExpandArgs& a, int sm_count, cuda
   if (!a.v_c_contiguous || a.R > 64 || a.R % 8 != 0 || a.D % 8 != 0 || a.stride_om % 8 != 0 ||
       dtype == DType::kFloat32)
     return cudaErrorInvalidValue;
+  if (a.direct.ptr != nullptr && (a.M > kDirectMaxRows || a.L + 1 > kDirectMaxGroups || a.seg.overflow == nullptr))
+    return cudaErrorInvalidValue;
   const int chunk = rows_expand_chunk(a.D, a.seg.n_tiles_max, sm_count, blocks_per_sm);
-  const dim3 grid(static_cast<unsigned>(a.seg.n_tiles_max), static_cast<unsigned>(cdiv(a.D, chunk)));
+  const unsigned chunks = static_cast<unsigned>(cdiv(a.D, chunk));
+  const dim3 grid = a.direct.ptr != nullptr ? dim3(chunks, static_cast<unsigned>(a.L + 1 + max_overflow_tiles(a.M)))
+                                            : dim3(static_cast<unsigned>(a.seg.n_tiles_max), chunks);
   cudaError_t err = cudaSuccess;
   const cudaError_t e = with_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);

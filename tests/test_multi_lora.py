@@ -668,6 +668,28 @@ def test_cuda_prefetch_case_for_sanitizer(popularity):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("M,L,popularity", [(256, 32, "uniform"), (1024, 128, "distinct"), (700, 6, "zipf"),
+                                            (2048, 200, "uniform"), (600, 1, "identical")])
+def test_cuda_direct_mode_matches_the_sorted_mode(M, L, popularity, monkeypatch):
+    """A call that sorts its rows runs the register kernels in direct mode: the blocks of each group's
+    first 64 rows find them from the raw indices while the sort runs, the rest (groups of more rows:
+    zipf, identical) come from the sort's tiles. Bit for bit the pre-sorted path's y and S, over many
+    back-to-back calls (the kernels overlap the sort through programmatic dependent launch, so a block
+    reading the sort's tables before its wait shows up here as a wrong or crashed call), and the
+    same as the sorted mode (LORA_KERNELS_MULTI_DIRECT=0)."""
+    x, A, B, idx, s, _ = case(M, 1024, 512, L, 16, torch.bfloat16, popularity, 0.1, device="cuda")
+    ops = torch.ops.lora_kernels_ext
+    y_pre, S_pre = ops.multi_lora_fwd(x, A, B, idx, s, None, "segment", True, *ml.RowIndex(idx).segments(L))
+    assert rel_err(y_pre, ref64(x, A, B, idx, s)) <= FWD_TOL[torch.bfloat16]
+    calls = [ops.multi_lora_fwd(x, A, B, idx, s, None, "segment", True) for _ in range(20)]
+    for y, S in calls:
+        assert torch.equal(y, y_pre) and torch.equal(S, S_pre)
+    monkeypatch.setenv("LORA_KERNELS_MULTI_DIRECT", "0")
+    y0, S0 = ops.multi_lora_fwd(x, A, B, idx, s, None, "segment", True)
+    assert torch.equal(y0, y_pre) and torch.equal(S0, S_pre)
+
+
+@pytest.mark.gpu
 def test_cuda_precomputed_segments_give_the_same_results():
     """Segments sorted once (RowIndex, as adapter_batch shares them across layers) and passed to the
     ops give bit-identical results to the ops sorting themselves; the RowIndex keeps them."""

@@ -24,7 +24,7 @@ template <> DType dt<float>() { return DType::kFloat32; }
 template <> DType dt<__half>() { return DType::kFloat16; }
 template <> DType dt<__nv_bfloat16>() { return DType::kBFloat16; }
 
-struct Segs { std::vector<int64_t> perm; std::vector<int32_t> seg, tile; Segments view; };
+struct Segs { std::vector<int64_t> perm; std::vector<int32_t> seg, tile, over; Segments view; };
 Segs make_segments(const std::vector<int64_t>& idx, int64_t M, int L) {
   Segs s;
   std::vector<int32_t> keys(M);
@@ -41,8 +41,14 @@ Segs make_segments(const std::vector<int64_t>& idx, int64_t M, int L) {
   if (M <= kSortMaxRows) {
     std::vector<int64_t> perm2(M, -7);
     std::vector<int32_t> seg2(L + 2, -7), tile2(L + 2, -7);
-    if (sort_segments(IntVec{idx.data(), true}, M, L, perm2.data(), seg2.data(), tile2.data(), nullptr) != cudaSuccess) abort();
-    if (perm2 != s.perm || seg2 != s.seg || tile2 != s.tile) {
+    s.over.assign(1 + max_overflow_tiles(M), -7);
+    if (sort_segments(IntVec{idx.data(), true}, M, L, perm2.data(), seg2.data(), tile2.data(), nullptr, s.over.data()) != cudaSuccess) abort();
+    // the overflow list (direct mode): the tiles that are not their group's first, ascending
+    std::vector<int32_t> want{0};
+    for (int g = 0; g <= L; ++g) for (int t = s.tile[g] + 1; t < s.tile[g + 1]; ++t) want.push_back(t);
+    want[0] = int32_t(want.size() - 1);
+    const bool over_ok = std::equal(want.begin(), want.end(), s.over.begin()) && want.size() <= s.over.size();
+    if (perm2 != s.perm || seg2 != s.seg || tile2 != s.tile || !over_ok) {
       std::printf("FAIL: sort_segments differs from the stable sort (M=%ld L=%d)\n", long(M), L);
       std::exit(1);
     }
@@ -181,6 +187,23 @@ void run_case(const Case& c, double tol, std::mt19937& rng) {
     expect(r2 <= 1e-5 && std::isfinite(r2), std::string(rb) + " S err " + std::to_string(r2));
     for (int64_t i = 0; i < M; ++i) if (lof(i) < 0) for (int64_t n = 0; n < N; ++n) expect(tf(ry[i * N + n]) == 0.f, std::string(rb) + " none row not 0");
     std::printf("%-88s y %.1e S %.1e\n", rb, r1, r2);
+    // direct mode (group slots from the raw indices, the sort's tiles for the overflow): the same
+    // rows in the same order, so the same bits
+    if (M <= kDirectMaxRows && L + 1 <= kDirectMaxGroups) {
+      std::vector<float> dpart(size_t(rs) * M * R, 999.f), dS(M * R, 777.f);
+      std::vector<T> dy_(M * N, fromf<T>(12345.f));
+      Segments dview = sg.view;
+      dview.overflow = sg.over.data();
+      SgmvShrinkArgs dsa{x, sx, A.data(), true, K, R, L, dview, rk, dpart.data(), M, rs, dc};
+      dsa.direct = IntVec{idx.data(), true};
+      expect(rows_shrink(dt<T>(), dsa, nullptr) == cudaSuccess, "rows_shrink launch (direct)");
+      SgmvExpandArgs dea{dpart.data(), rs, B.data(), true, N, R, L, dview, rk, scales.data(), dy_.data(), N, rs > 1 ? dS.data() : nullptr, M};
+      dea.direct = IntVec{idx.data(), true};
+      expect(rows_expand(dt<T>(), dea, c.sms, nullptr) == cudaSuccess, "rows_expand launch (direct)");
+      expect(std::memcmp(dy_.data(), ry.data(), ry.size() * sizeof(T)) == 0, std::string(rb) + " direct mode: y differs from the sorted mode");
+      const float* dS_ptr = rs > 1 ? dS.data() : dpart.data();
+      expect(std::memcmp(dS_ptr, rS_ptr, size_t(M) * R * sizeof(float)) == 0, std::string(rb) + " direct mode: S differs from the sorted mode");
+    }
   }
   std::vector<double> yg(M * N), Sg(M * R);
   for (int64_t i = 0; i < M * N; ++i) yg[i] = tf(y[i]);

@@ -112,6 +112,15 @@ inline uint32_t __shfl_sync(unsigned, uint32_t v, int src) {
   return r;
 }
 
+inline int __shfl_up_sync(unsigned, int v, int off) {  // lanes below off keep their own value
+  const unsigned t = threadIdx.x, w = t / 32, lane = t % 32;
+  emu::g_shfl_u[t] = static_cast<uint32_t>(v);
+  emu::g_warp_barriers[w]->arrive_and_wait();
+  const int r = lane >= static_cast<unsigned>(off) ? static_cast<int>(emu::g_shfl_u[t - off]) : v;
+  emu::g_warp_barriers[w]->arrive_and_wait();
+  return r;
+}
+
 inline unsigned __ballot_sync(unsigned, bool v) {
   const unsigned t = threadIdx.x, w = t / 32;
   emu::g_shfl_u[t] = v ? 1u : 0u;
