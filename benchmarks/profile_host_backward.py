@@ -2,9 +2,6 @@
 
     python benchmarks/profile_host_backward.py [M K N r]
 """
-import cProfile
-import io
-import pstats
 import sys
 
 import torch
@@ -14,7 +11,7 @@ from torch._library.triton import set_wrap_triton_enabled
 import lora_kernels as lk
 from lora_kernels.ops import lora_linear as L
 
-from benchmarks.profile_host import host_us
+from benchmarks.profile_host import host_us, print_cprofile
 
 
 def main():
@@ -45,15 +42,7 @@ def main():
     with torch.autograd.set_multithreading_enabled(False):
         for name in ("fused bwd (autograd.grad)", "naive bwd (autograd.grad)"):
             print(f"host us  {name + ', one thread':<34} {host_us(rows[name]):8.1f}")
-        prof = cProfile.Profile()
-        prof.enable()
-        for _ in range(50):
-            rows["fused bwd (autograd.grad)"]()
-        torch.cuda.synchronize()
-        prof.disable()
-    buf = io.StringIO()
-    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)
-    print("\n".join(line[:160] for line in buf.getvalue().splitlines()[6:]))
+        print_cprofile(rows["fused bwd (autograd.grad)"], 50, 25)
 
 
 if __name__ == "__main__":

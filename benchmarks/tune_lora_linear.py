@@ -130,19 +130,9 @@ def host_overhead_us():
         "base fwd+bwd": lambda: torch.autograd.grad(F.linear(xg, W), [xg], dy),
     }
     out = {}
-    import cProfile
-    import io
-    import pstats
+    from benchmarks.profile_host import print_cprofile
 
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(100):
-        cases["lora_linear fwd+bwd p=0.05"]()
-    torch.cuda.synchronize()
-    prof.disable()
-    buf = io.StringIO()
-    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(22)
-    print(buf.getvalue())
+    print_cprofile(cases["lora_linear fwd+bwd p=0.05"], 100, 22)
     for name, fn in cases.items():
         for _ in range(20):
             fn()

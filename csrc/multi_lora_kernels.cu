@@ -1227,10 +1227,10 @@ __global__ void __launch_bounds__(kRowsThreads) rows_shrink_kernel(SgmvShrinkArg
   const int64_t d_begin = static_cast<int64_t>(s) * a.d_chunk;
   const int64_t d_end = dmin(a.D, d_begin + a.d_chunk);
   const int r = grp < a.L ? rank_of(a.ranks, grp, a.R) : 0;
-  const int* perm = br.rows;
+  const int* rows = br.rows;  // the tile's original row numbers
   float* out = a.part + static_cast<int64_t>(s) * a.M * a.R;
   if (r == 0 || d_end <= d_begin) {
-    for (int e = threadIdx.x; e < nrows * a.R; e += blockDim.x) out[static_cast<int64_t>(perm[e / a.R]) * a.R + e % a.R] = 0.f;
+    for (int e = threadIdx.x; e < nrows * a.R; e += blockDim.x) out[static_cast<int64_t>(rows[e / a.R]) * a.R + e % a.R] = 0.f;
     return;
   }
 
@@ -1254,7 +1254,7 @@ __global__ void __launch_bounds__(kRowsThreads) rows_shrink_kernel(SgmvShrinkArg
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int o = p0 + 16 * rg + 8 * h + gq;
-        xrow[rg][h] = o < nrows ? X + perm[o] * a.stride_pm + 8 * tq : nullptr;
+        xrow[rg][h] = o < nrows ? X + rows[o] * a.stride_pm + 8 * tq : nullptr;
       }
     float acc[RG][NT][4];
 #pragma unroll
@@ -1320,7 +1320,7 @@ __global__ void __launch_bounds__(kRowsThreads) rows_shrink_kernel(SgmvShrinkArg
 #pragma unroll
         for (int w = 0; w < kRowsWarps; ++w) v += red[w][o][c];
       }
-      out[static_cast<int64_t>(perm[p0 + o]) * a.R + c] = v;
+      out[static_cast<int64_t>(rows[p0 + o]) * a.R + c] = v;
     }
     __syncthreads();  // red is reused by the next pass
   }
@@ -1414,8 +1414,7 @@ __global__ void __launch_bounds__(kRowsThreads) rows_expand_kernel(SgmvExpandArg
   const int n_units = static_cast<int>((col_end - c0 + 63) / 64);
   const int r = grp < a.L ? rank_of(a.ranks, grp, a.R) : 0;
   const int n_rg = (nrows + 7) / 8;
-  const int* perm = br.rows;
-  const int* orow_s = br.rows;
+  const int* rows = br.rows;  // the tile's original row numbers, -1 past nrows
   T* out = static_cast<T*>(a.out);
   const float scale = r > 0 ? a.scales[grp] : 0.f;
   const int warp = threadIdx.x >> 5;
@@ -1451,7 +1450,7 @@ __global__ void __launch_bounds__(kRowsThreads) rows_expand_kernel(SgmvExpandArg
     const bool mine = e < items * G && o < nrows && c < a.R;
     float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
     if (mine) {
-      const float* src = a.part + static_cast<int64_t>(perm[o]) * a.R + c;
+      const float* src = a.part + static_cast<int64_t>(rows[o]) * a.R + c;
       const int64_t step = a.M * a.R;  // one split
       int p = pg;
       for (; p + 3 * G < a.split; p += 4 * G) {  // 4 loads in flight, added in split order
@@ -1477,7 +1476,7 @@ __global__ void __launch_bounds__(kRowsThreads) rows_expand_kernel(SgmvExpandArg
     if (c + 1 >= r) v.y = 0.f;
     if (c + 2 >= r) v.z = 0.f;
     if (c + 3 >= r) v.w = 0.f;
-    if (mine && a.s_out != nullptr && chunk0) *reinterpret_cast<float4*>(a.s_out + static_cast<int64_t>(perm[o]) * a.R + c) = v;
+    if (mine && a.s_out != nullptr && chunk0) *reinterpret_cast<float4*>(a.s_out + static_cast<int64_t>(rows[o]) * a.R + c) = v;
     uint2 packed;
     packed.x = pack2<T>(v.x, v.y);
     packed.y = pack2<T>(v.z, v.w);
@@ -1488,7 +1487,7 @@ __global__ void __launch_bounds__(kRowsThreads) rows_expand_kernel(SgmvExpandArg
     for (int e = threadIdx.x; e < nrows * ((col_end - c0) / 8); e += blockDim.x) {
       const int o = e / static_cast<int>((col_end - c0) / 8);
       const int64_t n = c0 + 8 * (e % ((col_end - c0) / 8));
-      st16(out + static_cast<int64_t>(orow_s[o]) * a.stride_om + n, make_uint4(0, 0, 0, 0));
+      st16(out + static_cast<int64_t>(rows[o]) * a.stride_om + n, make_uint4(0, 0, 0, 0));
     }
     return;
   }
@@ -1539,7 +1538,7 @@ __global__ void __launch_bounds__(kRowsThreads) rows_expand_kernel(SgmvExpandArg
       // lane (g, t): acc[j][h] = column 8g + 2j, acc[j][2 + h] = column 8g + 2j + 1, of tile row 8 rg + 2t + h
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int orow = orow_s[8 * rg + 2 * tq + h];
+        const int orow = rows[8 * rg + 2 * tq + h];
         if (orow < 0 || !col_ok) continue;
         uint4 vals;
         vals.x = pack2<T>(scale * acc[0][h], scale * acc[0][2 + h]);
