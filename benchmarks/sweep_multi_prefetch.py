@@ -1,6 +1,6 @@
 """How a call that sorts its rows overlaps the sort, on decode cases (GPU, CUDA-graph timing): direct
-mode (the register kernels find most tiles' rows from the raw indices while the sort runs; the
-default where the prefetch does not apply), and the sorted mode with the register shrink's L2
+mode (no sort: the register kernels' blocks find their rows from the raw indices; the default
+where the prefetch does not apply, up to 1024 rows), and the sorted mode with the register shrink's L2
 prefetch (its upper bound LORA_KERNELS_MULTI_PREFETCH_MB; 0 = off), against gather+bmm and the same
 kernels on rows sorted beforehand (RowIndex).
 

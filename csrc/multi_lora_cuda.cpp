@@ -56,28 +56,24 @@ int sm_count(int device) {
 
 // Rows sorted by adapter with a stable sort, and the tile table over them (see build_segments).
 struct SegmentTensors {
-  Tensor perm, seg_start, tile_start, overflow;
+  Tensor perm, seg_start, tile_start;
   Segments view;
 
   SegmentTensors(Tensor p, Tensor s, Tensor t, int64_t M, int L)
       : perm(std::move(p)), seg_start(std::move(s)), tile_start(std::move(t)),
         view{perm.data_ptr<int64_t>(), seg_start.data_ptr<int32_t>(), tile_start.data_ptr<int32_t>(),
              max_tiles(M, L)} {}
+  // No tables (direct mode): only the grid bound.
+  SegmentTensors(int64_t M, int L) : view{nullptr, nullptr, nullptr, max_tiles(M, L)} {}
 };
 
-// overflow: also list the tiles past each group's first (for direct mode; M <= kSortMaxRows).
-SegmentTensors make_segments(const Tensor& indices, int64_t M, int L, cudaStream_t stream, bool overflow = false) {
+SegmentTensors make_segments(const Tensor& indices, int64_t M, int L, cudaStream_t stream) {
   const auto iopt = indices.options().dtype(at::kInt);
   if (M <= kSortMaxRows) {  // one launch: keys, sort and tile table in one block
     SegmentTensors s(at::empty({M}, indices.options().dtype(at::kLong)), at::empty({L + 2}, iopt),
                      at::empty({L + 2}, iopt), M, L);
-    if (overflow) {
-      s.overflow = at::empty({1 + max_overflow_tiles(M)}, iopt);
-      s.view.overflow = s.overflow.data_ptr<int32_t>();
-    }
     check_launch(sort_segments(int_vec(indices), M, L, s.perm.data_ptr<int64_t>(), s.seg_start.data_ptr<int32_t>(),
-                               s.tile_start.data_ptr<int32_t>(), stream,
-                               overflow ? s.overflow.data_ptr<int32_t>() : nullptr),
+                               s.tile_start.data_ptr<int32_t>(), stream),
                  "sort_segments");
     return s;
   }
@@ -94,9 +90,8 @@ SegmentTensors make_segments(const Tensor& indices, int64_t M, int L, cudaStream
 
 // The segments of a call: the precomputed ones when given (multi_lora_segments of the same indices and
 // L, e.g. cached across the layers of a model for one batch), else sorted here.
-SegmentTensors segments_of(const Tensor& indices, int64_t M, int L, const OptSegments& given, cudaStream_t stream,
-                           bool overflow = false) {
-  if (!std::get<0>(given).has_value()) return make_segments(indices, M, L, stream, overflow);
+SegmentTensors segments_of(const Tensor& indices, int64_t M, int L, const OptSegments& given, cudaStream_t stream) {
+  if (!std::get<0>(given).has_value()) return make_segments(indices, M, L, stream);
   return SegmentTensors(*std::get<0>(given), *std::get<1>(given), *std::get<2>(given), M, L);
 }
 
@@ -173,16 +168,14 @@ std::tuple<Tensor, Tensor> fwd_cuda_impl(const Tensor& x_in, const Tensor& A_in,
   } else {
     const bool rows = use_rows_kernels(dt, x, A, B, y);
     // Sorted in this call: where x and the adapters' A come to 16-32 MB the shrink prefetches them into
-    // L2 while the sort runs; below (and up to kDirectMaxRows rows) the register kernels find most
-    // tiles' rows from the raw indices while it runs (direct mode; the sort also lists the tiles past
-    // each group's first). H100, graph us, sort in the call, direct / sorted with prefetch: T256 L32
-    // 10.6 / 11.7 (6 MB), T1024 L64 r64 45.6 / 46.1 (40 MB, no prefetch); but T1024 L128 27.8 / 26.1
-    // (25 MB) and T2048 L8 zipf 32.8 / 30.8 (17 MB), where the prefetch wins.
+    // L2 while the sort runs; elsewhere up to kDirectMaxRows rows the register kernels find their
+    // tiles' rows from the raw indices and no sort runs (direct mode).
     const bool sorts_here = !std::get<0>(segments).has_value();
     const IntVec pf = sorts_here ? prefetch_of(indices, M, K, R, L, x.element_size()) : IntVec{};
     const IntVec direct =
         rows && sorts_here && pf.ptr == nullptr && rows_direct_ok(M, static_cast<int>(L)) ? int_vec(indices) : IntVec{};
-    const SegmentTensors seg = segments_of(indices, M, static_cast<int>(L), segments, stream, direct.ptr != nullptr);
+    const SegmentTensors seg = direct.ptr != nullptr ? SegmentTensors(M, static_cast<int>(L))
+                                                     : segments_of(indices, M, static_cast<int>(L), segments, stream);
     int64_t d_chunk = 0;
     const auto bps = rows_blocks_per_sm();
     split = rows ? rows_shrink_split(M, static_cast<int>(L), K, sms, &d_chunk, bps.first)

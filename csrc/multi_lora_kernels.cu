@@ -351,7 +351,7 @@ constexpr int kSortThreads = 512;
 template <int kItems>
 __global__ void __launch_bounds__(kSortThreads)
     sort_segments_kernel(IntVec idx, int64_t M, int L, int end_bit, int64_t* perm, int32_t* seg_start,
-                         int32_t* tile_start, int32_t* overflow) {
+                         int32_t* tile_start) {
   using Sort = cub::BlockRadixSort<int, kSortThreads, kItems, int>;
   using Scan = cub::BlockScan<int, kSortThreads>;  // scan_tiles' storage
   __shared__ union {
@@ -390,22 +390,6 @@ __global__ void __launch_bounds__(kSortThreads)
   }
   __syncthreads();  // seg_start is visible to the block; the key array becomes the scan's storage
   scan_tiles<kSortThreads>(L, [&](int g) { return seg_start[g + 1] - seg_start[g]; }, tile_start, sm.scan);
-  if (overflow == nullptr) return;
-  // overflow = {count, the tiles past each group's first, ascending}: group g's are tile_start[g] + 1
-  // .. tile_start[g + 1] - 1, at the offset a block scan of those counts gives
-  __syncthreads();  // tile_start (global, this block's writes) is visible; the scan storage is free
-  const int groups = L + 1;
-  int carry = 0;  // the same in every thread (the scan's aggregate)
-  for (int base = 0; base < groups; base += kSortThreads) {
-    const int g = base + threadIdx.x;
-    const int extra = g < groups ? dmax(0, tile_start[g + 1] - tile_start[g] - 1) : 0;
-    int prefix = 0, total = 0;
-    Scan(sm.scan).ExclusiveSum(extra, prefix, total);
-    for (int i = 0; i < extra; ++i) overflow[1 + carry + prefix + i] = tile_start[g] + 1 + i;
-    carry += total;
-    __syncthreads();  // the scan storage is reused
-  }
-  if (threadIdx.x == 0) overflow[0] = carry;
 }
 
 struct Tile {
@@ -1126,76 +1110,152 @@ __device__ void rows_prefetch(const SgmvShrinkArgs& a, IntVec idx) {
 // The rows a register-kernel block works on, as original row numbers in sorted order (-1 past
 // nrows) in shared memory, and their group; false (block-uniform) when the block has none.
 //   sorted mode (direct.ptr == nullptr): tile slot `slot` of the sort's tables;
-//   direct mode (see rows_direct_ok in the header): slots [0, L] are the groups themselves, slot g
-//   taking the first kTileRows rows i with key(idx[i]) = g in row order (what the stable sort puts
-//   first), found by scanning the raw indices: one round trip and a block scan, no wait for the
-//   sort; slot L + 1 + k takes the sort's k-th tile past its group's first (seg.overflow), for
-//   which the block waits for the sort. At most M / kTileRows such tiles exist, so the slots that
-//   wait are few (4 at 256 rows, against 37 tile slots in sorted mode).
-// tables_ready: the sort's tables may be read without waiting for the previous kernel.
+//   direct mode (see rows_direct_ok in the header): no sort at all. Slots [0, L] are the groups
+//   themselves, slot g taking the first kTileRows rows i with key(idx[i]) = g in row order (what
+//   the stable sort puts first); slot L + 1 + k takes the k-th tile past its group's first, in
+//   the sort's tile order (group, then position), which its block finds from a histogram of the
+//   keys. Each block reads all M <= kDirectMaxRows indices once (kDirectPer consecutive rows per
+//   thread, one round trip) and ranks its group's rows by a block scan. At most M / kTileRows
+//   tiles lie past their group's first, so few slots have the histogram (4 at 256 rows, beside
+//   33 group slots at L = 32).
 // Why direct mode: a call that sorts spent ~4-5 us (H100, T256-T1024) in the one-block sort before
 // any register-kernel block knew its rows, though at decode batch sizes no group has more than
-// kTileRows rows; now the shrink's loads start while the sort runs, and the sort only matters to
-// groups that overflow their first tile.
+// kTileRows rows. (Letting the group slots start during the sort and the others wait for it left
+// the sort on the critical path: T256 L32 10.6 us, against 9.1-9.3 without a sort.) Why only up to
+// 1024 rows: every block reads all the indices, so the L2 traffic grows as blocks x M; at 4096 rows
+// (~1000 blocks, 32 KB each) direct mode measured 60-82 us against 59-62 with the sort, and 57-97
+// against 48-58 where groups overflow (identical, skewed).
 struct BlockRows {
   int rows[kTileRows];
   int wsum[kRowsWarps];
+  int count[kDirectMaxGroups];  // overflow slots: rows per group
+  int pick[2];                  // overflow slots: the group and the tile within it
 };
 
-__device__ bool block_rows(int64_t slot, const Segments& seg, IntVec direct, int64_t M, int L, bool tables_ready,
-                           BlockRows& br, int& g, int& nrows) {
-  constexpr int kPer = static_cast<int>(kDirectMaxRows / kRowsThreads);
+// Block-wide exclusive scan of one int per thread (kRowsThreads threads); *total gets the sum.
+// Ends with a barrier, so wsum may be reused by the next call.
+__device__ __forceinline__ int block_excl_scan(int v, int* wsum, int* total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int incl = v;
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const int u = __shfl_up_sync(0xffffffffu, incl, off);
+    if (lane >= off) incl += u;
+  }
+  if (lane == 31) wsum[warp] = incl;
+  __syncthreads();
+  int pos = incl - v, sum = 0;
+#pragma unroll
+  for (int w = 0; w < kRowsWarps; ++w) {
+    const int u = wsum[w];
+    pos += w < warp ? u : 0;
+    sum += u;
+  }
+  __syncthreads();
+  *total = sum;
+  return pos;
+}
+
+// Direct mode: the keys (the adapter, L for none; -1 past M) of this thread's rows row0 + j,
+// j < kDirectPer, consecutive so that a scan over threads ranks rows in row order.
+constexpr int kDirectPer = static_cast<int>(kDirectMaxRows / kRowsThreads);
+__device__ __forceinline__ int64_t direct_keys(IntVec idx, int64_t M, int L, int (&key)[kDirectPer]) {
+  const int per = static_cast<int>((M + kRowsThreads - 1) / kRowsThreads);
+  const int64_t row0 = static_cast<int64_t>(threadIdx.x) * per;
+#pragma unroll
+  for (int j = 0; j < kDirectPer; ++j) {
+    key[j] = -1;
+    if (j < per && row0 + j < M) {
+      const int a = adapter_of(idx, row0 + j, L);
+      key[j] = a < 0 ? L : a;
+    }
+  }
+  return row0;
+}
+
+// Direct mode: the rows of group g at ranks [base, base + kTileRows) among the group's rows in row
+// order, into br.rows (already -1). Returns how many.
+__device__ int direct_rows(const int (&key)[kDirectPer], int64_t row0, int g, int base, BlockRows& br) {
+  uint32_t match = 0;
+#pragma unroll
+  for (int j = 0; j < kDirectPer; ++j) match |= static_cast<uint32_t>(key[j] == g) << j;
+  int total = 0;
+  int pos = block_excl_scan(__popc(match), br.wsum, &total);
+  while (match != 0) {
+    const int j = __ffs(match) - 1;
+    match &= match - 1;
+    if (pos >= base && pos < base + kTileRows) br.rows[pos - base] = static_cast<int>(row0 + j);
+    ++pos;
+  }
+  __syncthreads();  // the rows are visible to the block
+  return dmax(0, dmin(total - base, kTileRows));
+}
+
+// Direct mode: the k-th tile past its group's first, counting groups in order and tiles within a
+// group by position (the sort's tile order): g and the tile's first rank base. false (block-
+// uniform) when fewer such tiles exist. A histogram of the keys in shared memory (consecutive rows
+// of a thread with one key add once: prefill batches give long runs), then a block scan of the
+// tiles past the first, floor((rows - 1) / kTileRows) per group.
+__device__ bool overflow_tile(const int (&key)[kDirectPer], int L, int64_t k, BlockRows& br, int& g, int& base) {
+  constexpr int kBins = kDirectMaxGroups / kRowsThreads;  // groups per thread in the scan
+  static_assert(kDirectMaxGroups % kRowsThreads == 0, "whole bins per thread");
+  for (int b = threadIdx.x; b < kDirectMaxGroups; b += kRowsThreads) br.count[b] = 0;
+  __syncthreads();
+  int run_key = -1, run = 0;
+#pragma unroll
+  for (int j = 0; j < kDirectPer; ++j) {
+    if (key[j] != run_key) {
+      if (run > 0) atomicAdd(&br.count[run_key], run);
+      run_key = key[j];
+      run = 0;
+    }
+    run += key[j] >= 0 ? 1 : 0;
+  }
+  if (run > 0) atomicAdd(&br.count[run_key], run);
+  __syncthreads();
+  int extra[kBins], mine = 0;
+#pragma unroll
+  for (int b = 0; b < kBins; ++b) {
+    const int grp = threadIdx.x * kBins + b;
+    const int c = grp <= L ? br.count[grp] : 0;
+    extra[b] = c > 0 ? (c - 1) / kTileRows : 0;
+    mine += extra[b];
+  }
+  int total = 0;
+  int e = block_excl_scan(mine, br.wsum, &total);
+  if (k >= total) return false;  // block-uniform
+#pragma unroll
+  for (int b = 0; b < kBins; ++b) {
+    if (k >= e && k < e + extra[b]) {
+      br.pick[0] = threadIdx.x * kBins + b;
+      br.pick[1] = static_cast<int>(k - e + 1) * kTileRows;
+    }
+    e += extra[b];
+  }
+  __syncthreads();
+  g = br.pick[0];
+  base = br.pick[1];
+  return true;
+}
+
+__device__ bool block_rows(int64_t slot, const Segments& seg, IntVec direct, int64_t M, int L, BlockRows& br, int& g,
+                           int& nrows) {
   for (int o = threadIdx.x; o < kTileRows; o += blockDim.x) br.rows[o] = -1;
-  if (direct.ptr != nullptr && slot <= L) {
-    g = static_cast<int>(slot);
-    const int per = static_cast<int>((M + kRowsThreads - 1) / kRowsThreads);  // rows of this thread, in row order
-    const int64_t row0 = static_cast<int64_t>(threadIdx.x) * per;
-    bool match[kPer];
-    int m = 0;
-#pragma unroll
-    for (int j = 0; j < kPer; ++j) {
-      match[j] = false;
-      if (j < per && row0 + j < M) {
-        const int k = adapter_of(direct, row0 + j, L);
-        match[j] = (k < 0 ? L : k) == g;
-      }
-      m += match[j] ? 1 : 0;
+  if (direct.ptr != nullptr) {
+    int key[kDirectPer];
+    const int64_t row0 = direct_keys(direct, M, L, key);
+    int base = 0;
+    if (slot <= L) {
+      g = static_cast<int>(slot);
+      __syncthreads();  // the -1 fill before direct_rows' writes
+    } else if (!overflow_tile(key, L, slot - (L + 1), br, g, base)) {  // (its barriers order the fill)
+      return false;  // block-uniform
     }
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    int incl = m;  // inclusive scan of the match counts over the block
-#pragma unroll
-    for (int off = 1; off < 32; off <<= 1) {
-      const int v = __shfl_up_sync(0xffffffffu, incl, off);
-      if (lane >= off) incl += v;
-    }
-    if (lane == 31) br.wsum[warp] = incl;
-    __syncthreads();  // also orders the -1 fill before the writes below
-    int pos = incl - m, total = 0;
-#pragma unroll
-    for (int w = 0; w < kRowsWarps; ++w) {
-      const int v = br.wsum[w];
-      pos += w < warp ? v : 0;
-      total += v;
-    }
-#pragma unroll
-    for (int j = 0; j < kPer; ++j)
-      if (match[j]) {
-        if (pos < kTileRows) br.rows[pos] = static_cast<int>(row0 + j);
-        ++pos;
-      }
-    nrows = dmin(total, kTileRows);
-    __syncthreads();
+    nrows = direct_rows(key, row0, g, base, br);
     return nrows > 0;
   }
-  if (!tables_ready) grid_dep_wait();
-  int64_t t = slot;
-  if (direct.ptr != nullptr) {  // the k-th tile past its group's first (seg.overflow: count, tiles)
-    const int64_t k = slot - (L + 1);
-    if (k >= seg.overflow[0]) return false;  // block-uniform
-    t = seg.overflow[1 + k];
-  }
   Tile tl;
-  if (!find_tile_warp(t, seg, L, tl)) return false;  // block-uniform
+  if (!find_tile_warp(slot, seg, L, tl)) return false;  // block-uniform
   g = tl.g;
   nrows = static_cast<int>(tl.end - tl.begin);
   __syncthreads();  // the -1 fill before the writes below
@@ -1214,15 +1274,13 @@ __global__ void __launch_bounds__(kRowsThreads) rows_shrink_kernel(SgmvShrinkArg
 
   if (pf_idx.ptr != nullptr) rows_prefetch<T>(a, pf_idx);  // sorted in this call: see rows_prefetch
   const bool direct = a.direct.ptr != nullptr;
-  // Sorted mode: the segment tables (and x) come from earlier kernels. Direct mode: x, A and the
-  // indices were complete when the sort (launched serially) started, and block_rows waits for the
-  // sort where a block needs its tables; the expand reads the tables only after its own wait, so it
-  // may start at once.
+  // Sorted mode: the segment tables come from the sort just before (an overlapped launch). Direct
+  // mode: the launch is serial (rows_shrink), so x, A and the indices are complete; the expand reads
+  // only those and its own inputs before its wait, so it may start at once either way.
   if (!direct) grid_dep_wait();
   grid_dep_launch_dependents();
   int grp = 0, nrows = 0;
-  // (sorted mode: the tables are ready after the wait above; direct mode: slots past L wait in block_rows)
-  if (!block_rows(direct ? blockIdx.y : blockIdx.x, a.seg, a.direct, a.M, a.L, !direct, br, grp, nrows)) return;
+  if (!block_rows(direct ? blockIdx.y : blockIdx.x, a.seg, a.direct, a.M, a.L, br, grp, nrows)) return;
   const int s = direct ? blockIdx.x : blockIdx.y;
   const int64_t d_begin = static_cast<int64_t>(s) * a.d_chunk;
   const int64_t d_end = dmin(a.D, d_begin + a.d_chunk);
@@ -1402,13 +1460,14 @@ __global__ void __launch_bounds__(kRowsThreads) rows_expand_kernel(SgmvExpandArg
   __shared__ __align__(16) T Ss[kTileRows][LDS];
   __shared__ BlockRows br;
 
-  // The sort's tables are complete before the expand starts in sorted mode (the shrink triggers
-  // this launch only after its own wait); in direct mode only after the wait below.
+  // Before the wait below: the sort's tables (complete before the expand starts in sorted mode: the
+  // shrink triggers this launch only after its own wait), the raw indices (direct mode: complete
+  // before the serially launched shrink) and B; the shrink's partials only after it.
   const bool direct = a.direct.ptr != nullptr;
   const int64_t c0 = static_cast<int64_t>(direct ? blockIdx.x : blockIdx.y) * chunk;
   if (c0 >= a.D) return;
   int grp = 0, nrows = 0;
-  if (!block_rows(direct ? blockIdx.y : blockIdx.x, a.seg, a.direct, a.M, a.L, !direct, br, grp, nrows)) return;
+  if (!block_rows(direct ? blockIdx.y : blockIdx.x, a.seg, a.direct, a.M, a.L, br, grp, nrows)) return;
   const bool chunk0 = c0 == 0;  // writes s_out
   const int64_t col_end = dmin<int64_t>(a.D, c0 + chunk);
   const int n_units = static_cast<int>((col_end - c0 + 63) / 64);
@@ -1639,16 +1698,16 @@ int64_t max_tiles(int64_t M, int L) {
 }
 
 cudaError_t sort_segments(IntVec idx, int64_t M, int L, int64_t* perm, int32_t* seg_start, int32_t* tile_start,
-                          cudaStream_t stream, int32_t* overflow) {
+                          cudaStream_t stream) {
   if (M > kSortMaxRows || L < 0) return cudaErrorInvalidValue;
   int end_bit = 1;
   while ((1LL << end_bit) <= static_cast<int64_t>(L) + 1) ++end_bit;  // bits of the padding key L + 1
   if (M <= kSortThreads * 2) {
-    sort_segments_kernel<2><<<1, kSortThreads, 0, stream>>>(idx, M, L, end_bit, perm, seg_start, tile_start, overflow);
+    sort_segments_kernel<2><<<1, kSortThreads, 0, stream>>>(idx, M, L, end_bit, perm, seg_start, tile_start);
   } else if (M <= kSortThreads * 8) {
-    sort_segments_kernel<8><<<1, kSortThreads, 0, stream>>>(idx, M, L, end_bit, perm, seg_start, tile_start, overflow);
+    sort_segments_kernel<8><<<1, kSortThreads, 0, stream>>>(idx, M, L, end_bit, perm, seg_start, tile_start);
   } else {
-    sort_segments_kernel<16><<<1, kSortThreads, 0, stream>>>(idx, M, L, end_bit, perm, seg_start, tile_start, overflow);
+    sort_segments_kernel<16><<<1, kSortThreads, 0, stream>>>(idx, M, L, end_bit, perm, seg_start, tile_start);
   }
   return cudaGetLastError();
 }
@@ -1734,31 +1793,36 @@ int rows_shrink_split(int64_t M, int L, int64_t D, int sm_count, int64_t* d_chun
 // accumulators and in-flight operands stay under ~100 registers (5+ blocks of 128 threads per SM).
 // The shrink takes one row group per pass where adapters average <= 16 rows (decode batches: 4
 // steps of loads in flight instead of 2), two otherwise (A re-read from L2 once per 32 rows).
+template <typename... KArgs, typename... Args>
+cudaError_t launch_overlapped(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                              bool overlap, Args... args);
+
 cudaError_t rows_shrink(DType dtype, const SgmvShrinkArgs& a, cudaStream_t stream, IntVec pf_idx) {
   if (a.M == 0 || a.seg.n_tiles_max == 0) return cudaSuccess;
   if (!a.w_d_contiguous || a.R > 64 || dtype == DType::kFloat32) return cudaErrorInvalidValue;
-  if (a.direct.ptr != nullptr && (a.M > kDirectMaxRows || a.L + 1 > kDirectMaxGroups || a.seg.overflow == nullptr))
-    return cudaErrorInvalidValue;
+  if (a.direct.ptr != nullptr && (a.M > kDirectMaxRows || a.L + 1 > kDirectMaxGroups)) return cudaErrorInvalidValue;
   const dim3 grid = a.direct.ptr != nullptr
                         ? dim3(static_cast<unsigned>(a.split), static_cast<unsigned>(a.L + 1 + max_overflow_tiles(a.M)))
                         : dim3(static_cast<unsigned>(a.seg.n_tiles_max), static_cast<unsigned>(a.split));
   const bool short_segments = a.M <= 16LL * std::max(a.L, 1);
+  // Direct mode has no sort before it: the launch is serial, since the blocks read x and the
+  // indices at once (nothing to wait for in the kernel).
+  const bool overlap = a.direct.ptr == nullptr;
   cudaError_t err = cudaSuccess;
   const cudaError_t e = with_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     if constexpr (!std::is_same<T, float>::value) {
+      void (*kernel)(SgmvShrinkArgs, IntVec) = nullptr;
       if (a.R <= 8) {
-        if (short_segments) err = launch_overlapped(rows_shrink_kernel<T, 1, 1, 4>, grid, dim3(kRowsThreads), 0, stream, a, pf_idx);
-        else err = launch_overlapped(rows_shrink_kernel<T, 1, 2, 2>, grid, dim3(kRowsThreads), 0, stream, a, pf_idx);
+        kernel = short_segments ? rows_shrink_kernel<T, 1, 1, 4> : rows_shrink_kernel<T, 1, 2, 2>;
       } else if (a.R <= 16) {
-        if (short_segments) err = launch_overlapped(rows_shrink_kernel<T, 2, 1, 4>, grid, dim3(kRowsThreads), 0, stream, a, pf_idx);
-        else err = launch_overlapped(rows_shrink_kernel<T, 2, 2, 2>, grid, dim3(kRowsThreads), 0, stream, a, pf_idx);
+        kernel = short_segments ? rows_shrink_kernel<T, 2, 1, 4> : rows_shrink_kernel<T, 2, 2, 2>;
       } else if (a.R <= 32) {
-        if (short_segments) err = launch_overlapped(rows_shrink_kernel<T, 4, 1, 2>, grid, dim3(kRowsThreads), 0, stream, a, pf_idx);
-        else err = launch_overlapped(rows_shrink_kernel<T, 4, 2, 1>, grid, dim3(kRowsThreads), 0, stream, a, pf_idx);
+        kernel = short_segments ? rows_shrink_kernel<T, 4, 1, 2> : rows_shrink_kernel<T, 4, 2, 1>;
       } else {
-        err = launch_overlapped(rows_shrink_kernel<T, 8, 1, 1>, grid, dim3(kRowsThreads), 0, stream, a, pf_idx);
+        kernel = rows_shrink_kernel<T, 8, 1, 1>;
       }
+      err = launch_overlapped(kernel, grid, dim3(kRowsThreads), 0, stream, overlap, a, pf_idx);
     }
   });
   return err != cudaSuccess ? err : e;
@@ -1786,13 +1850,12 @@ bool pdl_enabled() {
 }
 
 bool rows_direct_ok(int64_t M, int L) {
-  // Worth it only where the shrink can start while the sort runs (programmatic dependent launch);
-  // the grids put the group slots first (block dispatch follows the grid's y order), so that they
-  // are resident before the slots that wait for the sort.
+  // No sort kernel: every block reads all the indices itself, so the bound on M keeps that read
+  // short next to the sort it replaces (see block_rows).
   // LORA_KERNELS_MULTI_DIRECT=0 (read per call) turns it off.
   const char* v = std::getenv("LORA_KERNELS_MULTI_DIRECT");
   if (v != nullptr && std::string(v) == "0") return false;
-  return pdl_enabled() && M >= 1 && M <= kDirectMaxRows && L >= 1 && L + 1 <= kDirectMaxGroups;
+  return M >= 1 && M <= kDirectMaxRows && L >= 1 && L + 1 <= kDirectMaxGroups;
 }
 
 bool rows_prefetch_worth(int64_t bytes) {
@@ -1808,9 +1871,9 @@ bool rows_prefetch_worth(int64_t bytes) {
 
 template <typename... KArgs, typename... Args>
 cudaError_t launch_overlapped(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                              Args... args) {
+                              bool overlap, Args... args) {
 #ifndef LORA_KERNELS_EMU
-  if (pdl_enabled()) {
+  if (overlap && pdl_enabled()) {
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = grid;
     cfg.blockDim = block;
@@ -1841,8 +1904,7 @@ cudaError_t rows_expand(DType dtype, const SgmvExpandArgs& a, int sm_count, cuda
   if (!a.v_c_contiguous || a.R > 64 || a.R % 8 != 0 || a.D % 8 != 0 || a.stride_om % 8 != 0 ||
       dtype == DType::kFloat32)
     return cudaErrorInvalidValue;
-  if (a.direct.ptr != nullptr && (a.M > kDirectMaxRows || a.L + 1 > kDirectMaxGroups || a.seg.overflow == nullptr))
-    return cudaErrorInvalidValue;
+  if (a.direct.ptr != nullptr && (a.M > kDirectMaxRows || a.L + 1 > kDirectMaxGroups)) return cudaErrorInvalidValue;
   const int chunk = rows_expand_chunk(a.D, a.seg.n_tiles_max, sm_count, blocks_per_sm);
   const unsigned chunks = static_cast<unsigned>(cdiv(a.D, chunk));
   const dim3 grid = a.direct.ptr != nullptr ? dim3(chunks, static_cast<unsigned>(a.L + 1 + max_overflow_tiles(a.M)))
@@ -1852,11 +1914,11 @@ cudaError_t rows_expand(DType dtype, const SgmvExpandArgs& a, int sm_count, cuda
     using T = decltype(tag);
     if constexpr (!std::is_same<T, float>::value) {
       if (a.R <= 16) {
-        err = launch_overlapped(rows_expand_kernel<T, 1>, grid, dim3(kRowsThreads), 0, stream, a, chunk);
+        err = launch_overlapped(rows_expand_kernel<T, 1>, grid, dim3(kRowsThreads), 0, stream, true, a, chunk);
       } else if (a.R <= 32) {
-        err = launch_overlapped(rows_expand_kernel<T, 2>, grid, dim3(kRowsThreads), 0, stream, a, chunk);
+        err = launch_overlapped(rows_expand_kernel<T, 2>, grid, dim3(kRowsThreads), 0, stream, true, a, chunk);
       } else {
-        err = launch_overlapped(rows_expand_kernel<T, 4>, grid, dim3(kRowsThreads), 0, stream, a, chunk);
+        err = launch_overlapped(rows_expand_kernel<T, 4>, grid, dim3(kRowsThreads), 0, stream, true, a, chunk);
       }
     }
   });

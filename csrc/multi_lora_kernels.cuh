@@ -89,10 +89,8 @@ int64_t max_tiles(int64_t M, int L);
 // keys are radix-sorted in shared memory with their row numbers, so the result is the stable sort's
 // (equal keys keep their row order). perm [M] int64, seg_start / tile_start [L + 2] as above.
 constexpr int64_t kSortMaxRows = 8192;
-// overflow (optional, int32 [1 + max_overflow_tiles(M)]): the count of tiles that are not their
-// group's first, then those tiles ascending (what the register kernels' direct mode reads).
 cudaError_t sort_segments(IntVec idx, int64_t M, int L, int64_t* perm, int32_t* seg_start, int32_t* tile_start,
-                          cudaStream_t stream, int32_t* overflow = nullptr);
+                          cudaStream_t stream);
 // Tiles past their group's first: sum over groups of floor((rows - 1) / kTileRows) <= M / kTileRows.
 constexpr int64_t max_overflow_tiles(int64_t M) { return M / kTileRows; }
 
@@ -101,7 +99,6 @@ struct Segments {
   const int32_t* seg_start;   // [L + 2]
   const int32_t* tile_start;  // [L + 2]
   int64_t n_tiles_max;
-  const int32_t* overflow = nullptr;  // direct mode: see sort_segments
 };
 
 // out_part[s, i, c] = sum_{d in split s} P[i, d] * W_l(d, c)   (c < r_l; 0 past the rank and for "no adapter")
@@ -161,16 +158,17 @@ int rows_shrink_split(int64_t M, int L, int64_t D, int sm_count, int64_t* d_chun
 cudaError_t rows_shrink(DType dtype, const SgmvShrinkArgs& a, cudaStream_t stream, IntVec pf_idx = {});
 cudaError_t rows_expand(DType dtype, const SgmvExpandArgs& a, int sm_count, cudaStream_t stream,
                         int blocks_per_sm = 0);
-// Direct mode of the register kernels, for a call that sorts its rows (sort_segments) just before
-// them on the same stream: their tile slots [0, L] are the groups themselves, slot g taking group
-// g's first kTileRows rows, which each block finds from the raw indices (args.direct) without
-// waiting for the sort; slot L + 1 + k takes the k-th tile past its group's first (Segments::overflow,
-// from sort_segments). The same rows in the same order as the sorted mode, so the same results bit
-// for bit. Grids: (split or column chunks, L + 1 + max_overflow_tiles(M)).
-constexpr int64_t kDirectMaxRows = 2048;  // each block scans all the indices: 16 per thread
+// Direct mode of the register kernels, for a call that would sort its rows (no segments given):
+// no sort at all. Their tile slots [0, L] are the groups themselves, slot g taking group g's first
+// kTileRows rows, and slot L + 1 + k the k-th tile past its group's first (groups in order, tiles by
+// position: the sort's order); each block finds its rows from the raw indices (args.direct), whose
+// key counts the slots past L also take. The same rows in the same order as the sorted mode, so the
+// same results bit for bit. args.seg holds only n_tiles_max. Grids: (split or column chunks,
+// L + 1 + max_overflow_tiles(M)); the shrink's launch is serial (it reads x at once).
+constexpr int64_t kDirectMaxRows = 1024;  // each block reads all the indices: 8 per thread
 constexpr int kDirectMaxGroups = 256;     // L + 1: blocks of the groups themselves per split / chunk
-// Whether a call that sorts should use direct mode (sizes within the bounds above, programmatic
-// dependent launch on, LORA_KERNELS_MULTI_DIRECT != 0).
+// Whether a call that sorts should use direct mode (sizes within the bounds above,
+// LORA_KERNELS_MULTI_DIRECT != 0).
 bool rows_direct_ok(int64_t M, int L);
 
 // Adapters the shrink's prefetch can track (one shared-memory byte each).

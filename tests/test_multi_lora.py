@@ -669,24 +669,45 @@ def test_cuda_prefetch_case_for_sanitizer(popularity):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("M,L,popularity", [(256, 32, "uniform"), (1024, 128, "distinct"), (700, 6, "zipf"),
-                                            (2048, 200, "uniform"), (600, 1, "identical")])
+                                            (2048, 200, "uniform"), (600, 1, "identical"),
+                                            (1024, 255, "uniform"), (1000, 8, "skewed"), (1024, 1, "identical")])
 def test_cuda_direct_mode_matches_the_sorted_mode(M, L, popularity, monkeypatch):
-    """A call that sorts its rows runs the register kernels in direct mode: the blocks of each group's
-    first 64 rows find them from the raw indices while the sort runs, the rest (groups of more rows:
-    zipf, identical) come from the sort's tiles. Bit for bit the pre-sorted path's y and S, over many
-    back-to-back calls (the kernels overlap the sort through programmatic dependent launch, so a block
-    reading the sort's tables before its wait shows up here as a wrong or crashed call), and the
-    same as the sorted mode (LORA_KERNELS_MULTI_DIRECT=0)."""
+    """A call that sorts its rows (up to 1024 of them; above, the sorted mode) runs the register kernels
+    in direct mode: no sort, every block finds its rows from the raw indices (the slots past the groups'
+    first tiles from a histogram of them: zipf, identical, skewed; 256 groups with the "no adapter"
+    one). Bit for bit the pre-sorted path's y and S, over many back-to-back calls
+    whose x is written by the kernel just before (the shrink reads x at once, so its launch must not
+    overlap that kernel), and the same as the sorted mode (LORA_KERNELS_MULTI_DIRECT=0)."""
     x, A, B, idx, s, _ = case(M, 1024, 512, L, 16, torch.bfloat16, popularity, 0.1, device="cuda")
     ops = torch.ops.lora_kernels_ext
     y_pre, S_pre = ops.multi_lora_fwd(x, A, B, idx, s, None, "segment", True, *ml.RowIndex(idx).segments(L))
     assert rel_err(y_pre, ref64(x, A, B, idx, s)) <= FWD_TOL[torch.bfloat16]
-    calls = [ops.multi_lora_fwd(x, A, B, idx, s, None, "segment", True) for _ in range(20)]
+    calls = []
+    for i in range(20):
+        xi = x * 1.0 if i % 2 else x.clone()  # a fresh x from a kernel right before the call
+        calls.append(ops.multi_lora_fwd(xi, A, B, idx, s, None, "segment", True))
     for y, S in calls:
         assert torch.equal(y, y_pre) and torch.equal(S, S_pre)
     monkeypatch.setenv("LORA_KERNELS_MULTI_DIRECT", "0")
     y0, S0 = ops.multi_lora_fwd(x, A, B, idx, s, None, "segment", True)
     assert torch.equal(y0, y_pre) and torch.equal(S0, S_pre)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,L,popularity", [(300, 3, "skewed"), (1024, 5, "zipf")])
+def test_cuda_direct_mode_case_for_sanitizer(M, L, popularity, monkeypatch):
+    """Direct mode with tiles past the groups' first, "no adapter" rows and out-of-range indices (as
+    "no adapter"), at and below the bound on rows: small enough for compute-sanitizer
+    (`-k sanitizer`); the same bits as the pre-sorted path."""
+    monkeypatch.setenv(ml.CHECK_ENV, "0")
+    x, A, B, idx, s, _ = case(M, 256, 128, L, 16, torch.bfloat16, popularity, 0.1, device="cuda")
+    idx[::11] = L + 3
+    idx[5::13] = -7
+    ops = torch.ops.lora_kernels_ext
+    y_pre, S_pre = ops.multi_lora_fwd(x, A, B, idx, s, None, "segment", True, *ml.RowIndex(idx).segments(L))
+    y, S = ops.multi_lora_fwd(x, A, B, idx, s, None, "segment", True)
+    assert torch.equal(y, y_pre) and torch.equal(S, S_pre)
+    assert rel_err(y, ref64(x, A, B, idx, s)) <= FWD_TOL[torch.bfloat16]
 
 
 @pytest.mark.gpu

@@ -24,7 +24,7 @@ template <> DType dt<float>() { return DType::kFloat32; }
 template <> DType dt<__half>() { return DType::kFloat16; }
 template <> DType dt<__nv_bfloat16>() { return DType::kBFloat16; }
 
-struct Segs { std::vector<int64_t> perm; std::vector<int32_t> seg, tile, over; Segments view; };
+struct Segs { std::vector<int64_t> perm; std::vector<int32_t> seg, tile; Segments view; };
 Segs make_segments(const std::vector<int64_t>& idx, int64_t M, int L) {
   Segs s;
   std::vector<int32_t> keys(M);
@@ -41,14 +41,8 @@ Segs make_segments(const std::vector<int64_t>& idx, int64_t M, int L) {
   if (M <= kSortMaxRows) {
     std::vector<int64_t> perm2(M, -7);
     std::vector<int32_t> seg2(L + 2, -7), tile2(L + 2, -7);
-    s.over.assign(1 + max_overflow_tiles(M), -7);
-    if (sort_segments(IntVec{idx.data(), true}, M, L, perm2.data(), seg2.data(), tile2.data(), nullptr, s.over.data()) != cudaSuccess) abort();
-    // the overflow list (direct mode): the tiles that are not their group's first, ascending
-    std::vector<int32_t> want{0};
-    for (int g = 0; g <= L; ++g) for (int t = s.tile[g] + 1; t < s.tile[g + 1]; ++t) want.push_back(t);
-    want[0] = int32_t(want.size() - 1);
-    const bool over_ok = std::equal(want.begin(), want.end(), s.over.begin()) && want.size() <= s.over.size();
-    if (perm2 != s.perm || seg2 != s.seg || tile2 != s.tile || !over_ok) {
+    if (sort_segments(IntVec{idx.data(), true}, M, L, perm2.data(), seg2.data(), tile2.data(), nullptr) != cudaSuccess) abort();
+    if (perm2 != s.perm || seg2 != s.seg || tile2 != s.tile) {
       std::printf("FAIL: sort_segments differs from the stable sort (M=%ld L=%d)\n", long(M), L);
       std::exit(1);
     }
@@ -187,13 +181,12 @@ void run_case(const Case& c, double tol, std::mt19937& rng) {
     expect(r2 <= 1e-5 && std::isfinite(r2), std::string(rb) + " S err " + std::to_string(r2));
     for (int64_t i = 0; i < M; ++i) if (lof(i) < 0) for (int64_t n = 0; n < N; ++n) expect(tf(ry[i * N + n]) == 0.f, std::string(rb) + " none row not 0");
     std::printf("%-88s y %.1e S %.1e\n", rb, r1, r2);
-    // direct mode (group slots from the raw indices, the sort's tiles for the overflow): the same
-    // rows in the same order, so the same bits
+    // direct mode (no sort: every block finds its rows from the raw indices): the same rows in the
+    // same order, so the same bits; no segment tables to read
     if (M <= kDirectMaxRows && L + 1 <= kDirectMaxGroups) {
       std::vector<float> dpart(size_t(rs) * M * R, 999.f), dS(M * R, 777.f);
       std::vector<T> dy_(M * N, fromf<T>(12345.f));
-      Segments dview = sg.view;
-      dview.overflow = sg.over.data();
+      const Segments dview{nullptr, nullptr, nullptr, max_tiles(M, L)};
       SgmvShrinkArgs dsa{x, sx, A.data(), true, K, R, L, dview, rk, dpart.data(), M, rs, dc};
       dsa.direct = IntVec{idx.data(), true};
       expect(rows_shrink(dt<T>(), dsa, nullptr) == cudaSuccess, "rows_shrink launch (direct)");
@@ -295,6 +288,10 @@ int main(int argc, char** argv) {
     {70, 136, 520, 16, 2, 1, false, false, 0, 0.1, false},    // one SM: each expand warp walks 3 column units
     {48, 136, 200, 24, 4, 2, false, true, 0, 0.1, false},     // R = 24: each B row's last 16-byte piece lies past R (not loaded)
     {20, 64, 600, 64, 3, 132, false, true, 0, 0.0, false},    // R = 64: two 16-byte pieces of B per row and lane
+    // direct mode at its bound on rows: ~12 of the 15 slots past the groups' first tiles taken, the
+    // "no adapter" group's included; then 13 groups of ~80 rows, one tile past the first each
+    {1000, 32, 16, 8, 3, 132, false, false, 0, 0.1, true},
+    {1024, 16, 24, 16, 12, 132, false, true, 0, 0.05, false},
   };
   // the one-block segment builder against the stable sort (make_segments compares them), at the
   // sizes of its three variants, with rows past the adapters and bad indices

@@ -131,6 +131,8 @@ inline unsigned __ballot_sync(unsigned, bool v) {
   return m;
 }
 inline int __popc(unsigned v) { return __builtin_popcount(v); }
+inline int __ffs(int v) { return __builtin_ffs(v); }
+inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }  // shared or global
 
 // wmma: every lane keeps the whole 16x16 fragment; loads and mma are computed by every lane (the
 // same values), stores by every lane (the same values: benign).
