@@ -1247,11 +1247,10 @@ __device__ bool block_rows(int64_t slot, const Segments& seg, IntVec direct, int
     int base = 0;
     if (slot <= L) {
       g = static_cast<int>(slot);
-      __syncthreads();  // the -1 fill before direct_rows' writes
-    } else if (!overflow_tile(key, L, slot - (L + 1), br, g, base)) {  // (its barriers order the fill)
+    } else if (!overflow_tile(key, L, slot - (L + 1), br, g, base)) {
       return false;  // block-uniform
     }
-    nrows = direct_rows(key, row0, g, base, br);
+    nrows = direct_rows(key, row0, g, base, br);  // (its scan's barriers order the -1 fill before its writes)
     return nrows > 0;
   }
   Tile tl;
@@ -1788,15 +1787,16 @@ int rows_shrink_split(int64_t M, int L, int64_t D, int sm_count, int64_t* d_chun
   return static_cast<int>(std::max<int64_t>(1, cdiv(D, *d_chunk)));
 }
 
+// (defined below, beside pdl_enabled)
+template <typename... KArgs, typename... Args>
+cudaError_t launch_overlapped(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                              bool overlap, Args... args);
+
 // Template shapes: NT n-tiles of 8 ranks (shrink) or KS k-steps of 16 ranks (expand), RG row groups
 // of 16 per shrink pass, U steps / units with their loads in flight at once; chosen so that the
 // accumulators and in-flight operands stay under ~100 registers (5+ blocks of 128 threads per SM).
 // The shrink takes one row group per pass where adapters average <= 16 rows (decode batches: 4
 // steps of loads in flight instead of 2), two otherwise (A re-read from L2 once per 32 rows).
-template <typename... KArgs, typename... Args>
-cudaError_t launch_overlapped(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                              bool overlap, Args... args);
-
 cudaError_t rows_shrink(DType dtype, const SgmvShrinkArgs& a, cudaStream_t stream, IntVec pf_idx) {
   if (a.M == 0 || a.seg.n_tiles_max == 0) return cudaSuccess;
   if (!a.w_d_contiguous || a.R > 64 || dtype == DType::kFloat32) return cudaErrorInvalidValue;

@@ -91,7 +91,7 @@ for s in $stages; do
       cat "$OUT/pfsweep.log" >> "$summary" ;;
     sanitize)  # the multi-adapter kernels' small case under compute-sanitizer (memory, races, barriers)
       for tool in memcheck racecheck synccheck; do
-        run_stage "san_$tool" ${SAN_LIMIT:-120} compute-sanitizer --tool $tool --error-exitcode 9 \
+        run_stage "san_$tool" ${SAN_LIMIT:-200} compute-sanitizer --tool $tool --error-exitcode 9 \
           python -m pytest tests/test_multi_lora.py -q -m gpu -k sanitizer -p no:cacheprovider
         grep -E "ERROR SUMMARY|passed|failed" "$OUT/san_$tool.log" | tail -n 3 >> "$summary"
       done ;;
