@@ -1,8 +1,9 @@
 """How a call that sorts its rows overlaps the sort, on decode cases (GPU, CUDA-graph timing): direct
 mode (no sort: the register kernels' blocks find their rows from the raw indices; the default
 where the prefetch does not apply, up to 1024 rows), and the sorted mode with the register shrink's L2
-prefetch (its upper bound LORA_KERNELS_MULTI_PREFETCH_MB; 0 = off), against gather+bmm and the same
-kernels on rows sorted beforehand (RowIndex).
+prefetch (its upper bound LORA_KERNELS_MULTI_PREFETCH_MB; 0 = off) and with either sort (the counting
+sort up to 255 adapters, the radix sort with LORA_KERNELS_MULTI_SORT=radix), against gather+bmm and
+the same kernels on rows sorted beforehand (RowIndex); and the sort alone.
 
     python benchmarks/sweep_multi_prefetch.py [T,L,r,popularity ...]
 
@@ -21,10 +22,14 @@ from lora_kernels.ops.multi_lora import RowIndex, _ext_ops
 
 CASES = ("256,32,16,uniform", "1024,128,16,distinct", "1024,64,64,distinct", "4096,128,16,distinct",
          "2048,8,16,zipf")
+RADIX = {"LORA_KERNELS_MULTI_SORT": "radix"}  # the radix sort where the counting sort applies
 SETTINGS = (
     ("default", {}),
+    ("default, radix sort", RADIX),
     ("direct mode", {"LORA_KERNELS_MULTI_PREFETCH_MB": "0"}),
     ("sorted, prefetch  0 MB", {"LORA_KERNELS_MULTI_DIRECT": "0", "LORA_KERNELS_MULTI_PREFETCH_MB": "0"}),
+    ("sorted, prefetch  0 MB, radix sort",
+     {"LORA_KERNELS_MULTI_DIRECT": "0", "LORA_KERNELS_MULTI_PREFETCH_MB": "0", **RADIX}),
     ("sorted, prefetch 32 MB", {"LORA_KERNELS_MULTI_DIRECT": "0", "LORA_KERNELS_MULTI_PREFETCH_MB": "32"}),
 )
 
@@ -45,6 +50,15 @@ def main():
         pre = _graph_us(lambda: op(x, A, B, idx, s, None, "segment", False, *seg))
         print(f"case {spec}: gather+bmm {base:.1f} us; pre-sorted {pre:.1f} us = {base / pre:.2f}x, "
               f"{nbytes / pre / 1e3:.0f} GB/s")
+        sort = torch.ops.lora_kernels_ext.multi_lora_segments
+        for label, env in (("counting", {}), ("radix", RADIX)):  # the sort alone, its tables compared
+            for k in names:
+                os.environ.pop(k, None)
+            os.environ.update(env)
+            tables = sort(idx, A.shape[0])
+            same = all(torch.equal(a, b) for a, b in zip(tables, seg))
+            t = _graph_us(lambda: sort(idx, A.shape[0]))
+            print(f"  the sort alone, {label}: {t:5.1f} us{'' if same else '  TABLES DIFFER'}")
         for label, env in SETTINGS:
             for k in names:  # the launchers read these per call
                 os.environ.pop(k, None)

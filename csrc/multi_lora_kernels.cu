@@ -344,8 +344,9 @@ __global__ void __launch_bounds__(kSegThreads)
 // make_keys, the stable sort and build_segments in one block, for M <= kSortMaxRows rows: at decode
 // batch sizes the three launches (and the sort's own) cost more than the kernels that use them (an
 // H100 runs a launch of a captured graph in ~2-3 us). kItems rows per thread in the blocked
-// arrangement (thread t holds rows t * kItems ..), radix-sorted on the key's bits only (8 bits for
-// L < 255: two 4-bit passes); the sort is stable, so equal keys keep their row order.
+// arrangement (thread t holds rows t * kItems ..), radix-sorted on the key's bits only (9 bits and
+// more past 255 adapters, where the counting sort below does not apply: 4-bit passes); the sort is
+// stable, so equal keys keep their row order.
 constexpr int kSortThreads = 512;
 
 template <int kItems>
@@ -390,6 +391,158 @@ __global__ void __launch_bounds__(kSortThreads)
   }
   __syncthreads();  // seg_start is visible to the block; the key array becomes the scan's storage
   scan_tiles<kSortThreads>(L, [&](int g) { return seg_start[g + 1] - seg_start[g]; }, tile_start, sm.scan);
+}
+
+// The same tables for up to 256 groups (L <= 255), by a counting sort: one pass over the keys,
+// no exchanges. Warp w owns the rows [w * 32 * kItems, (w + 1) * 32 * kItems), read 32 at a time
+// (round j, lane l: row w * 32 * kItems + 32 j + l; rounds then lanes are the row order). A row's
+// place among its warp's rows of its group = that group's count in the warp's earlier rounds
+// (cnt, shared memory) + the lanes below it holding the same key in its round: stable by
+// construction. One block scan over (group, warp), group-major, turns the counts into sorted
+// positions; the same scan, on the high half of a packed sum, gives the tile table. The rows land
+// in shared memory at their sorted positions and leave in order (coalesced, 16-byte stores).
+// Why: the radix sort spends 2 passes x (rank, 2 exchanges through shared memory) on 8-bit keys:
+// 10.0 us per sort at T4096 L128 on an H100 (graph of sorts), ~9 us of the call's 61. This one:
+// the lanes holding the same key come from one ballot per key bit (__match_any_sync's cost grows
+// with the distinct values in the warp: 11.4 us at T4096 on 128 adapters, 4.2 on one), and the
+// perm writes are in sorted order, not scattered (32 sectors per store on 128 adapters).
+constexpr int kCountSortThreads = 1024;  // 32 warps; the scan gives each group 4 threads
+constexpr int kCountSortMaxGroups = kCountSortThreads / 4;
+constexpr int kCountSortStride = 257;  // cnt's row per warp: odd, so the scan's reads do not conflict
+
+// Exclusive sum over the block's 1024 threads in thread order; *total = the sum of all. Two
+// barriers; the first one comes after every thread's code before the call.
+__device__ __forceinline__ int block_excl_sum_1024(int v, int* total) {
+  __shared__ int warp_sums[33];
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  int inc = v;  // inclusive sum within the warp
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const int n = __shfl_up_sync(0xffffffffu, inc, off);
+    if (lane >= off) inc += n;
+  }
+  if (lane == 31) warp_sums[w] = inc;
+  __syncthreads();
+  if (w == 0) {  // the warps' sums, scanned by one warp
+    const int t = warp_sums[lane];
+    int ti = t;
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+      const int n = __shfl_up_sync(0xffffffffu, ti, off);
+      if (lane >= off) ti += n;
+    }
+    __syncwarp();  // every lane has read its warp sum before the prefixes overwrite them
+    warp_sums[lane] = ti - t;
+    if (lane == 31) warp_sums[32] = ti;
+  }
+  __syncthreads();
+  *total = warp_sums[32];
+  return warp_sums[w] + inc - v;
+}
+
+// The lanes of the warp whose key (in [0, 2^kBits), or -1: none) equals this lane's: one ballot per
+// bit. ballot ^ (bit - 1) is the ballot where this lane's bit is 1 and its complement where it is 0.
+template <int kBits>
+__device__ __forceinline__ unsigned same_key_lanes(int key) {
+  unsigned peers = __ballot_sync(0xffffffffu, key >= 0);
+#pragma unroll
+  for (int b = 0; b < kBits; ++b) {
+    const int bit = (key >> b) & 1;
+    peers &= __ballot_sync(0xffffffffu, bit != 0) ^ static_cast<unsigned>(bit - 1);
+  }
+  return peers;
+}
+
+template <int kItems>
+__global__ void __launch_bounds__(kCountSortThreads)
+    count_sort_segments_kernel(IntVec idx, int64_t M, int L, int64_t* perm, int32_t* seg_start, int32_t* tile_start) {
+  static_assert(kCountSortThreads * kItems < 65536, "rows, positions and the scan's row sums are kept in 16 bits");
+  __shared__ uint16_t cnt[32 * kCountSortStride];  // [warp][group]: counts, then first sorted positions
+  __shared__ __align__(16) uint16_t sorted[kCountSortThreads * kItems];  // row of each sorted position
+  grid_dep_launch_dependents();  // the shrink may start; it waits for this sort's tables
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  const int groups = L + 1;  // adapters 0 .. L - 1, then L: no adapter (-1 or out of range)
+  int bits = 1;  // of the largest key, L
+  while ((1 << bits) <= L) ++bits;
+  uint16_t* my_cnt = cnt + w * kCountSortStride;
+  const int row0 = w * 32 * kItems + lane;
+  int64_t v[kItems];  // all loads in flight at once: rows past M read row M - 1, and are dropped below
+  if (M > 0) {
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) v[j] = read_int(idx, dmin<int64_t>(row0 + 32 * j, M - 1));
+  }
+  for (int g = lane; g < groups; g += 32) my_cnt[g] = 0;  // a warp's own row: no block barrier needed
+  int key[kItems];  // -1 past M: in no group
+#pragma unroll
+  for (int j = 0; j < kItems; ++j) key[j] = row0 + 32 * j >= M ? -1 : (v[j] >= 0 && v[j] < L) ? static_cast<int>(v[j]) : L;
+  __syncwarp();
+  const unsigned below = (1u << lane) - 1u;
+  // every round's lanes with the same key first (independent ballots), then the counts' chain
+  unsigned peers[kItems];
+#pragma unroll
+  for (int j = 0; j < kItems; ++j) peers[j] = bits <= 4 ? same_key_lanes<4>(key[j]) : same_key_lanes<8>(key[j]);
+  int rank[kItems];  // place among the warp's rows of the same group
+#pragma unroll
+  for (int j = 0; j < kItems; ++j) {
+    // the group's first lane counts the round in; the others get the count before it by shuffle
+    const int first = key[j] >= 0 ? __ffs(static_cast<int>(peers[j])) - 1 : lane;
+    int before = 0;
+    if (key[j] >= 0 && lane == first) {
+      before = my_cnt[key[j]];
+      my_cnt[key[j]] = static_cast<uint16_t>(before + __popc(peers[j]));
+    }
+    before = static_cast<int>(__shfl_sync(0xffffffffu, static_cast<uint32_t>(before), first));
+    rank[j] = before + __popc(peers[j] & below);
+    __syncwarp();  // the round's counts are written before the next round's first lanes read them
+  }
+  __syncthreads();
+  // thread t: group g = t / 4, warps 8q .. 8q + 7 (q = t % 4); in thread order that is (group,
+  // warp), group-major: an exclusive sum over threads is each (g, 8q)'s first sorted position
+  const int g = threadIdx.x >> 2, q = threadIdx.x & 3;
+  int c[8], sum = 0;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    c[j] = g < groups ? cnt[(8 * q + j) * kCountSortStride + g] : 0;
+    sum += c[j];
+  }
+  int total = sum + __shfl_xor_sync(0xffffffffu, sum, 1);  // the group's rows: its 4 threads' sums
+  total += __shfl_xor_sync(0xffffffffu, total, 2);
+  // packed: tiles x 2^16 + rows; rows <= kSortMaxRows < 2^16, tiles <= M / 64 + 256 < 2^15
+  const int tiles = q == 0 ? (total + kTileRows - 1) / kTileRows : 0;
+  int all = 0;
+  const int before = block_excl_sum_1024((tiles << 16) + sum, &all);  // its barriers: reads above, writes below
+  int pos = before & 0xffff;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    if (g < groups) cnt[(8 * q + j) * kCountSortStride + g] = static_cast<uint16_t>(pos);
+    pos += c[j];
+  }
+  if (q == 0 && g < groups) {
+    seg_start[g] = before & 0xffff;
+    tile_start[g] = before >> 16;
+  }
+  if (threadIdx.x == 0) {
+    seg_start[groups] = static_cast<int32_t>(M);
+    tile_start[groups] = all >> 16;
+  }
+  __syncthreads();
+#pragma unroll
+  for (int j = 0; j < kItems; ++j)
+    if (key[j] >= 0) sorted[my_cnt[key[j]] + rank[j]] = static_cast<uint16_t>(row0 + 32 * j);
+  __syncthreads();
+  // two positions per thread and store (perm is 16-byte aligned: a fresh tensor)
+#pragma unroll
+  for (int k = 0; k < (kItems + 1) / 2; ++k) {
+    const int p = 2 * (threadIdx.x + k * kCountSortThreads);
+    if (p + 1 < M) {
+      longlong2 two;
+      two.x = sorted[p];
+      two.y = sorted[p + 1];
+      *reinterpret_cast<longlong2*>(perm + p) = two;
+    } else if (p < M) {
+      perm[p] = sorted[p];
+    }
+  }
 }
 
 struct Tile {
@@ -1696,9 +1849,29 @@ int64_t max_tiles(int64_t M, int L) {
   return cdiv(M, kTileRows) + std::min<int64_t>(static_cast<int64_t>(L) + 1, M);
 }
 
+// LORA_KERNELS_MULTI_SORT=radix: the radix sort even where the counting sort applies (to compare
+// them on the GPU; read per call, ~0.1 us).
+static bool radix_sort_forced() {
+  const char* v = std::getenv("LORA_KERNELS_MULTI_SORT");
+  return v != nullptr && std::string(v) == "radix";
+}
+
 cudaError_t sort_segments(IntVec idx, int64_t M, int L, int64_t* perm, int32_t* seg_start, int32_t* tile_start,
                           cudaStream_t stream) {
   if (M > kSortMaxRows || L < 0) return cudaErrorInvalidValue;
+  if (L + 1 <= kCountSortMaxGroups && !radix_sort_forced()) {
+    static_assert(kSortMaxRows <= kCountSortThreads * 8, "count_sort_segments_kernel takes <= 8 rows per thread");
+    if (M <= kCountSortThreads) {
+      count_sort_segments_kernel<1><<<1, kCountSortThreads, 0, stream>>>(idx, M, L, perm, seg_start, tile_start);
+    } else if (M <= kCountSortThreads * 2) {
+      count_sort_segments_kernel<2><<<1, kCountSortThreads, 0, stream>>>(idx, M, L, perm, seg_start, tile_start);
+    } else if (M <= kCountSortThreads * 4) {
+      count_sort_segments_kernel<4><<<1, kCountSortThreads, 0, stream>>>(idx, M, L, perm, seg_start, tile_start);
+    } else {
+      count_sort_segments_kernel<8><<<1, kCountSortThreads, 0, stream>>>(idx, M, L, perm, seg_start, tile_start);
+    }
+    return cudaGetLastError();
+  }
   int end_bit = 1;
   while ((1LL << end_bit) <= static_cast<int64_t>(L) + 1) ++end_bit;  // bits of the padding key L + 1
   if (M <= kSortThreads * 2) {

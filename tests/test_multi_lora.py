@@ -710,6 +710,46 @@ def test_cuda_direct_mode_case_for_sanitizer(M, L, popularity, monkeypatch):
     assert rel_err(y, ref64(x, A, B, idx, s)) <= FWD_TOL[torch.bfloat16]
 
 
+def check_one_block_sort(M, L, itype, monkeypatch):
+    """The one-block sort's tables (perm, seg_start, tile_start) against torch's stable sort, with the
+    counting sort (the default up to 255 adapters) and the radix sort (LORA_KERNELS_MULTI_SORT=radix;
+    the only one past 255). -1 and out-of-range indices count as "no adapter"; half the rows go to
+    adapter 0, so that its rows fill whole warps and many tiles."""
+    g = torch.Generator().manual_seed(M * 1000 + L)
+    idx = torch.randint(-1, L, (M,), generator=g)
+    idx[torch.rand(M, generator=g) < 0.5] = 0
+    idx[torch.rand(M, generator=g) < 0.02] = L + 5
+    keys = torch.where((idx >= 0) & (idx < L), idx, torch.full_like(idx, L))
+    perm_ref = torch.sort(keys, stable=True).indices
+    counts = torch.bincount(keys, minlength=L + 1)
+    seg_ref = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    tile_ref = torch.cat([torch.zeros(1, dtype=torch.long), ((counts + 63) // 64).cumsum(0)])
+    idx = idx.to("cuda", itype)
+    for env in ("", "radix"):
+        monkeypatch.setenv("LORA_KERNELS_MULTI_SORT", env)
+        perm, seg, tile = torch.ops.lora_kernels_ext.multi_lora_segments(idx, L)
+        assert torch.equal(perm.cpu(), perm_ref), env
+        assert torch.equal(seg.cpu().long(), seg_ref), env
+        assert torch.equal(tile.cpu().long(), tile_ref), env
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 100, 1024, 1025, 2048, 4096, 4097, 8192])
+@pytest.mark.parametrize("L", [1, 37, 255, 256])
+@pytest.mark.parametrize("itype", [torch.int64, torch.int32])
+def test_cuda_one_block_sort_matches_the_stable_sort(M, L, itype, monkeypatch):
+    """Every variant of the one-block sort (1, 2, 4, 8 rows per thread; both sorts; both index dtypes)."""
+    check_one_block_sort(M, L, itype, monkeypatch)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,L", [(1000, 37), (5000, 255)])
+def test_cuda_one_block_sort_case_for_sanitizer(M, L, monkeypatch):
+    """The counting sort's shared memory and warp-synchronous ranking under compute-sanitizer
+    (`-k sanitizer`)."""
+    check_one_block_sort(M, L, torch.int64, monkeypatch)
+
+
 @pytest.mark.gpu
 def test_cuda_precomputed_segments_give_the_same_results():
     """Segments sorted once (RowIndex, as adapter_batch shares them across layers) and passed to the

@@ -103,6 +103,17 @@ inline float __shfl_xor_sync(unsigned, float v, int off) {
   return r;
 }
 
+inline int __shfl_xor_sync(unsigned, int v, int off) {
+  const unsigned t = threadIdx.x, w = t / 32, lane = t % 32;
+  emu::g_shfl_u[t] = static_cast<uint32_t>(v);
+  emu::g_warp_barriers[w]->arrive_and_wait();
+  const int r = static_cast<int>(emu::g_shfl_u[w * 32 + (lane ^ off)]);
+  emu::g_warp_barriers[w]->arrive_and_wait();
+  return r;
+}
+
+inline void __syncwarp(unsigned = 0xffffffffu) { emu::g_warp_barriers[threadIdx.x / 32]->arrive_and_wait(); }
+
 inline uint32_t __shfl_sync(unsigned, uint32_t v, int src) {
   const unsigned t = threadIdx.x, w = t / 32;
   emu::g_shfl_u[t] = v;
@@ -175,7 +186,8 @@ inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, 
 }}  // namespace nvcuda::wmma
 
 namespace cub {
-template <typename T, int NT>
+enum BlockScanAlgorithm { BLOCK_SCAN_RAKING, BLOCK_SCAN_RAKING_MEMOIZE, BLOCK_SCAN_WARP_SCANS };
+template <typename T, int NT, BlockScanAlgorithm = BLOCK_SCAN_RAKING>
 struct BlockScan {
   struct TempStorage { T vals[NT]; };
   TempStorage& s;
