@@ -4,7 +4,7 @@
         --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \\
         python benchmarks/ncu_multi.py [T,L,r,popularity ...]
 
-Each case: the segment regime (the one-block sort, then the register shrink and expand where they
+Each case: the segment regime (the sort, then the register shrink and expand where they
 apply) and the decode regime, twice; read the second launch of each kernel in the report.
 """
 import sys

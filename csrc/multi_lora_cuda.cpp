@@ -69,7 +69,7 @@ struct SegmentTensors {
 
 SegmentTensors make_segments(const Tensor& indices, int64_t M, int L, cudaStream_t stream) {
   const auto iopt = indices.options().dtype(at::kInt);
-  if (M <= kSortMaxRows) {  // one launch: keys, sort and tile table in one block
+  if (M <= kSortMaxRows) {  // one launch: keys, sort and tile table (a block, or a cluster of blocks)
     SegmentTensors s(at::empty({M}, indices.options().dtype(at::kLong)), at::empty({L + 2}, iopt),
                      at::empty({L + 2}, iopt), M, L);
     check_launch(sort_segments(int_vec(indices), M, L, s.perm.data_ptr<int64_t>(), s.seg_start.data_ptr<int32_t>(),

@@ -341,9 +341,10 @@ __global__ void __launch_bounds__(kSegThreads)
   if (threadIdx.x == 0) seg_start[L + 1] = static_cast<int32_t>(M);
 }
 
-// make_keys, the stable sort and build_segments in one block, for M <= kSortMaxRows rows: at decode
-// batch sizes the three launches (and the sort's own) cost more than the kernels that use them (an
-// H100 runs a launch of a captured graph in ~2-3 us). kItems rows per thread in the blocked
+// make_keys, the stable sort and build_segments in one block, for M <= kSortMaxRows rows past 255
+// adapters, past 1024 rows before sm_90, or with LORA_KERNELS_MULTI_SORT=radix (the counting sort
+// below otherwise): at decode batch sizes the three launches (and the sort's own) cost more than
+// the kernels that use them (an H100 runs a launch of a captured graph in ~2-3 us). kItems rows per thread in the blocked
 // arrangement (thread t holds rows t * kItems ..), radix-sorted on the key's bits only (9 bits and
 // more past 255 adapters, where the counting sort below does not apply: 4-bit passes); the sort is
 // stable, so equal keys keep their row order.
@@ -393,22 +394,40 @@ __global__ void __launch_bounds__(kSortThreads)
   scan_tiles<kSortThreads>(L, [&](int g) { return seg_start[g + 1] - seg_start[g]; }, tile_start, sm.scan);
 }
 
-// The same tables for up to 256 groups (L <= 255), by a counting sort: one pass over the keys,
-// no exchanges. Warp w owns the rows [w * 32 * kItems, (w + 1) * 32 * kItems), read 32 at a time
-// (round j, lane l: row w * 32 * kItems + 32 j + l; rounds then lanes are the row order). A row's
-// place among its warp's rows of its group = that group's count in the warp's earlier rounds
-// (cnt, shared memory) + the lanes below it holding the same key in its round: stable by
-// construction. One block scan over (group, warp), group-major, turns the counts into sorted
-// positions; the same scan, on the high half of a packed sum, gives the tile table. The rows land
-// in shared memory at their sorted positions and leave in order (coalesced, 16-byte stores).
-// Why: the radix sort spends 2 passes x (rank, 2 exchanges through shared memory) on 8-bit keys:
-// 10.0 us per sort at T4096 L128 on an H100 (graph of sorts), ~9 us of the call's 61. This one:
-// the lanes holding the same key come from one ballot per key bit (__match_any_sync's cost grows
-// with the distinct values in the warp: 11.4 us at T4096 on 128 adapters, 4.2 on one), and the
-// perm writes are in sorted order, not scattered (32 sectors per store on 128 adapters).
-constexpr int kCountSortThreads = 1024;  // 32 warps; the scan gives each group 4 threads
+// The same tables for up to 256 groups (L <= 255), by a counting sort, one row per thread: one
+// block of 1024 threads up to 1024 rows, else a thread-block cluster (sm_90) of C = ceil(M / 1024)
+// blocks, C <= 8 (the portable cluster size: M <= kSortMaxRows). A row's sorted position is
+//   seg_start[g] + (rows of g in the blocks before its own) + (rows of g in its block's warps
+//   before its own) + (lanes below it in its warp with key g),
+// the row order within each group, so the sort is stable. The last term comes from one ballot per
+// key bit; a block scan over (group, warp), group-major, gives the block's own sorted order; each
+// block's count of each group goes to every block of the cluster (distributed shared memory, one
+// cluster barrier), and a block scan over the groups (rows and tiles packed in one int) gives
+// seg_start and tile_start. Rows are staged in shared memory in the block's sorted order and
+// written from there: each group's rows of a block are one contiguous run of perm.
+// Why (H100, graph of 20 sorts): the radix sort took 9.6 us at T4096 L128 (2 passes x (rank, 2
+// exchanges through shared memory)), ~9 us of the call's 61; a one-block counting sort 5.6 us, of
+// which ranking 4 rows per thread took ~1.8 us on the block's one SM. (__match_any_sync instead of
+// the ballots: 11.4 us at T4096 on 128 adapters, 4.2 on one: its cost grows with the distinct
+// keys in the warp.)
+constexpr int kCountSortThreads = 1024;  // 32 warps; the (group, warp) scan gives each group 4 threads
 constexpr int kCountSortMaxGroups = kCountSortThreads / 4;
-constexpr int kCountSortStride = 257;  // cnt's row per warp: odd, so the scan's reads do not conflict
+constexpr int kCountSortMaxBlocks = 8;   // the portable cluster size
+constexpr int kCountSortStride = 257;    // cnt's row per warp: odd, so the group threads' reads do not conflict
+static_assert(kSortMaxRows <= kCountSortThreads * kCountSortMaxBlocks, "one row per thread of the cluster");
+
+// The lanes of the warp whose key (in [0, 2^kBits), or -1: none) equals this lane's: one ballot per
+// bit. ballot ^ (bit - 1) is the ballot where this lane's bit is 1 and its complement where it is 0.
+template <int kBits>
+__device__ __forceinline__ unsigned same_key_lanes(int key) {
+  unsigned peers = __ballot_sync(0xffffffffu, key >= 0);
+#pragma unroll
+  for (int b = 0; b < kBits; ++b) {
+    const int bit = (key >> b) & 1;
+    peers &= __ballot_sync(0xffffffffu, bit != 0) ^ static_cast<unsigned>(bit - 1);
+  }
+  return peers;
+}
 
 // Exclusive sum over the block's 1024 threads in thread order; *total = the sum of all. Two
 // barriers; the first one comes after every thread's code before the call.
@@ -440,108 +459,146 @@ __device__ __forceinline__ int block_excl_sum_1024(int v, int* total) {
   return warp_sums[w] + inc - v;
 }
 
-// The lanes of the warp whose key (in [0, 2^kBits), or -1: none) equals this lane's: one ballot per
-// bit. ballot ^ (bit - 1) is the ballot where this lane's bit is 1 and its complement where it is 0.
-template <int kBits>
-__device__ __forceinline__ unsigned same_key_lanes(int key) {
-  unsigned peers = __ballot_sync(0xffffffffu, key >= 0);
-#pragma unroll
-  for (int b = 0; b < kBits; ++b) {
-    const int bit = (key >> b) & 1;
-    peers &= __ballot_sync(0xffffffffu, bit != 0) ^ static_cast<unsigned>(bit - 1);
-  }
-  return peers;
+// Thread-block clusters (sm_90): the block's rank in its cluster; a barrier over the cluster's
+// threads in two halves (arrive, then wait until every thread has arrived: with release / acquire,
+// shared-memory writes before the arrive, remote ones included, are visible to the whole cluster
+// after the wait; relaxed, it only says that the thread's block has started, which a block must
+// know of another before touching its shared memory); and a store into the shared memory of block
+// `rank` at the address of p in this one. count_sort_segments_kernel<true> runs on sm_90+ only.
+__device__ __forceinline__ int cluster_block_rank() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  unsigned r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return static_cast<int>(r);
+#else
+  return 0;
+#endif
+}
+__device__ __forceinline__ void cluster_arrive_relaxed() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void cluster_arrive() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void cluster_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+#else
+  __syncthreads();
+#endif
+}
+__device__ __forceinline__ void cluster_store(int* p, int rank, int v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const uint32_t local = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(local), "r"(rank));
+  asm volatile("st.shared::cluster.u32 [%0], %1;\n" ::"r"(remote), "r"(v) : "memory");
+#else
+  (void)rank;
+  *p = v;
+#endif
 }
 
-template <int kItems>
+template <bool kCluster>
 __global__ void __launch_bounds__(kCountSortThreads)
     count_sort_segments_kernel(IntVec idx, int64_t M, int L, int64_t* perm, int32_t* seg_start, int32_t* tile_start) {
-  static_assert(kCountSortThreads * kItems < 65536, "rows, positions and the scan's row sums are kept in 16 bits");
-  __shared__ uint16_t cnt[32 * kCountSortStride];  // [warp][group]: counts, then first sorted positions
-  __shared__ __align__(16) uint16_t sorted[kCountSortThreads * kItems];  // row of each sorted position
+  __shared__ uint16_t cnt[32 * kCountSortStride];  // [warp][group]: rows, then block-sorted position of the first
+  __shared__ uint32_t staged[kCountSortThreads];   // key << 16 | row in the block, at block-sorted positions
+  __shared__ int shift[kCountSortMaxGroups];       // sorted position - block-sorted position, per group
+  __shared__ int rows_in[kCluster ? kCountSortMaxBlocks : 1][kCountSortMaxGroups];  // [block][group] (cluster)
+  __shared__ int block_first[kCluster ? kCountSortMaxGroups : 1];  // block-sorted position of each group's first
   grid_dep_launch_dependents();  // the shrink may start; it waits for this sort's tables
+  if (kCluster) cluster_arrive_relaxed();  // this block has started (waited on before the remote stores)
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  const int blk = kCluster ? cluster_block_rank() : 0, blocks = kCluster ? static_cast<int>(gridDim.x) : 1;
   const int groups = L + 1;  // adapters 0 .. L - 1, then L: no adapter (-1 or out of range)
-  int bits = 1;  // of the largest key, L
-  while ((1 << bits) <= L) ++bits;
+  const int64_t row0 = static_cast<int64_t>(blk) * kCountSortThreads;  // the grid is one cluster
+  int key = -1;  // past M: in no group
+  if (row0 + threadIdx.x < M) {
+    const int64_t v = read_int(idx, row0 + threadIdx.x);
+    key = (v >= 0 && v < L) ? static_cast<int>(v) : L;
+  }
   uint16_t* my_cnt = cnt + w * kCountSortStride;
-  const int row0 = w * 32 * kItems + lane;
-  int64_t v[kItems];  // all loads in flight at once: rows past M read row M - 1, and are dropped below
-  if (M > 0) {
-#pragma unroll
-    for (int j = 0; j < kItems; ++j) v[j] = read_int(idx, dmin<int64_t>(row0 + 32 * j, M - 1));
-  }
   for (int g = lane; g < groups; g += 32) my_cnt[g] = 0;  // a warp's own row: no block barrier needed
-  int key[kItems];  // -1 past M: in no group
-#pragma unroll
-  for (int j = 0; j < kItems; ++j) key[j] = row0 + 32 * j >= M ? -1 : (v[j] >= 0 && v[j] < L) ? static_cast<int>(v[j]) : L;
   __syncwarp();
-  const unsigned below = (1u << lane) - 1u;
-  // every round's lanes with the same key first (independent ballots), then the counts' chain
-  unsigned peers[kItems];
+  const unsigned peers = L < 16 ? same_key_lanes<4>(key) : same_key_lanes<8>(key);
+  const int rank = __popc(peers & ((1u << lane) - 1u));  // lanes below with the same key
+  if (key >= 0 && rank == 0) my_cnt[key] = static_cast<uint16_t>(__popc(peers));
+  __syncthreads();
+  {  // thread t: group g = t / 4, warps 8q .. 8q + 7 (q = t % 4); thread order is (group, warp) order
+    const int g = threadIdx.x >> 2, q = threadIdx.x & 3;
+    int c[8], sum = 0;
 #pragma unroll
-  for (int j = 0; j < kItems; ++j) peers[j] = bits <= 4 ? same_key_lanes<4>(key[j]) : same_key_lanes<8>(key[j]);
-  int rank[kItems];  // place among the warp's rows of the same group
-#pragma unroll
-  for (int j = 0; j < kItems; ++j) {
-    // the group's first lane counts the round in; the others get the count before it by shuffle
-    const int first = key[j] >= 0 ? __ffs(static_cast<int>(peers[j])) - 1 : lane;
-    int before = 0;
-    if (key[j] >= 0 && lane == first) {
-      before = my_cnt[key[j]];
-      my_cnt[key[j]] = static_cast<uint16_t>(before + __popc(peers[j]));
+    for (int j = 0; j < 8; ++j) {
+      c[j] = g < groups ? cnt[(8 * q + j) * kCountSortStride + g] : 0;
+      sum += c[j];
     }
-    before = static_cast<int>(__shfl_sync(0xffffffffu, static_cast<uint32_t>(before), first));
-    rank[j] = before + __popc(peers[j] & below);
-    __syncwarp();  // the round's counts are written before the next round's first lanes read them
-  }
-  __syncthreads();
-  // thread t: group g = t / 4, warps 8q .. 8q + 7 (q = t % 4); in thread order that is (group,
-  // warp), group-major: an exclusive sum over threads is each (g, 8q)'s first sorted position
-  const int g = threadIdx.x >> 2, q = threadIdx.x & 3;
-  int c[8], sum = 0;
+    int rows = sum + __shfl_xor_sync(0xffffffffu, sum, 1);  // the group's rows in the block
+    rows += __shfl_xor_sync(0xffffffffu, rows, 2);
+    // one block: packed tiles x 2^16 + rows (rows <= 1024, tiles <= 16 + 256); a cluster: rows
+    const int tiles = !kCluster && q == 0 ? (rows + kTileRows - 1) / kTileRows : 0;
+    int total = 0;
+    const int before = block_excl_sum_1024((tiles << 16) + sum, &total);  // its barriers: reads above, writes below
+    int pos = before & 0xffff;
 #pragma unroll
-  for (int j = 0; j < 8; ++j) {
-    c[j] = g < groups ? cnt[(8 * q + j) * kCountSortStride + g] : 0;
-    sum += c[j];
-  }
-  int total = sum + __shfl_xor_sync(0xffffffffu, sum, 1);  // the group's rows: its 4 threads' sums
-  total += __shfl_xor_sync(0xffffffffu, total, 2);
-  // packed: tiles x 2^16 + rows; rows <= kSortMaxRows < 2^16, tiles <= M / 64 + 256 < 2^15
-  const int tiles = q == 0 ? (total + kTileRows - 1) / kTileRows : 0;
-  int all = 0;
-  const int before = block_excl_sum_1024((tiles << 16) + sum, &all);  // its barriers: reads above, writes below
-  int pos = before & 0xffff;
-#pragma unroll
-  for (int j = 0; j < 8; ++j) {
-    if (g < groups) cnt[(8 * q + j) * kCountSortStride + g] = static_cast<uint16_t>(pos);
-    pos += c[j];
-  }
-  if (q == 0 && g < groups) {
-    seg_start[g] = before & 0xffff;
-    tile_start[g] = before >> 16;
-  }
-  if (threadIdx.x == 0) {
-    seg_start[groups] = static_cast<int32_t>(M);
-    tile_start[groups] = all >> 16;
-  }
-  __syncthreads();
-#pragma unroll
-  for (int j = 0; j < kItems; ++j)
-    if (key[j] >= 0) sorted[my_cnt[key[j]] + rank[j]] = static_cast<uint16_t>(row0 + 32 * j);
-  __syncthreads();
-  // two positions per thread and store (perm is 16-byte aligned: a fresh tensor)
-#pragma unroll
-  for (int k = 0; k < (kItems + 1) / 2; ++k) {
-    const int p = 2 * (threadIdx.x + k * kCountSortThreads);
-    if (p + 1 < M) {
-      longlong2 two;
-      two.x = sorted[p];
-      two.y = sorted[p + 1];
-      *reinterpret_cast<longlong2*>(perm + p) = two;
-    } else if (p < M) {
-      perm[p] = sorted[p];
+    for (int j = 0; j < 8; ++j) {
+      if (g < groups) cnt[(8 * q + j) * kCountSortStride + g] = static_cast<uint16_t>(pos);
+      pos += c[j];
     }
+    if (kCluster) cluster_wait();  // every block of the cluster has started
+    if (q == 0 && g < groups) {
+      if (kCluster) {
+        block_first[g] = before;
+        for (int b = 0; b < blocks; ++b) cluster_store(&rows_in[blk][g], b, rows);
+      } else {
+        shift[g] = 0;
+        seg_start[g] = before & 0xffff;
+        tile_start[g] = before >> 16;
+      }
+    }
+    if (!kCluster && threadIdx.x == 0) {
+      seg_start[groups] = static_cast<int32_t>(M);
+      tile_start[groups] = total >> 16;
+    }
+  }
+  if (kCluster) {
+    cluster_arrive();  // every block's rows_in rows (and this block's cnt) complete; no remote access after
+    cluster_wait();
+    int all = 0, earlier = 0;  // thread g: group g's rows in the cluster, and in the blocks before this one
+    const int g = threadIdx.x;
+    if (g < groups) {
+      for (int b = 0; b < blocks; ++b) {
+        all += rows_in[b][g];
+        earlier += b < blk ? rows_in[b][g] : 0;
+      }
+    }
+    // packed: tiles x 2^16 + rows; rows <= kSortMaxRows < 2^16, tiles <= M / 64 + 256 < 2^15
+    int total = 0;
+    const int scan = block_excl_sum_1024(g < groups ? (((all + kTileRows - 1) / kTileRows) << 16) + all : 0, &total);
+    if (g < groups) {
+      shift[g] = (scan & 0xffff) + earlier - block_first[g];
+      if (blk == 0) {
+        seg_start[g] = scan & 0xffff;
+        tile_start[g] = scan >> 16;
+      }
+    }
+    if (blk == 0 && g == 0) {
+      seg_start[groups] = static_cast<int32_t>(M);
+      tile_start[groups] = total >> 16;
+    }
+  } else {
+    __syncthreads();  // cnt holds block-sorted positions
+  }
+  if (key >= 0) staged[my_cnt[key] + rank] = static_cast<uint32_t>(key) << 16 | threadIdx.x;
+  __syncthreads();
+  const int64_t rows_here = M - row0 < kCountSortThreads ? M - row0 : kCountSortThreads;
+  if (static_cast<int64_t>(threadIdx.x) < rows_here) {  // block-sorted position threadIdx.x
+    const uint32_t e = staged[threadIdx.x];
+    perm[shift[e >> 16] + static_cast<int>(threadIdx.x)] = row0 + (e & 0xffff);
   }
 }
 
@@ -1210,8 +1267,8 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
 // step: they do not wait for the row numbers (perm), which each lane reads itself.
 //
 // L2 prefetch while the sort runs (pf_idx set: the glue sorted the rows in this call, with
-// programmatic dependent launch). The sort is one block of mostly fixed latency (~4-6 us on an
-// H100 at 256-1024 rows) during which DRAM idles, and the shrink cannot start its loads before the
+// programmatic dependent launch). The sort is one short launch of mostly fixed latency (~3-5 us on
+// an H100) during which DRAM idles, and the shrink cannot start its loads before the
 // sort's tables say which rows and adapter each block takes. What it will read is known from the
 // raw indices, though: x's rows and the used adapters' A. So each block, before its wait, hands a
 // share of those bytes to the bulk-copy unit as L2 prefetches, and the loads after the wait hit L2.
@@ -1856,21 +1913,39 @@ static bool radix_sort_forced() {
   return v != nullptr && std::string(v) == "radix";
 }
 
+// Thread-block clusters: sm_90 and later (the kernels are built for the device's architecture).
+static bool clusters_available() {
+  int dev = 0, major = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
+  return major >= 9;
+}
+
 cudaError_t sort_segments(IntVec idx, int64_t M, int L, int64_t* perm, int32_t* seg_start, int32_t* tile_start,
                           cudaStream_t stream) {
   if (M > kSortMaxRows || L < 0) return cudaErrorInvalidValue;
   if (L + 1 <= kCountSortMaxGroups && !radix_sort_forced()) {
-    static_assert(kSortMaxRows <= kCountSortThreads * 8, "count_sort_segments_kernel takes <= 8 rows per thread");
-    if (M <= kCountSortThreads) {
-      count_sort_segments_kernel<1><<<1, kCountSortThreads, 0, stream>>>(idx, M, L, perm, seg_start, tile_start);
-    } else if (M <= kCountSortThreads * 2) {
-      count_sort_segments_kernel<2><<<1, kCountSortThreads, 0, stream>>>(idx, M, L, perm, seg_start, tile_start);
-    } else if (M <= kCountSortThreads * 4) {
-      count_sort_segments_kernel<4><<<1, kCountSortThreads, 0, stream>>>(idx, M, L, perm, seg_start, tile_start);
-    } else {
-      count_sort_segments_kernel<8><<<1, kCountSortThreads, 0, stream>>>(idx, M, L, perm, seg_start, tile_start);
+    const int blocks = static_cast<int>(std::max<int64_t>(1, cdiv(M, kCountSortThreads)));
+    if (blocks == 1) {
+      count_sort_segments_kernel<false><<<1, kCountSortThreads, 0, stream>>>(idx, M, L, perm, seg_start, tile_start);
+      return cudaGetLastError();
     }
-    return cudaGetLastError();
+#ifndef LORA_KERNELS_EMU
+    if (clusters_available()) {
+      cudaLaunchConfig_t cfg = {};
+      cfg.gridDim = dim3(blocks);
+      cfg.blockDim = dim3(kCountSortThreads);
+      cfg.stream = stream;
+      cudaLaunchAttribute attr[1];
+      attr[0].id = cudaLaunchAttributeClusterDimension;
+      attr[0].val.clusterDim.x = blocks;
+      attr[0].val.clusterDim.y = 1;
+      attr[0].val.clusterDim.z = 1;
+      cfg.attrs = attr;
+      cfg.numAttrs = 1;
+      return cudaLaunchKernelEx(&cfg, count_sort_segments_kernel<true>, idx, M, L, perm, seg_start, tile_start);
+    }
+#endif
   }
   int end_bit = 1;
   while ((1LL << end_bit) <= static_cast<int64_t>(L) + 1) ++end_bit;  // bits of the padding key L + 1

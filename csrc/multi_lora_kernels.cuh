@@ -85,9 +85,10 @@ cudaError_t build_segments(const int32_t* sorted_keys, int64_t M, int L, int32_t
 // Upper bound on the number of tiles (the static grid size: CUDA-graph safe).
 int64_t max_tiles(int64_t M, int L);
 
-// make_keys + a stable sort + build_segments in one launch (one block) for M <= kSortMaxRows: a
-// counting sort up to 255 adapters, else a radix sort of the keys with their row numbers; either
-// way the result is the stable sort's (equal keys keep their row order). perm [M] int64, seg_start / tile_start [L + 2] as above.
+// make_keys + a stable sort + build_segments in one launch for M <= kSortMaxRows: a counting sort up
+// to 255 adapters (one block up to 1024 rows, else a thread-block cluster of up to 8 on sm_90+),
+// else a one-block radix sort of the keys with their row numbers; either way the result is the
+// stable sort's (equal keys keep their row order). perm [M] int64, seg_start / tile_start [L + 2] as above.
 constexpr int64_t kSortMaxRows = 8192;
 cudaError_t sort_segments(IntVec idx, int64_t M, int L, int64_t* perm, int32_t* seg_start, int32_t* tile_start,
                           cudaStream_t stream);

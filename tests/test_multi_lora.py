@@ -710,11 +710,13 @@ def test_cuda_direct_mode_case_for_sanitizer(M, L, popularity, monkeypatch):
     assert rel_err(y, ref64(x, A, B, idx, s)) <= FWD_TOL[torch.bfloat16]
 
 
-def check_one_block_sort(M, L, itype, monkeypatch):
-    """The one-block sort's tables (perm, seg_start, tile_start) against torch's stable sort, with the
-    counting sort (the default up to 255 adapters) and the radix sort (LORA_KERNELS_MULTI_SORT=radix;
-    the only one past 255). -1 and out-of-range indices count as "no adapter"; half the rows go to
-    adapter 0, so that its rows fill whole warps and many tiles."""
+def check_call_sort(M, L, itype, monkeypatch):
+    """The sort of a call's rows (up to 8192, one launch) against torch's stable sort, its tables
+    (perm, seg_start, tile_start) with the counting sort (the default up to 255 adapters: one block
+    up to 1024 rows, a thread-block cluster of up to 8 past that) and the radix sort
+    (LORA_KERNELS_MULTI_SORT=radix; the only one past 255 adapters). -1 and out-of-range indices
+    count as "no adapter"; half the rows go to adapter 0, so that its rows fill whole warps and
+    many tiles."""
     g = torch.Generator().manual_seed(M * 1000 + L)
     idx = torch.randint(-1, L, (M,), generator=g)
     idx[torch.rand(M, generator=g) < 0.5] = 0
@@ -734,20 +736,22 @@ def check_one_block_sort(M, L, itype, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("M", [1, 100, 1024, 1025, 2048, 4096, 4097, 8192])
+@pytest.mark.parametrize("M", [1, 100, 1024, 1025, 2048, 3000, 4096, 4097, 7000, 8192])
 @pytest.mark.parametrize("L", [1, 37, 255, 256])
 @pytest.mark.parametrize("itype", [torch.int64, torch.int32])
-def test_cuda_one_block_sort_matches_the_stable_sort(M, L, itype, monkeypatch):
-    """Every variant of the one-block sort (1, 2, 4, 8 rows per thread; both sorts; both index dtypes)."""
-    check_one_block_sort(M, L, itype, monkeypatch)
+def test_cuda_call_sort_matches_the_stable_sort(M, L, itype, monkeypatch):
+    """Every variant (one block; clusters of 2, 3, 4, 5, 7, 8 blocks; the radix sort's 2, 8 and 16
+    rows per thread; 4- and 8-bit keys; both index dtypes)."""
+    check_call_sort(M, L, itype, monkeypatch)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("M,L", [(1000, 37), (5000, 255)])
-def test_cuda_one_block_sort_case_for_sanitizer(M, L, monkeypatch):
-    """The counting sort's shared memory and warp-synchronous ranking under compute-sanitizer
-    (`-k sanitizer`)."""
-    check_one_block_sort(M, L, torch.int64, monkeypatch)
+def test_cuda_call_sort_case_for_sanitizer(M, L, monkeypatch):
+    """The counting sort's shared memory, warp-synchronous ranking and (5000 rows: a cluster of 5
+    blocks) distributed shared memory under compute-sanitizer (`-k sanitizer`; racecheck flags a
+    remote store into a block not known to have started)."""
+    check_call_sort(M, L, torch.int64, monkeypatch)
 
 
 @pytest.mark.gpu
@@ -795,7 +799,7 @@ def test_cuda_row_index_in_the_public_api(decode, monkeypatch):
 @pytest.mark.parametrize("M", [0, 1, 700, 1025, 4096, 8192, 8193, 20000])
 @pytest.mark.parametrize("L", [1, 6, 300, 5000])
 def test_cuda_segments_match_a_stable_sort(M, L):
-    """multi_lora_segments (one block up to 8192 rows, CUB's sort beyond) against torch's stable sort:
+    """multi_lora_segments (one launch up to 8192 rows, CUB's sort beyond) against torch's stable sort:
     perm, each group's first row (groups 0..L-1, L = rows without adapter, then M) and each group's
     first 64-row tile."""
     g = torch.Generator().manual_seed(M + L)
