@@ -296,7 +296,7 @@ int main(int argc, char** argv) {
   // the one-block segment builder against the stable sort (make_segments compares them), at the
   // sizes of its variants, with rows past the adapters and bad indices
   for (int64_t M : {0, 1, 100, 1024, 1025, 4096, 5000, 8192}) {
-    for (int L : {1, 7, 255, 256, 300}) {  // the counting sort up to L = 255, the radix sort past it
+    for (int L : {1, 7, 16, 255, 256, 300}) {  // the counting sort up to L = 255 (4-bit keys up to 15), the radix sort past it
       std::vector<int64_t> idx(M);
       for (auto& v : idx) v = int64_t(rng() % (L + 2)) - 1 + ((rng() % 50 == 0) ? L + 9 : 0);
       make_segments(idx, M, L);
