@@ -2141,15 +2141,18 @@ cudaError_t launch_overlapped(void (*kernel)(KArgs...), dim3 grid, dim3 block, s
 
 int rows_expand_chunk(int64_t D, int64_t n_tiles, int sm_count, int blocks_per_sm, int R) {
   // Columns per block: ~8 blocks per SM in all up to r32 (1024 rows over 128 adapters at r16,
-  // N = 4096: 145 tile slots x 7 chunks of 640 columns), 4 past r32; a multiple of 64 (one unit of
-  // a warp). The KS = 4 variant (r > 32, 121 registers) fits 4 blocks of 128 threads on an SM, the
-  // others 7 (72 registers): at 8 per SM its blocks ran in ~1.6 waves. H100, graph, the call at
-  // K = N = 4096: r64 T1024 L64 48.1 us at 8 -> 45.5 at 4 (5: 45.4, 3: 46.7), T2048 L8 zipf r64
-  // 75.5 -> 64.4; while r16 and r32 are best at 8 (T4096 L128 r16 55.5 vs 58.0 at 7, T1024 L64
-  // r32 30.0 vs 32.2 at 4).
-  const int target = blocks_per_sm > 0 ? blocks_per_sm : (R > 32 ? 4 : 8);
-  const int64_t want = static_cast<int64_t>(target) * std::max(sm_count, 1);
-  const int64_t groups = std::max<int64_t>(1, want / std::max<int64_t>(1, n_tiles));
+  // N = 4096: 145 tile slots x 7 chunks of 640 columns); past r32 ~4 per SM, the chunk count
+  // rounded up; a multiple of 64 columns (one unit of a warp). The KS = 4 variant (r > 32, 121
+  // registers) fits 4 blocks of 128 threads on an SM, the others 7 (72 registers): at 8 per SM its
+  // blocks ran in up to ~1.6 waves. H100, graph, the call at K = N = 4096, r64, 22 cases of T 256 -
+  // 4096 x L 8 - 128 (RESULTS.md): 0.80-0.99x of the time at 8 per SM in 17 of them (T1024 L64
+  // distinct 48.6 -> 45.5 us, T4096 L8 108.8 -> 87.7), 1.03-1.04x in 3, 1.10x at T4096 L128 zipf;
+  // rounded down instead, that one was 1.22x. r16 / r32 are best at 8 (T4096 L128 r16 55.5 us vs
+  // 58.0 at 7; T1024 L64 r32 30.0 vs 32.2 at 4).
+  const bool wide = R > 32;
+  const int64_t want = static_cast<int64_t>(blocks_per_sm > 0 ? blocks_per_sm : (wide ? 4 : 8)) * std::max(sm_count, 1);
+  const int64_t slots = std::max<int64_t>(1, n_tiles);
+  const int64_t groups = std::max<int64_t>(1, wide ? cdiv(want, slots) : want / slots);
   return static_cast<int>(std::max<int64_t>(64, cdiv(cdiv(D, groups), 64) * 64));
 }
 
