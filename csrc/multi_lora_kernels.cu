@@ -1913,13 +1913,21 @@ static bool radix_sort_forced() {
   return v != nullptr && std::string(v) == "radix";
 }
 
-// Thread-block clusters: sm_90 and later (the kernels are built for the device's architecture).
+#ifndef LORA_KERNELS_EMU
+// Thread-block clusters: an sm_90+ device, and count_sort_segments_kernel<true> compiled for sm_90+
+// (built for an older architecture and JIT-compiled from its PTX, its cluster helpers would be the
+// one-block fallbacks).
 static bool clusters_available() {
   int dev = 0, major = 0;
   if (cudaGetDevice(&dev) != cudaSuccess) return false;
   if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
-  return major >= 9;
+  static const int ptx = [] {
+    cudaFuncAttributes attr{};
+    return cudaFuncGetAttributes(&attr, count_sort_segments_kernel<true>) == cudaSuccess ? attr.ptxVersion : 0;
+  }();
+  return major >= 9 && ptx >= 90;
 }
+#endif
 
 cudaError_t sort_segments(IntVec idx, int64_t M, int L, int64_t* perm, int32_t* seg_start, int32_t* tile_start,
                           cudaStream_t stream) {
