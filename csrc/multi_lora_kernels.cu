@@ -344,10 +344,9 @@ __global__ void __launch_bounds__(kSegThreads)
 // make_keys, the stable sort and build_segments in one block, for M <= kSortMaxRows rows past 255
 // adapters, past 1024 rows before sm_90, or with LORA_KERNELS_MULTI_SORT=radix (the counting sort
 // below otherwise): at decode batch sizes the three launches (and the sort's own) cost more than
-// the kernels that use them (an H100 runs a launch of a captured graph in ~2-3 us). kItems rows per thread in the blocked
-// arrangement (thread t holds rows t * kItems ..), radix-sorted on the key's bits only (9 bits and
-// more past 255 adapters, where the counting sort below does not apply: 4-bit passes); the sort is
-// stable, so equal keys keep their row order.
+// the kernels that use them (an H100 runs a launch of a captured graph in ~2-3 us). kItems rows per
+// thread in the blocked arrangement (thread t holds rows t * kItems ..), radix-sorted on the key's
+// bits only (4-bit passes); the sort is stable, so equal keys keep their row order.
 constexpr int kSortThreads = 512;
 
 template <int kItems>
@@ -429,27 +428,28 @@ __device__ __forceinline__ unsigned same_key_lanes(int key) {
   return peers;
 }
 
+// Inclusive sum over the warp's lanes in lane order (every lane of a full warp calls it).
+__device__ __forceinline__ int warp_incl_sum(int v) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const int n = __shfl_up_sync(0xffffffffu, v, off);
+    if (lane >= off) v += n;
+  }
+  return v;
+}
+
 // Exclusive sum over the block's 1024 threads in thread order; *total = the sum of all. Two
 // barriers; the first one comes after every thread's code before the call.
 __device__ __forceinline__ int block_excl_sum_1024(int v, int* total) {
   __shared__ int warp_sums[33];
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-  int inc = v;  // inclusive sum within the warp
-#pragma unroll
-  for (int off = 1; off < 32; off <<= 1) {
-    const int n = __shfl_up_sync(0xffffffffu, inc, off);
-    if (lane >= off) inc += n;
-  }
+  const int inc = warp_incl_sum(v);
   if (lane == 31) warp_sums[w] = inc;
   __syncthreads();
   if (w == 0) {  // the warps' sums, scanned by one warp
     const int t = warp_sums[lane];
-    int ti = t;
-#pragma unroll
-    for (int off = 1; off < 32; off <<= 1) {
-      const int n = __shfl_up_sync(0xffffffffu, ti, off);
-      if (lane >= off) ti += n;
-    }
+    const int ti = warp_incl_sum(t);
     __syncwarp();  // every lane has read its warp sum before the prefixes overwrite them
     warp_sums[lane] = ti - t;
     if (lane == 31) warp_sums[32] = ti;
@@ -1346,12 +1346,7 @@ struct BlockRows {
 // Ends with a barrier, so wsum may be reused by the next call.
 __device__ __forceinline__ int block_excl_scan(int v, int* wsum, int* total) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  int incl = v;
-#pragma unroll
-  for (int off = 1; off < 32; off <<= 1) {
-    const int u = __shfl_up_sync(0xffffffffu, incl, off);
-    if (lane >= off) incl += u;
-  }
+  const int incl = warp_incl_sum(v);
   if (lane == 31) wsum[warp] = incl;
   __syncthreads();
   int pos = incl - v, sum = 0;

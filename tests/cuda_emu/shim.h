@@ -186,8 +186,7 @@ inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, 
 }}  // namespace nvcuda::wmma
 
 namespace cub {
-enum BlockScanAlgorithm { BLOCK_SCAN_RAKING, BLOCK_SCAN_RAKING_MEMOIZE, BLOCK_SCAN_WARP_SCANS };
-template <typename T, int NT, BlockScanAlgorithm = BLOCK_SCAN_RAKING>
+template <typename T, int NT>
 struct BlockScan {
   struct TempStorage { T vals[NT]; };
   TempStorage& s;
