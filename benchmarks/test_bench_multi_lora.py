@@ -9,6 +9,7 @@ takes the report's whole decode grid.
 """
 import functools
 import math
+import statistics
 
 import pytest
 import torch
@@ -118,23 +119,22 @@ def _model():
     return MB.adapter_model_steps(model, names, MB.MODEL_BATCH, MB.MODEL_SEQ)
 
 
-@functools.lru_cache(maxsize=None)
-def _model_ms(setting, phase):
-    from lora_kernels._bench.e2e import time_steps
-
+@functools.lru_cache(maxsize=1)
+def _model_round_ms():
+    """Every setting and phase timed in 5 interleaved rounds (MB.model_times): {(setting, phase): [ms]}."""
     contexts, steps = _model()
-    with contexts[setting]():
-        return time_steps(steps[phase], warmup=3, iters=10)[0]
+    return MB.model_times(contexts, steps, rounds=5, warmup=3, iters=10)[0]
 
 
 @pytest.mark.parametrize("setting,phase", MODEL, ids=[f"model {p}-{s}" for s, p in MODEL])
 def test_mixed_batch_model(benchmark, setting, phase):
     """The patched 4-layer Llama, 8 seq x 1024 tok, 8 adapters: mixed vs single (target <= 1.3x)."""
     contexts, steps = _model()
-    ms, base = _model_ms(setting, phase), _model_ms("single", phase)
+    rounds = _model_round_ms()
+    ms, base = statistics.median(rounds[setting, phase]), statistics.median(rounds["single", phase])
     case = f"llama 4L mixed batch {phase}"
     benchmark.group = case
     benchmark.extra_info.update(bench="multi", case=case, impl=setting, gpu_ms_median=ms, base_ms=base,
-                                ratio_to_base=ms / base)
+                                ratio_to_base=statistics.median(MB.round_ratios(rounds, setting, phase)))
     with contexts[setting]():
         benchmark.pedantic(steps[phase], rounds=3, warmup_rounds=1)

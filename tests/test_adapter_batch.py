@@ -1,4 +1,5 @@
 """adapter_batch: each sequence of a batch with its own adapter, as if it ran alone with that adapter."""
+import contextlib
 import copy
 
 import pytest
@@ -213,3 +214,37 @@ def test_mixed_batch_benchmark_model_runs_on_cpu():
         assert got == trained, st
         with contexts[st]():
             assert torch.isfinite(steps["train"]())
+
+
+def test_mixed_batch_benchmark_times_settings_in_rotating_rounds(monkeypatch):
+    """model_times: each round times every (setting, phase) once inside that setting's context, the
+    setting order rotated per round; round_ratios divides within a round."""
+    from lora_kernels._bench import e2e
+    from lora_kernels._bench import multi as MB
+
+    entered, calls = [], []
+    current = [None]
+
+    @contextlib.contextmanager
+    def ctx(name):
+        current[0] = name
+        entered.append(name)
+        yield
+        current[0] = None
+
+    fake_ms = {"single": 10.0, "single (batch)": 11.0, "mixed": 12.0}
+
+    def fake_time_steps(step, warmup, iters):
+        calls.append((current[0], step()))
+        return fake_ms[current[0]] * (1 + len(entered)), 0.5  # drifts from round to round
+
+    monkeypatch.setattr(e2e, "time_steps", fake_time_steps)
+    contexts = {st: (lambda st=st: ctx(st)) for st in MB.MODEL_SETTINGS}
+    ms, gib = MB.model_times(contexts, {"fwd": lambda: "fwd", "train": lambda: "train"}, rounds=4)
+    s, b, m = MB.MODEL_SETTINGS
+    assert entered == [s, b, m, b, m, s, m, s, b, s, b, m]
+    assert calls == [(st, ph) for st in entered for ph in ("fwd", "train")]
+    assert all(len(v) == 4 for v in ms.values()) and set(gib.values()) == {0.5}
+    q = MB.round_ratios(ms, "mixed", "train")  # the k-th context entered times at (1 + k) x
+    assert q[0] == pytest.approx(12 * 4 / (10 * 2))
+    assert q[2] == pytest.approx(12 * 8 / (10 * 9))
