@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import lora_kernels as lk
 from ._models import R, build, randomize_adapters, torch_backend  # noqa: F401
@@ -248,3 +249,30 @@ def test_mixed_batch_benchmark_times_settings_in_rotating_rounds(monkeypatch):
     q = MB.round_ratios(ms, "mixed", "train")  # the k-th context entered times at (1 + k) x
     assert q[0] == pytest.approx(12 * 4 / (10 * 2))
     assert q[2] == pytest.approx(12 * 8 / (10 * 9))
+
+
+@pytest.mark.parametrize("ranks,dtypes", [((3, 3, 3), (torch.float32,) * 3),  # one unbind per factor
+                                          ((3, 1, 2), (torch.float32,) * 3),  # slices past each rank
+                                          ((2, 2), (torch.float32, torch.float64))])  # one cast per dtype
+def test_stacked_adapters_hand_each_adapter_its_slice_of_the_gradient(ranks, dtypes):
+    """stacked_adapters: A [L, r_max, K], B [L, N, r_max] zero-padded in the requested dtype; each
+    adapter's gradient is its own slice of the stack's, in its own dtype, equal to autograd through
+    an explicit pad-and-stack."""
+    from lora_kernels.layers import stacked_adapters
+
+    K, N = 5, 4
+    g = torch.Generator().manual_seed(0)
+    As = [torch.randn(r, K, generator=g, dtype=dt, requires_grad=True) for r, dt in zip(ranks, dtypes)]
+    Bs = [torch.randn(N, r, generator=g, dtype=dt, requires_grad=True) for r, dt in zip(ranks, dtypes)]
+    A, B = stacked_adapters(As, Bs, torch.float32, cache={})
+    r_max = max(ranks)
+    refA = torch.stack([F.pad(a.float(), (0, 0, 0, r_max - a.shape[0])) for a in As])
+    refB = torch.stack([F.pad(b.float(), (0, r_max - b.shape[1])) for b in Bs])
+    torch.testing.assert_close(A, refA, rtol=0, atol=0)
+    torch.testing.assert_close(B, refB, rtol=0, atol=0)
+    wA, wB = torch.randn(A.shape, generator=g), torch.randn(B.shape, generator=g)
+    got = torch.autograd.grad((A * wA).sum() + (B * wB).sum(), As + Bs)
+    want = torch.autograd.grad((refA * wA).sum() + (refB * wB).sum(), As + Bs)
+    for p, a, b in zip(As + Bs, got, want):
+        assert a.dtype == p.dtype and a.shape == p.shape
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
