@@ -95,13 +95,17 @@ SegmentTensors segments_of(const Tensor& indices, int64_t M, int L, const OptSeg
   return SegmentTensors(*std::get<0>(given), *std::get<1>(given), *std::get<2>(given), M, L);
 }
 
-// The segment regime's forward kernels: the register kernels where a call qualifies (16-bit, r_max
-// <= 64, aligned rows; see rows_kernels_ok), else the shared-memory tile kernels.
-// LORA_KERNELS_MULTI_SEG_KERNELS=tile forces the tile kernels (to compare them on the GPU).
-bool use_rows_kernels(DType dt, const Tensor& x, const Tensor& A, const Tensor& B, const Tensor& y) {
+// The segment regime's kernels: the register kernels where a call qualifies (16-bit, r_max <= 64,
+// aligned rows; see rows_kernels_ok), else the shared-memory tile kernels.
+// LORA_KERNELS_MULTI_SEG_KERNELS=tile forces the tile kernels, forward and backward (to compare them
+// on the GPU).
+bool tile_kernels_forced() {
   const char* v = std::getenv("LORA_KERNELS_MULTI_SEG_KERNELS");  // read per call (~0.1 us) so a benchmark can flip it
-  const bool tile_only = v != nullptr && std::string(v) == "tile";
-  return !tile_only && rows_kernels_ok(dt, x.data_ptr(), x.stride(0), x.size(1), A.data_ptr(), B.data_ptr(),
+  return v != nullptr && std::string(v) == "tile";
+}
+
+bool use_rows_kernels(DType dt, const Tensor& x, const Tensor& A, const Tensor& B, const Tensor& y) {
+  return !tile_kernels_forced() && rows_kernels_ok(dt, x.data_ptr(), x.stride(0), x.size(1), A.data_ptr(), B.data_ptr(),
                                        static_cast<int>(A.size(1)), y.data_ptr(), y.stride(0), y.size(1));
 }
 
@@ -225,24 +229,57 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cuda_impl(const Tensor& dy_in, co
   const int Li = static_cast<int>(L), Ri = static_cast<int>(R);
   const SegmentTensors seg = segments_of(indices, M, Li, segments, stream);
 
-  // G = dy @ B_l: the shrink with W = B [L, N, R] read along its contiguous rank dimension
+  // G = dy @ B_l [M, R] and dx = s * G @ A_l [M, K]: the forward's shrink and expand with the roles
+  // swapped (dy for x, B_l.T for A_l, A_l.T for B_l). Where the register kernels qualify (16-bit,
+  // R % 8 == 0, aligned rows; see rows_kernels_ok) they take B.T [L, R, N] and A.T [L, K, R], copied
+  // here (L R (N + K) elements, ~1 MB at L = 8, r = 16, N = K = 4096), and the expand sums the shrink's
+  // split partials into G as it goes, as the forward's does into S. The transposes come before the
+  // shrink: the expand reads A.T before it waits on the shrink (see rows_expand_kernel). H100, 8173 rows
+  // over 8 adapters, r16, N = K = 4096: the tile kernels took 82 us (dy @ B) and 70 us (G @ A), at
+  // 26% and 20% of the DRAM bandwidth (ncu); the register kernels take that shape's forward in 41 and 37.
+  const Tensor dx_out = need_dx ? at::empty({M, K}, x.options()) : Tensor();
+  const auto bps = rows_blocks_per_sm();
+  Tensor Bt, At;
+  // (N, K > 0: with nothing to reduce or nothing to write, the expand would not write G)
+  bool rows = !tile_kernels_forced() && dt != DType::kFloat32 && R % 8 == 0 && R <= 64 && N > 0 && K > 0;
+  if (rows) {
+    Bt = B.transpose(1, 2).contiguous();
+    if (need_dx) {
+      At = A.transpose(1, 2).contiguous();
+      rows = rows_kernels_ok(dt, dy.data_ptr(), dy.stride(0), N, Bt.data_ptr(), At.data_ptr(), Ri,
+                             dx_out.data_ptr(), K, K);
+    } else {  // only the shrink runs: dy stands in for the expand's operands in the check
+      rows = rows_kernels_ok(dt, dy.data_ptr(), dy.stride(0), N, Bt.data_ptr(), Bt.data_ptr(), Ri, dy.data_ptr(),
+                             dy.stride(0), N);
+    }
+  }
   int64_t d_chunk = 0;
-  const int split = sgmv_shrink_split(M, Li, N, Ri, sms, &d_chunk);
+  const int split = rows ? rows_shrink_split(M, Li, N, sms, &d_chunk, bps.first)
+                         : sgmv_shrink_split(M, Li, N, Ri, sms, &d_chunk);
   Tensor g_part = at::empty({split, M, R}, f32);
-  check_launch(sgmv_shrink(dt, SgmvShrinkArgs{dy.data_ptr(), dy.stride(0), B.data_ptr(), /*w_d_contiguous=*/false, N,
-                                              Ri, Li, seg.view, rk, g_part.data_ptr<float>(), M, split, d_chunk},
-                           stream),
-               "sgmv_shrink (dy @ B)");
-  const Tensor G = split == 1 ? g_part.select(0, 0) : g_part.sum(0);
+  SgmvShrinkArgs ga{dy.data_ptr(), dy.stride(0), rows ? Bt.data_ptr() : B.data_ptr(), /*w_d_contiguous=*/rows, N,
+                    Ri, Li, seg.view, rk, g_part.data_ptr<float>(), M, split, d_chunk};
+  check_launch(rows ? rows_shrink(dt, ga, stream) : sgmv_shrink(dt, ga, stream), "segment shrink (dy @ B)");
 
   Tensor dx = at::empty({0}, x.options());
-  if (need_dx) {  // dx = s * G @ A_l: the expand with V = A [L, R, K] read along K
-    dx = at::empty({M, K}, x.options());
-    check_launch(sgmv_expand(dt, SgmvExpandArgs{G.data_ptr<float>(), 1, A.data_ptr(), /*v_c_contiguous=*/false, K, Ri,
-                                                Li, seg.view, rk, scales.data_ptr<float>(), dx.data_ptr(), K, nullptr,
-                                                M},
-                             sms, stream),
-                 "sgmv_expand (G @ A)");
+  Tensor G;
+  if (need_dx && rows) {  // the expand also writes G (the partials' sum) where there are several
+    G = split == 1 ? g_part.select(0, 0) : at::empty({M, R}, f32);
+    SgmvExpandArgs ea{g_part.data_ptr<float>(), split, At.data_ptr(), /*v_c_contiguous=*/true, K, Ri, Li, seg.view,
+                      rk, scales.data_ptr<float>(), dx_out.data_ptr(), K,
+                      split > 1 ? G.data_ptr<float>() : nullptr, M};
+    check_launch(rows_expand(dt, ea, sms, stream, bps.second), "segment expand (G @ A)");
+    dx = dx_out;
+  } else {
+    G = split == 1 ? g_part.select(0, 0) : g_part.sum(0);
+    if (need_dx) {  // dx = s * G @ A_l: the expand with V = A [L, R, K] read along K
+      check_launch(sgmv_expand(dt, SgmvExpandArgs{G.data_ptr<float>(), 1, A.data_ptr(), /*v_c_contiguous=*/false, K,
+                                                  Ri, Li, seg.view, rk, scales.data_ptr<float>(), dx_out.data_ptr(),
+                                                  K, nullptr, M},
+                               sms, stream),
+                   "sgmv_expand (G @ A)");
+      dx = dx_out;
+    }
   }
 
   // dA[l] = s * G_l.T @ x_l, dB[l] = s * dy_l.T @ S_l, per adapter over its own rows

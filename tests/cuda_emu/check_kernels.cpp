@@ -259,6 +259,34 @@ void run_case(const Case& c, double tol, std::mt19937& rng) {
   }
   std::printf("%-88s y %.1e S %.1e G %.1e dx %.1e dA %.1e dB %.1e (splits: fwd %d, G %d, dA %d, dB %d)\n", buf, e1,
               e2, eg, ex, ea, eb, split, gs, runs_a, runs_b);
+
+  // G and dx on the register kernels, as bwd_cuda_impl runs them where rows_kernels_ok: the forward's
+  // shrink on (dy, B.T [L, R, N]), then its expand on (the partials, A.T [L, K, R]), which also sums
+  // the partials into G
+  std::vector<T> Bt(L * R * N), At(L * K * R);
+  for (int l = 0; l < L; ++l)
+    for (int j = 0; j < R; ++j) {
+      for (int64_t n = 0; n < N; ++n) Bt[(l * R + j) * N + n] = B[(l * N + n) * R + j];
+      for (int64_t k = 0; k < K; ++k) At[(l * K + k) * R + j] = A[(l * R + j) * K + k];
+    }
+  std::vector<T> rdx(M * K, fromf<T>(4321.f));
+  if (rows_kernels_ok(dt<T>(), dy.data(), N, N, Bt.data(), At.data(), R, rdx.data(), K, K)) {
+    int64_t rdc; const int rgs = rows_shrink_split(M, L, N, c.sms, &rdc);
+    std::vector<float> rgpart(size_t(rgs) * M * R, 999.f), rG(M * R, 777.f);
+    expect(rows_shrink(dt<T>(), SgmvShrinkArgs{dy.data(), N, Bt.data(), true, N, R, L, sg.view, rk, rgpart.data(), M, rgs, rdc}, nullptr) == cudaSuccess, "rows G shrink");
+    expect(rows_expand(dt<T>(), SgmvExpandArgs{rgpart.data(), rgs, At.data(), true, K, R, L, sg.view, rk, scales.data(), rdx.data(), K, rgs > 1 ? rG.data() : nullptr, M}, c.sms, nullptr) == cudaSuccess, "rows dx expand");
+    const float* rG_ptr = rgs > 1 ? rG.data() : rgpart.data();
+    std::vector<double> rGd(rG_ptr, rG_ptr + M * R), rdxd(M * K);
+    for (int64_t e = 0; e < M * K; ++e) rdxd[e] = tf(rdx[e]);
+    const double rg = relerr(rGd, G_ref), rx = relerr(rdxd, dx_ref);
+    expect(rg <= 1e-5 && std::isfinite(rg), std::string(buf) + " rows kernels G err " + std::to_string(rg));
+    expect(rx <= tol * 1.5 && std::isfinite(rx), std::string(buf) + " rows kernels dx err " + std::to_string(rx));
+    for (int64_t i = 0; i < M; ++i) if (lof(i) < 0) {
+      for (int64_t k = 0; k < K; ++k) expect(tf(rdx[i * K + k]) == 0.f, std::string(buf) + " rows kernels: dx of a none row not 0");
+      for (int j = 0; j < R; ++j) expect(rG_ptr[i * R + j] == 0.f, std::string(buf) + " rows kernels: G of a none row not 0");
+    }
+    std::printf("%-88s rows kernels: G %.1e dx %.1e (split %d)\n", buf, rg, rx, rgs);
+  }
 }
 
 int main(int argc, char** argv) {
