@@ -104,6 +104,16 @@ bool tile_kernels_forced() {
   return v != nullptr && std::string(v) == "tile";
 }
 
+// The backward's dA and dB: dense GEMMs over spread G and S where L R is small enough
+// (spread_rows_worth), else the segment kernel. LORA_KERNELS_MULTI_OUTER=segment|gemm forces one
+// (to compare them on the GPU).
+bool use_outer_gemm(int L, int R) {
+  const char* v = std::getenv("LORA_KERNELS_MULTI_OUTER");
+  if (v != nullptr && std::string(v) == "segment") return false;
+  if (v != nullptr && std::string(v) == "gemm") return true;
+  return spread_rows_worth(L, R);
+}
+
 bool use_rows_kernels(DType dt, const Tensor& x, const Tensor& A, const Tensor& B, const Tensor& y) {
   return !tile_kernels_forced() && rows_kernels_ok(dt, x.data_ptr(), x.stride(0), x.size(1), A.data_ptr(), B.data_ptr(),
                                        static_cast<int>(A.size(1)), y.data_ptr(), y.stride(0), y.size(1));
@@ -299,8 +309,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cuda_impl(const Tensor& dy_in, co
     return runs == 1 ? out : ws.sum(0).to(like.scalar_type());
   };
   Tensor dA = at::empty({0}, A.options());
-  if (need_dA) dA = reduce(G.to(x.scalar_type()), x, R, K, /*rank_on_p=*/true, A, "seg_outer (dA)");
   Tensor dB = at::empty({0}, B.options());
+  if (use_outer_gemm(Li, Ri)) {  // one GEMM each over [M, L R] spreads of G and S (see spread_rows_kernel)
+    const IntVec idx = int_vec(indices);
+    auto spread = [&](const Tensor& U) {
+      const Tensor Uc = U.contiguous();
+      Tensor out = at::empty({M, L * R}, x.options());
+      check_launch(spread_rows(dt, Uc.data_ptr<float>(), idx, rk, scales.data_ptr<float>(), out.data_ptr(), M, Ri, Li,
+                               stream),
+                   "spread_rows");
+      return out;
+    };
+    if (need_dA) dA = at::mm(spread(G).t(), x).view({L, R, K});                                   // [L R, K]
+    if (need_dB) dB = at::mm(dy.t(), spread(S_in)).view({N, L, R}).permute({1, 0, 2}).contiguous();  // [N, L R]
+    return {dx, dA, dB, G};
+  }
+  if (need_dA) dA = reduce(G.to(x.scalar_type()), x, R, K, /*rank_on_p=*/true, A, "seg_outer (dA)");
   if (need_dB) dB = reduce(dy, S_in.to(x.scalar_type()).contiguous(), N, R, /*rank_on_p=*/false, B, "seg_outer (dB)");
   return {dx, dA, dB, G};
 }

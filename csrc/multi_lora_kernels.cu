@@ -1816,6 +1816,47 @@ __global__ void __launch_bounds__(kRowsThreads) rows_expand_kernel(SgmvExpandArg
 }
 
 // =============================================================================================
+// backward: the per-adapter reductions as dense GEMMs
+// =============================================================================================
+// out[i, l R + j] = s_l U[i, j] in T where l is row i's adapter and j < r_l; 0 elsewhere (rows
+// without adapter, other adapters' column blocks, past the rank). U [M, R] fp32 (G or S), out
+// [M, L R]. With it dA = out(G).T @ x is [L R, K] = dA [L, R, K] and dB = dy.T @ out(S) is
+// [N, L R], one cuBLAS GEMM each that reads x or dy once (see spread_rows_worth). One thread per
+// 8 output elements (one 16-byte store for 16-bit T where R % 8 == 0).
+template <typename T>
+__global__ void spread_rows_kernel(const float* U, IntVec idx, IntVec ranks, const float* scales, T* out, int64_t M,
+                                   int R, int L) {
+  constexpr int E = 8;
+  const int64_t LR = static_cast<int64_t>(L) * R;
+  const int64_t n = M * LR;
+  for (int64_t e0 = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * E; e0 < n;
+       e0 += static_cast<int64_t>(gridDim.x) * blockDim.x * E) {
+    T v[E];
+#pragma unroll
+    for (int u = 0; u < E; ++u) {
+      const int64_t e = e0 + u;
+      float f = 0.f;
+      if (e < n) {
+        const int64_t i = e / LR;
+        const int c = static_cast<int>(e % LR);
+        const int l = c / R, j = c % R;
+        if (adapter_of(idx, i, L) == l && j < rank_of(ranks, l, R)) f = scales[l] * U[i * R + j];
+      }
+      v[u] = from_f<T>(f);
+    }
+    if constexpr (sizeof(T) == 2) {
+      if (e0 + E <= n) {  // e0 % 8 == 0: 16-byte aligned in the 16-byte aligned out
+        uint4 w;
+        memcpy(&w, v, sizeof(w));
+        st16(out + e0, w);
+        continue;
+      }
+    }
+    for (int u = 0; u < E && e0 + u < n; ++u) out[e0 + u] = v[u];
+  }
+}
+
+// =============================================================================================
 // host side
 // =============================================================================================
 template <typename F>
@@ -2210,6 +2251,27 @@ cudaError_t seg_outer(DType dtype, const SegOuterArgs& a, cudaStream_t stream) {
   return with_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     seg_outer_kernel<T><<<grid, kTileThreads, 0, stream>>>(a, vec_u, vec_v);
+  });
+}
+
+bool spread_rows_worth(int L, int R) {
+  // The GEMM does L R multiply-adds per element of x (or dy) it reads: at L R <= 512 it stays near
+  // the read's time on an H100 (8173 rows, K = N = 4096: L8 r16 dA 27 us + dB 30 us against 160 us
+  // for the two segment-kernel reductions; L32 r16 43 + 49 us; x + dy take 45 us at 3 TB/s). Past
+  // that its FLOPs grow with every adapter of the call while the segment kernel reads each row once.
+  return static_cast<int64_t>(L) * R <= 512;
+}
+
+cudaError_t spread_rows(DType dtype, const float* U, IntVec idx, IntVec ranks, const float* scales, void* out,
+                        int64_t M, int R, int L, cudaStream_t stream) {
+  const int64_t n = M * L * static_cast<int64_t>(R);
+  if (n == 0) return cudaSuccess;
+  if (dtype != DType::kFloat32 && !aligned16(out)) return cudaErrorInvalidValue;
+  const int threads = 256;
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(cdiv(cdiv(n, 8), threads), 65535));
+  return with_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    spread_rows_kernel<T><<<blocks, threads, 0, stream>>>(U, idx, ranks, scales, static_cast<T*>(out), M, R, L);
   });
 }
 

@@ -203,4 +203,10 @@ struct SegOuterArgs {
 int seg_outer_split(int64_t M, int L, int64_t P, int64_t Q, int sm_count);
 cudaError_t seg_outer(DType dtype, const SegOuterArgs& a, cudaStream_t stream);
 
+// out [M, L * R] in dtype: row i holds s_l * U[i, :r_l] (U [M, R] fp32) in the column block of its
+// adapter l, zeros elsewhere; dA and dB are then one dense GEMM each (see spread_rows_kernel).
+bool spread_rows_worth(int L, int R);
+cudaError_t spread_rows(DType dtype, const float* U, IntVec idx, IntVec ranks, const float* scales, void* out,
+                        int64_t M, int R, int L, cudaStream_t stream);
+
 }  // namespace lora_kernels

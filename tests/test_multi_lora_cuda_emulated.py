@@ -79,3 +79,4 @@ def test_cuda_kernels_emulated_on_cpu(binary):
     assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-2000:]
     assert "failures: 0" in res.stdout
     assert "rows kernels: G" in res.stdout  # the backward's register-kernel path ran in some case
+    assert "spread GEMMs" in res.stdout  # and its dA / dB through the spread GEMMs

@@ -287,6 +287,33 @@ void run_case(const Case& c, double tol, std::mt19937& rng) {
     }
     std::printf("%-88s rows kernels: G %.1e dx %.1e (split %d)\n", buf, rg, rx, rgs);
   }
+
+  // dA and dB as bwd_cuda_impl computes them where spread_rows_worth: G and S spread into [M, L R]
+  // (scaled, in their adapter's column block), then one GEMM each, done here in double
+  if (spread_rows_worth(L, R)) {
+    const int64_t LR = int64_t(L) * R;
+    std::vector<T> Gx(M * LR, fromf<T>(555.f)), Sx(M * LR, fromf<T>(555.f));
+    expect(spread_rows(dt<T>(), G.data(), IntVec{idx.data(), true}, rk, scales.data(), Gx.data(), M, R, L, nullptr) == cudaSuccess, "spread G");
+    expect(spread_rows(dt<T>(), S_ptr, IntVec{idx.data(), true}, rk, scales.data(), Sx.data(), M, R, L, nullptr) == cudaSuccess, "spread S");
+    std::vector<double> gA(L * R * K, 0), gB(L * N * R, 0);
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t c = 0; c < LR; ++c) {
+        const double gv = tf(Gx[i * LR + c]), sv = tf(Sx[i * LR + c]);
+        const int l = int(c / R), j = int(c % R);
+        if (l != lof(i) || j >= ranks[l]) {
+          expect(gv == 0 && sv == 0, std::string(buf) + " spread: nonzero outside the row's adapter block");
+          continue;
+        }
+        for (int64_t k = 0; k < K; ++k) gA[c * K + k] += gv * tf(x[i * sx + k]);
+        for (int64_t n = 0; n < N; ++n) gB[(l * N + n) * R + j] += double(tf(dy[i * N + n])) * sv;
+      }
+    for (auto& v : gA) v = tf(fromf<T>(float(v)));  // the GEMMs write T
+    for (auto& v : gB) v = tf(fromf<T>(float(v)));
+    const double sa = relerr(gA, dA_ref), sb = relerr(gB, dB_ref);
+    expect(sa <= tol * 1.5 && std::isfinite(sa), std::string(buf) + " spread GEMM dA err " + std::to_string(sa));
+    expect(sb <= tol * 1.5 && std::isfinite(sb), std::string(buf) + " spread GEMM dB err " + std::to_string(sb));
+    std::printf("%-88s spread GEMMs: dA %.1e dB %.1e\n", buf, sa, sb);
+  }
 }
 
 int main(int argc, char** argv) {
