@@ -557,6 +557,26 @@ def test_cuda_backward(regime, dtype, hidden, popularity, M):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("outer", ["segment", "gemm"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,L,r", [(7, 3, 8), (133, 8, 16), (2048, 40, 16), (133, 6, 64)])
+def test_cuda_backward_reductions_both_ways(outer, dtype, M, L, r, monkeypatch):
+    """dA and dB through the segment kernel and through the GEMMs over G and S spread by adapter,
+    each forced (by default the GEMMs take L r <= 512; (40, 16) is past that), with ranks below
+    r_max (NaN past them), rows without adapter, against float64."""
+    monkeypatch.setenv("LORA_KERNELS_MULTI_OUTER", outer)
+    x, A, B, idx, s, _ = case(M, 520, 264, L, r, dtype, "zipf", 0.2, seed=M + L, device="cuda")
+    ranks = torch.randint(1, r + 1, (L,), generator=torch.Generator().manual_seed(L)).to("cuda")
+    with torch.no_grad():
+        for l, rl in enumerate(ranks.tolist()):
+            A[l, rl:] = float("nan")
+            B[l, :, rl:] = float("nan")
+    for t in (x, A, B):
+        t.requires_grad_(True)
+    check_backward(x, A, B, idx, s, ranks)
+
+
+@pytest.mark.gpu
 def test_cuda_backward_is_deterministic():
     x, A, B, idx, s, _ = case(4096, 4096, 4096, 2, 16, torch.bfloat16, "skewed", 0.1, device="cuda",
                               requires_grad=True)
@@ -826,13 +846,16 @@ def test_cuda_matches_cpu_extension():
 
 
 @pytest.mark.gpu
-def test_cuda_small_case_for_sanitizer(regime):
+def test_cuda_small_case_for_sanitizer(regime, monkeypatch):
     """Small enough for `compute-sanitizer --tool memcheck python -m pytest ... -k sanitizer`."""
     for dtype in DTYPES:
         # r_max 8: the register kernels of the segment forward (16-bit); 5: the tile kernels
         for r in (5, 8):
             x, A, B, idx, s, _ = case(7, 40, 24, 3, r, dtype, "uniform", 0.3, device="cuda", requires_grad=True)
             check_forward(x, A, B, idx, s, naive_factor=math.inf)
-            check_backward(x, A, B, idx, s, torch.tensor([r, 2, 3], device="cuda"))
+            for outer in ("segment", "gemm"):  # the backward's dA and dB both ways
+                monkeypatch.setenv("LORA_KERNELS_MULTI_OUTER", outer)
+                check_backward(x, A, B, idx, s, torch.tensor([r, 2, 3], device="cuda"))
+            monkeypatch.delenv("LORA_KERNELS_MULTI_OUTER")
         W, b = torch.randn(24, 40, device="cuda", dtype=dtype), torch.randn(24, device="cuda", dtype=dtype)
         check_linear(x, W, b, A, B, idx, s)  # precomputed segments shared by forward and backward
