@@ -39,6 +39,7 @@ for s in $stages; do
         ${TESTS_ARGS:-tests} ${PTESTS_K:+-k "$PTESTS_K"}
       grep -E "tests in|^FAILED|^ERROR|part " "$OUT/ptests.log" | head -n 40 >> "$summary"
       grep -h -B2 -A25 "^___" /tmp/ptests/*.log 2>/dev/null | head -n 400 >> "$OUT/ptests.log"
+      grep -h -E "^E |^FAILED" /tmp/ptests/*.log 2>/dev/null | head -n 200 >> "$OUT/ptests.log"  # the assertions themselves
       for f in /tmp/ptests/*.log; do  # a part without a summary line crashed: keep its last lines
         grep -qE "[0-9]+ (passed|failed|skipped)" "$f" || { echo "== $f"; tail -n 60 "$f"; } >> "$OUT/ptests.log"
       done ;;
