@@ -1822,7 +1822,8 @@ __global__ void __launch_bounds__(kRowsThreads) rows_expand_kernel(SgmvExpandArg
 // without adapter, other adapters' column blocks, past the rank). U [M, R] fp32 (G or S), out
 // [M, L R]. With it dA = out(G).T @ x is [L R, K] = dA [L, R, K] and dB = dy.T @ out(S) is
 // [N, L R], one cuBLAS GEMM each that reads x or dy once (see spread_rows_worth). One thread per
-// 8 output elements (one 16-byte store for 16-bit T where R % 8 == 0).
+// 8 output elements (one 16-byte store for 16-bit T), which share one row, one 64-bit division
+// and one index load wherever L R % 8 == 0; elsewhere an element past the row divides again.
 template <typename T>
 __global__ void spread_rows_kernel(const float* U, IntVec idx, IntVec ranks, const float* scales, T* out, int64_t M,
                                    int R, int L) {
@@ -1831,16 +1832,23 @@ __global__ void spread_rows_kernel(const float* U, IntVec idx, IntVec ranks, con
   const int64_t n = M * LR;
   for (int64_t e0 = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * E; e0 < n;
        e0 += static_cast<int64_t>(gridDim.x) * blockDim.x * E) {
+    const int64_t i0 = e0 / LR;
+    const int c0 = static_cast<int>(e0 - i0 * LR);
+    const int g0 = adapter_of(idx, i0, L);
     T v[E];
 #pragma unroll
     for (int u = 0; u < E; ++u) {
-      const int64_t e = e0 + u;
       float f = 0.f;
-      if (e < n) {
-        const int64_t i = e / LR;
-        const int c = static_cast<int>(e % LR);
+      if (e0 + u < n) {
+        int64_t i = i0;
+        int c = c0 + u, g = g0;
+        if (c >= LR) {  // past row i0 (only where L R % 8 != 0)
+          i = (e0 + u) / LR;
+          c = static_cast<int>(e0 + u - i * LR);
+          g = adapter_of(idx, i, L);
+        }
         const int l = c / R, j = c % R;
-        if (adapter_of(idx, i, L) == l && j < rank_of(ranks, l, R)) f = scales[l] * U[i * R + j];
+        if (g == l && j < rank_of(ranks, l, R)) f = scales[l] * U[i * R + j];
       }
       v[u] = from_f<T>(f);
     }
