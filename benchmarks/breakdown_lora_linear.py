@@ -1,14 +1,15 @@
 """GPU time of each kernel in one fused LoRA training step, next to the frozen base's (GPU).
 
-    python benchmarks/breakdown_lora_linear.py [MxKxNxr ...] [--p 0.05] [--steps 20] [--before MODULE] [--fwd]
+    python benchmarks/breakdown_lora_linear.py [MxKxNxr ...] [--p 0.05] [--steps 20] [--before MODULE[,MODULE...]] [--fwd]
 
 For each shape: forward + torch.autograd.grad of (x, A, B) through `lora_kernels.lora_linear`, and
 forward + grad of x through the base F.linear, each profiled over --steps steps after warm-up.
 Prints the mean GPU microseconds per step of every kernel (name shortened), the sum, and the
 difference to the base: where the LoRA overhead of a training step goes, kernel by kernel.
 Then the CUDA-graph time of each (median, three rounds in turn, so drift hits all alike).
---before MODULE: also a copy of the op module as it was (lora_kernels.ops.MODULE, its torch.library
-namespace renamed so both can load), to compare a change against the code before it in one run.
+--before MODULE[,MODULE...]: also copies of the op module (lora_kernels.ops.MODULE, each with its
+torch.library namespace renamed so all can load), to compare a change against the code before it,
+or variants of it, in one run.
 --fwd: the training forward alone (x, A, B require grad; no backward) instead of the step.
 """
 import argparse
@@ -46,7 +47,7 @@ def main():
     ap.add_argument("--before", default=None)
     ap.add_argument("--fwd", action="store_true", help="time the training forward alone")
     args = ap.parse_args()
-    before = importlib.import_module(f"lora_kernels.ops.{args.before}") if args.before else None
+    others = {name: importlib.import_module(f"lora_kernels.ops.{name}") for name in (args.before or "").split(",") if name}
     dt, dev = torch.bfloat16, "cuda"
     for shape in args.shapes:
         M, K, N, r = (int(v) for v in shape.split("x"))
@@ -56,8 +57,7 @@ def main():
         B = (torch.randn(N, r, device=dev, dtype=dt) / r**0.5).requires_grad_(True)
         dy = torch.randn(M, N, device=dev, dtype=dt)
         mods = {"fused": lk, "base": None}
-        if before is not None:
-            mods["before"] = before
+        mods.update(others)
 
         def case(mod):
             def fwd():
