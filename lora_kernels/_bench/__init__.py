@@ -52,6 +52,27 @@ def graph_time_ms(fn, rep_ms: int = 40) -> float | None:
         return None
 
 
+def interleaved_ms(fns: dict, timer, rounds: int) -> dict:
+    """{name: [timer(fns[name]) of round 0, 1, ...]}: each round times every callable once, in an
+    order rotated from round to round, so that none is always the one timed first or last. Back to
+    back, the H100 runs power-limited and its clocks drift over a call (the same Triton GEMM
+    measured 360-415 us in different rounds of one call, cuBLAS 367-396): a ratio of two medians
+    taken at different times carries that drift, a ratio within one round does not."""
+    out = {name: [] for name in fns}
+    order = list(fns)
+    for k in range(rounds):
+        for name in order[k % len(order):] + order[:k % len(order)]:
+            out[name].append(timer(fns[name]))
+    return out
+
+
+def round_ratios(times: list, base: list) -> list | None:
+    """Per-round ratios times[k] / base[k], or None if a round has no time (e.g. not capturable)."""
+    if any(t is None for t in times) or any(b is None for b in base):
+        return None
+    return [t / b for t, b in zip(times, base)]
+
+
 def load(name: str):
     return importlib.import_module(f"{__name__}.{name}")
 

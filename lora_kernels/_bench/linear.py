@@ -8,13 +8,18 @@ Every case times, in one run on one GPU (bf16, scale = alpha / r = 2, no bias):
 "fwd" is a training forward (x, A, B require grad); "fwd+bwd" adds torch.autograd.grad of
 (x, A, B) for a fixed dy (no .grad accumulation kernels). Times are medians of CUDA-event timings
 (triton.testing.do_bench): eager, what a Python caller sees, host launch overhead included; and,
-in the note, the same callable replayed from a CUDA graph (the GPU time alone). "kept" is the memory one training forward leaves allocated (output +
-what autograd saved), the quantity the issue bounds by base + M * r * 4 bytes.
+in the note, the same callable replayed from a CUDA graph (the GPU time alone). Each is measured
+in ROUNDS interleaved rounds (every implementation once per round, the order rotated; see
+`interleaved_ms`): a row's time is the median over the rounds, its ratio the median of the ratios
+to the base taken within each round, and the note gives the rounds' range. "kept" is the memory
+one training forward leaves allocated (output + what autograd saved), the quantity the issue bounds
+by base + M * r * 4 bytes.
 Decode rows time inference (torch.no_grad, p = 0) at small M.
 """
 from __future__ import annotations
 
 import itertools
+import statistics
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +27,7 @@ import torch.nn.functional as F
 
 import lora_kernels as lk
 
-from . import Row, gpu_time_ms, graph_time_ms
+from . import Row, gpu_time_ms, graph_time_ms, interleaved_ms, round_ratios
 
 GRID_P = (0.0, 0.05, 0.1)
 GRID_M = (2048, 8192, 16384)
@@ -40,6 +45,7 @@ QUICK = [  # (M, K, N, r, p): the issue's headline targets first
 ]
 DECODE = [(1, 4096, 4096, 16), (16, 4096, 4096, 16), (64, 4096, 4096, 16), (256, 4096, 4096, 64)]
 IMPLS = ("fused", "naive", "peft")
+ROUNDS = 3  # interleaved timing rounds per case and mode (see time_case)
 
 
 @dataclass(frozen=True)
@@ -119,22 +125,29 @@ def memory_kept(fwd, x) -> int:
 
 
 def time_case(case: Case, modes=("fwd", "fwd+bwd"), impls=IMPLS, warmup_ms=10, rep_ms=40,
-              with_memory=True, graphs=True) -> list[Row]:
+              with_memory=True, graphs=True, rounds: int = ROUNDS) -> list[Row]:
     x, dy, fns = build(case, impls=("base",) + tuple(impls))
     rows = []
     for mode in modes:
-        base_fn = step_fn(*fns["base"], x, dy, mode)
-        base_ms = gpu_time_ms(base_fn, warmup_ms, rep_ms)
-        base_g = graph_time_ms(base_fn) if graphs else None
-        note = f"graph {base_g:.4f} ms" if base_g else ""
-        rows.append(Row("linear", f"{case.name} {mode}", "base", base_ms, 1.0, note, {"graph_ms": base_g}))
-        for impl in impls:
-            fn = step_fn(*fns[impl], x, dy, mode)
-            ms = gpu_time_ms(fn, warmup_ms, rep_ms)
-            g = graph_time_ms(fn) if graphs else None
-            note = f"graph {g:.4f} ms ({g / base_g:.2f}x)" if g and base_g else ""
-            rows.append(Row("linear", f"{case.name} {mode}", impl, ms, ms / base_ms, note,
-                            {"graph_ms": g, "graph_ratio": g / base_g if g and base_g else None}))
+        calls = {impl: step_fn(*fns[impl], x, dy, mode) for impl in ("base",) + tuple(impls)}
+        eager = interleaved_ms(calls, lambda fn: gpu_time_ms(fn, warmup_ms, rep_ms), rounds)
+        graph = interleaved_ms(calls, graph_time_ms, rounds) if graphs else {}
+        for impl in calls:
+            q = round_ratios(eager[impl], eager["base"])
+            g = graph.get(impl)
+            gq = round_ratios(g, graph["base"]) if g else None
+            g_ms = statistics.median(g) if gq else None
+            g_ratio = statistics.median(gq) if gq else None
+            note = ""
+            if gq:
+                note = f"graph {g_ms:.4f} ms" + (f" ({g_ratio:.3f}x, rounds {min(gq):.3f}-{max(gq):.3f})"
+                                                 if impl != "base" else "")
+            if impl != "base":
+                note += f"{'; ' if note else ''}eager rounds {min(q):.2f}-{max(q):.2f}"
+            rows.append(Row("linear", f"{case.name} {mode}", impl, statistics.median(eager[impl]),
+                            statistics.median(q), note,
+                            {"graph_ms": g_ms, "graph_ratio": g_ratio, "rounds_ms": eager[impl], "round_ratios": q,
+                             "graph_rounds_ms": g, "graph_round_ratios": gq}))
     if with_memory and "fwd" in modes:
         base_kept = memory_kept(fns["base"][0], x)
         bound = base_kept + case.M * case.r * 4
