@@ -48,7 +48,8 @@ import os
 
 import torch
 
-from . import Row, gpu_time_ms, lm_train_step
+from . import Row, gpu_time_ms, interleaved_ms, lm_train_step
+from . import round_ratios as _round_ratios
 
 POPULARITIES = ("distinct", "identical", "uniform", "zipf", "skewed")
 SEG_KERNELS_ENV = "LORA_KERNELS_MULTI_SEG_KERNELS"  # "tile": the extension's segment forward on its tile kernels
@@ -358,22 +359,19 @@ def model_times(contexts, steps, rounds: int, warmup: int = 2, iters: int = 5):
     """
     from .e2e import time_steps
 
-    ms = {(st, ph): [] for st in contexts for ph in steps}
-    gib = {(st, ph): 0.0 for st in contexts for ph in steps}
-    order = list(contexts)
-    for k in range(rounds):
-        for st in order[k % len(order):] + order[:k % len(order)]:
-            with contexts[st]():
-                for ph, step in steps.items():
-                    t, g = time_steps(step, warmup=warmup, iters=iters)
-                    ms[st, ph].append(t)
-                    gib[st, ph] = max(gib[st, ph], g)
+    def time_setting(context):
+        with context():
+            return {ph: time_steps(step, warmup=warmup, iters=iters) for ph, step in steps.items()}
+
+    per_round = interleaved_ms(contexts, time_setting, rounds)  # {setting: [{phase: (ms, GiB)}, ...]}
+    ms = {(st, ph): [r[ph][0] for r in per_round[st]] for st in contexts for ph in steps}
+    gib = {(st, ph): max(r[ph][1] for r in per_round[st]) for st in contexts for ph in steps}
     return ms, gib
 
 
 def round_ratios(ms: dict, setting: str, phase: str, base: str = "single") -> list[float]:
     """Per-round ratios ms[setting, phase][k] / ms[base, phase][k] (see model_times)."""
-    return [a / b for a, b in zip(ms[setting, phase], ms[base, phase])]
+    return _round_ratios(ms[setting, phase], ms[base, phase])
 
 
 def _model_rows(quick: bool, dev) -> list[Row]:
