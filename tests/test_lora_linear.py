@@ -71,10 +71,14 @@ def reference(x, W, A, B, scale, b, p, seed):
 
 
 def run_case(M, K, N, r, dtype, p, *, scale=0.5, bias=True, lead=(), x_transform=None, adapter_dtype=None,
-             train_weight=False):
+             train_weight=False, transform=None):
+    """transform: applied to each of x, A, B and b (after x_transform) before the call."""
     x, W, A, B, b = make_inputs(M, K, N, r, dtype, bias=bias, lead=lead, adapter_dtype=adapter_dtype)
     if x_transform is not None:
         x = x_transform(x)
+    if transform is not None:
+        x, A, B = transform(x), transform(A), transform(B)
+        b = transform(b) if b is not None else None
     x.requires_grad_(True)
     A.requires_grad_(True)
     B.requires_grad_(True)
@@ -652,6 +656,27 @@ def test_tma_shrink_tiles_follow_the_adapters_bytes():
         for adt, r, p, want in cases:
             A = torch.randn(r, 136, device=DEVICE, dtype=adt)
             assert op_mod._tma_shrink_cfg(x, A, p) == want, (adt, r, p)
+
+
+def _offset_copy(t: torch.Tensor, elems: int) -> torch.Tensor:
+    """t's values in fresh storage starting `elems` elements past a 16-byte boundary."""
+    buf = torch.empty(t.numel() + elems, dtype=t.dtype, device=t.device)
+    return buf[elems:].view(t.shape).copy_(t)
+
+
+@pytest.mark.gpu
+def test_direct_launches_follow_each_calls_specialization():
+    """Eager calls launch compiled kernels from a cache keyed on what Triton specializes on (tensor
+    alignment, ints' divisibility by 16): the same shapes with 16-byte aligned inputs, then inputs
+    2 bytes off (the TMA paths then give way to pointer kernels compiled without the alignment
+    assumption), then aligned again, and sizes of other divisibility, each match float64."""
+    for (M, K, N), shift in itertools.product(((2176, 512, 512), (2177, 520, 504)), (0, 1, 0)):
+        transform = (lambda t: _offset_copy(t, shift)) if shift else None
+        for p in (0.0, 0.1):
+            y, y_ref, leaves, refs, y_abs = run_case(M, K, N, 16, torch.bfloat16, p, transform=transform)
+            if shift:
+                assert all(t.data_ptr() % 16 for t in leaves), "the inputs were meant to be misaligned"
+            assert_matches(torch.bfloat16, y, y_ref, leaves, refs, y_abs)
 
 
 def _da_pass(kernel, x, A, G, seed, p, da):

@@ -20,6 +20,8 @@ torch.compile draw a fresh seed each call instead of baking one in.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 PHILOX_ROUNDS = 7
@@ -29,6 +31,7 @@ _M32 = 0xFFFFFFFF
 _SEED_HIGH = 2**62  # seeds in [0, 2^62): any 64-bit key works, this keeps them positive int64
 
 
+@functools.lru_cache(maxsize=64)  # called several times per launch sequence; ~1 us each uncached
 def keep_threshold(p: float) -> int:
     """Integer threshold t with keep = (16 random bits) >= t, so P(keep) = 1 - t / 2^16."""
     if not 0.0 <= p < 1.0:
@@ -36,6 +39,7 @@ def keep_threshold(p: float) -> int:
     return min(int(round(p * 2**16)), 2**16 - 1)
 
 
+@functools.lru_cache(maxsize=64)
 def keep_scale(p: float) -> float:
     """1 / P(keep) for the probability actually applied (p rounded to a multiple of 2^-16)."""
     return 1.0 / (1.0 - keep_threshold(p) / 2**16)

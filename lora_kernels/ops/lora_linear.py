@@ -528,10 +528,10 @@ def _launch(kernel, grid, *args, **meta):
         kernel[grid](*args, **meta)
 
 
-# Compiled kernels by (kernel, device, meta, what Triton specializes each argument on). Triton's
-# own launch path (argument binding, specialization, cache key) costs ~40 us of host time per
-# launch on the H100's host, more than many of these kernels run; with the compiled kernel in
-# hand a launch is one call into Triton's C launcher.
+# Compiled kernels (launcher, handle, metadata, constexprs) by (kernel, device, meta, what Triton
+# specializes each argument on). Triton's own launch path (argument binding, specialization, cache
+# key) costs ~40 us of host time per launch on the H100's host, more than many of these kernels
+# run; with the compiled kernel in hand a launch is one call into Triton's C launcher.
 _FAST_LAUNCH = os.environ.get("LORA_KERNELS_FAST_LAUNCH", "1") != "0"
 _SPLIT_DX = os.environ.get("LORA_KERNELS_SPLIT_DX", "1") != "0"  # see _bwd_x; read once, like _FAST_LAUNCH
 _COMPILED: dict = {}
@@ -557,21 +557,52 @@ def _arg_key(a):
     return type(a)
 
 
-def _launch_direct(kernel, grid, args, meta):
+def _launch_key(args) -> tuple:
+    """tuple(_arg_key(a) for a in args), with the two common kinds tested inline: ~2x faster, and a
+    launch has 15-20 arguments (~9 us of host time per launch on the H100's host before)."""
+    key = []
+    for a in args:
+        t = type(a)
+        if t is int:
+            key.append((a == 1, a % 16 == 0, -(2**31) <= a < 2**31))
+        elif t is torch.Tensor or t is torch.nn.Parameter:
+            key.append((a.dtype, a.data_ptr() % 16 == 0))
+        else:
+            key.append(_arg_key(a))
+    return tuple(key)
+
+
+@functools.lru_cache(maxsize=None)
+def _driver_calls():
+    """(get_current_device, get_current_stream) of Triton's active driver, looked up once."""
     driver = triton.runtime.driver.active
-    device = driver.get_current_device()
-    key = (kernel, device, tuple(meta.items()), tuple(_arg_key(a) for a in args))
+    return driver.get_current_device, driver.get_current_stream
+
+
+def _launch_direct(kernel, grid, args, meta):
+    current_device, current_stream = _driver_calls()
+    device = current_device()
+    key = (kernel, device, tuple(meta.items()), _launch_key(args))
     hit = _COMPILED.get(key)
     if hit is None:
         compiled = kernel[grid](*args, **meta)  # compiles (or finds) and launches through Triton
         if hasattr(compiled, "result"):
             compiled = compiled.result()
         if hasattr(compiled, "run") and hasattr(compiled, "packed_metadata"):
-            _COMPILED[key] = (compiled, tuple(meta[name] for name in kernel.arg_names[len(args):]))
+            _COMPILED[key] = (compiled.run, compiled.function, compiled.packed_metadata,
+                              tuple(meta[name] for name in kernel.arg_names[len(args):]))
         return
-    compiled, constexprs = hit
-    compiled.run(grid[0], grid[1], 1, driver.get_current_stream(device), compiled.function,
-                 compiled.packed_metadata, None, None, None, *args, *constexprs)
+    run, function, packed_metadata, constexprs = hit
+    run(grid[0], grid[1], 1, current_stream(device), function, packed_metadata, None, None, None, *args, *constexprs)
+
+
+def _desc(t: torch.Tensor, block_shape: list) -> "TensorDescriptor":
+    """TensorDescriptor.from_tensor(t, block_shape) without its checks, which cost ~4 us of host
+    time per descriptor (up to 8 a training step): every caller has passed `_tma_ok(t)` (or made t
+    itself, contiguous and fresh), and the block shapes are the tables' powers of two."""
+    d = object.__new__(TensorDescriptor)
+    d.base, d.shape, d.strides, d.block_shape, d.padding = t, t.shape, t.stride(), block_shape, "zero"
+    return d
 
 
 def _shrink_tma(x, A, p, seed, cfg: _Cfg) -> torch.Tensor:
@@ -580,7 +611,7 @@ def _shrink_tma(x, A, p, seed, cfg: _Cfg) -> torch.Tensor:
     R = A.shape[0]
     S = torch.empty((M, R), dtype=torch.float32, device=x.device)
     _launch(_lora_shrink_tma_kernel, (_cdiv(M, cfg.block_a), 1),
-            TensorDescriptor.from_tensor(x, [cfg.block_a, cfg.block_b]), A, S, seed if seed is not None else S,
+            _desc(x, [cfg.block_a, cfg.block_b]), A, S, seed if seed is not None else S,
             M, K, R, A.stride(0), A.stride(1),
             keep_threshold(p), keep_scale(p),
             HAS_DROPOUT=p > 0, BLOCK_M=cfg.block_a, BLOCK_K=cfg.block_b, BLOCK_R=_block_r(R),
@@ -741,7 +772,7 @@ def _bwd_xa_tma(x, G, seed, scale, p, cfg: _Cfg, da: torch.Tensor | None = None,
     R = G.shape[1]
     split, m_per_split, out = _da_split(M, K, R, cfg, x.device, da)
     _launch(_lora_bwd_xa_tma_kernel, (_cdiv(K, cfg.block_b), split),
-            TensorDescriptor.from_tensor(x, [cfg.block_a, cfg.block_b]), G, seed if seed is not None else G, out,
+            _desc(x, [cfg.block_a, cfg.block_b]), G, seed if seed is not None else G, out,
             M, K, R, m_per_split,
             keep_threshold(p), scale * keep_scale(p),
             HAS_DROPOUT=p > 0, ATOMIC=da is not None, BLOCK_M=cfg.block_a, BLOCK_K=cfg.block_b, BLOCK_R=_block_r(R),
@@ -905,9 +936,9 @@ def _lora_gemm(a, weight, L, rt, coef, bias, w_kmajor: bool, p: float = 0.0, see
     epi_split = epi_split or split
     BM, BN, BK = cfg.block_a, cfg.block_b, bk or _GEMM_BK
     out = torch.empty((M, N_OUT), dtype=a.dtype, device=a.device)
-    a_desc = TensorDescriptor.from_tensor(a, [BM, BK])
-    w_desc = TensorDescriptor.from_tensor(weight, [BN, BK] if w_kmajor else [BK, BN])
-    y_desc = TensorDescriptor.from_tensor(out, [BM, BN // epi_split])
+    a_desc = _desc(a, [BM, BK])
+    w_desc = _desc(weight, [BN, BK] if w_kmajor else [BK, BN])
+    y_desc = _desc(out, [BM, BN // epi_split])
     tiles = _cdiv(M, BM) * _cdiv(N_OUT, BN)
     grid = min(tiles, _sm_count_of(a.device))
     _launch(_lora_gemm_kernel, (grid, 1),
