@@ -42,6 +42,37 @@ def print_cprofile(fn, n: int, rows: int) -> None:
     print("\n".join(line[:150] for line in buf.getvalue().splitlines()[6:]))
 
 
+def launch_pieces(x, W, S, B) -> None:
+    """The host time of one launch of the forward GEMM kernel, piece by piece: the whole
+    `_lora_gemm`, the launch through `_launch`, its key, Triton's compiled launcher alone, and the
+    three TMA descriptors. Needs an sm_90 GPU (the kernel's TMA path); says so elsewhere."""
+    if not L._fused_gemm_ok(x, W, S.shape[1], W.shape[0]):
+        print("launch pieces: the fused GEMM kernel does not run here (needs sm_90)")
+        return
+    seen = []
+    real = L._launch_direct
+    L._launch_direct = lambda kernel, grid, args, meta: seen.append((kernel, grid, args, meta)) or real(kernel, grid, args, meta)
+    try:
+        L._lora_gemm(x, W, S, B.t(), 2.0, None, True)
+        L._lora_gemm(x, W, S, B.t(), 2.0, None, True)
+    finally:
+        L._launch_direct = real
+    kernel, grid, args, meta = seen[-1]
+    device = torch.cuda.current_device()
+    run, function, packed, constexprs = L._COMPILED[(kernel, device, tuple(meta.items()), L._launch_key(args))]
+    stream = torch.cuda.current_stream().cuda_stream
+    BM, BN, BK = meta["BM"], meta["BN"], meta["BK"]
+    pieces = {
+        "_lora_gemm (all)": lambda: L._lora_gemm(x, W, S, B.t(), 2.0, None, True),
+        "_launch": lambda: L._launch(kernel, grid, *args, **meta),
+        "launch key": lambda: L._launch_key(args),
+        "compiled launcher": lambda: run(grid[0], grid[1], 1, stream, function, packed, None, None, None, *args, *constexprs),
+        "3 TMA descriptors": lambda: (L._desc(x, [BM, BK]), L._desc(W, [BN, BK]), L._desc(x, [BM, BN])),
+    }
+    for name, fn in pieces.items():
+        print(f"host us  {name:<24} {host_us(fn, 1000):8.1f}")
+
+
 def main():
     M, K, N, r = (int(v) for v in sys.argv[1:5]) if len(sys.argv) > 4 else (8192, 1024, 1024, 16)
     dt, dev, p = torch.bfloat16, "cuda", 0.05
@@ -76,6 +107,7 @@ def main():
         }
         for name, fn in pieces.items():
             print(f"host us  {name:<24} {host_us(fn):8.1f}")
+        launch_pieces(x, W, S, B)
     print(f"host us  {'lora_linear fwd (grad)':<24} {host_us(lambda: lk.lora_linear(xg, W, A, B, 2.0, None, p)):8.1f}")
     print(f"host us  {'lora_linear fwd+bwd':<24} {host_us(step):8.1f}")
     naive = lambda: torch.autograd.grad(  # noqa: E731
