@@ -14,7 +14,6 @@ GPU work is longer than the host's, the figure is the GPU's.
 import argparse
 import importlib
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
@@ -22,16 +21,7 @@ import torch.nn.functional as F
 import lora_kernels as lk
 from lora_kernels._bench import interleaved_ms
 
-
-def per_call_us(fn, n: int = 200) -> float:
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / n * 1e6
+from benchmarks.profile_host import host_us
 
 
 def main() -> None:
@@ -71,7 +61,7 @@ def main() -> None:
         fns["naive fwd"] = naive
         fns["naive fwd+bwd"] = lambda: torch.autograd.grad(naive(), [x, A, B], dy)
         fns["base fwd+bwd"] = lambda: torch.autograd.grad(F.linear(x, W), [x], dy)
-        times = interleaved_ms(fns, per_call_us, args.rounds)
+        times = interleaved_ms(fns, host_us, args.rounds)
         print(f"{M} x {K} -> {N}, r{r}")
         for name, ts in times.items():
             print(f"  {name:<22} {statistics.median(ts):8.1f}  ({min(ts):.1f}-{max(ts):.1f})")
