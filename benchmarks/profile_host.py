@@ -45,7 +45,7 @@ def print_cprofile(fn, n: int, rows: int) -> None:
 def launch_pieces(x, W, S, B) -> None:
     """The host time of one launch of the forward GEMM kernel, piece by piece: the whole
     `_lora_gemm`, the launch through `_launch`, its key, Triton's compiled launcher alone, and the
-    three TMA descriptors. Needs an sm_90 GPU (the kernel's TMA path); says so elsewhere."""
+    three TMA descriptors. Needs an sm_90 GPU (the kernel's TMA path); prints why not elsewhere."""
     if not L._fused_gemm_ok(x, W, S.shape[1], W.shape[0]):
         print("launch pieces: the fused GEMM kernel does not run here (needs sm_90)")
         return
