@@ -23,9 +23,11 @@ if os.environ.get("LORA_KERNELS_BUILD_EXT", "0").strip() not in ("", "0"):
     if torch.version.cuda is not None and CUDA_HOME is not None:
         ext_modules.append(CUDAExtension(
             "lora_kernels._multi_lora_ext_cuda",
-            ["csrc/multi_lora.cpp", "csrc/multi_lora_cuda.cpp", "csrc/multi_lora_kernels.cu"],
+            ["csrc/multi_lora.cpp", "csrc/multi_lora_cuda.cpp", "csrc/multi_lora_kernels.cu",
+             "csrc/launch_replay.cpp"],
             define_macros=[("WITH_CUDA", None)],
             extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
+            libraries=["dl"],
         ))
     else:
         ext_modules.append(CppExtension("lora_kernels._multi_lora_ext_cpu", ["csrc/multi_lora.cpp"],

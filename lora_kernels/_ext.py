@@ -33,7 +33,7 @@ from . import _backend
 EXT_DIR_ENV = "LORA_KERNELS_EXT_DIR"
 OP_NAMESPACE = "lora_kernels_ext"
 _SOURCES_CPU = ("multi_lora.cpp",)
-_SOURCES_CUDA = ("multi_lora.cpp", "multi_lora_cuda.cpp", "multi_lora_kernels.cu")
+_SOURCES_CUDA = ("multi_lora.cpp", "multi_lora_cuda.cpp", "multi_lora_kernels.cu", "launch_replay.cpp")
 _PREBUILT_STEM = "_multi_lora_ext"  # lora_kernels/_multi_lora_ext_{cpu,cuda}*.so from setup.py
 
 _lock = threading.Lock()
@@ -109,6 +109,20 @@ def _needs_compile(directory: Path, name: str, deps: list[str]) -> bool:
     return any(os.path.getmtime(d) > built for d in deps)
 
 
+def can_load_without_compiling() -> bool:
+    """Whether load() would find the CUDA flavour built already (prebuilt, or a current JIT build)."""
+    if "lib" in _state or "error" in _state:
+        return "lib" in _state
+    cuda, _ = want_cuda()
+    if not cuda:
+        return False
+    if _prebuilt(True) is not None:
+        return True
+    src = sources_dir()
+    deps = [str(src / f) for f in _SOURCES_CUDA] + [str(p) for p in src.glob("*.cuh")]
+    return not _needs_compile(build_dir(True), build_name(True), deps)
+
+
 def _build(cuda: bool) -> str:
     from torch.utils import cpp_extension
 
@@ -130,6 +144,7 @@ def _build(cuda: bool) -> str:
         # -lineinfo: source lines in compute-sanitizer and Nsight reports, no run-time cost
         extra_cuda_cflags=["-O3", "-lineinfo"] if cuda else None,
         extra_include_paths=[str(src)],
+        extra_ldflags=["-ldl"] if cuda else None,  # launch_replay.cpp opens libcuda itself
         build_directory=str(directory),
         with_cuda=cuda,
         is_python_module=False,
