@@ -53,6 +53,7 @@ import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .. import _backend
+from . import replay
 from .dropout import PHILOX_ROUNDS, draw_seed, dropout_mask, keep_scale, keep_threshold
 
 try:
@@ -513,6 +514,46 @@ if HAS_TRITON:
 
 
 # ================================================================================================
+# buffers: allocations, sums and casts of the Triton path, written down when a call is recorded for
+# replay from C++ (see ops/replay.py)
+# ================================================================================================
+def _new(shape, dtype: torch.dtype, device, zero: bool = False) -> torch.Tensor:
+    t = (torch.zeros if zero else torch.empty)(shape, dtype=dtype, device=device)
+    if replay.ACTIVE:
+        rec = replay.recording()
+        if rec is not None:
+            rec.alloc(t, zero)
+    return t
+
+
+def _sum0(t: torch.Tensor) -> torch.Tensor:
+    out = t.sum(0)
+    if replay.ACTIVE:
+        rec = replay.recording()
+        if rec is not None:
+            rec.sum0(out, t)
+    return out
+
+
+def _addmm_(out: torch.Tensor, a: torch.Tensor, w: torch.Tensor, transpose: bool) -> None:
+    """out += a @ (w.T if transpose else w), cuBLAS with beta = 1."""
+    out.addmm_(a, w.t() if transpose else w)
+    if replay.ACTIVE:
+        rec = replay.recording()
+        if rec is not None:
+            rec.addmm(out, a, w, transpose)
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    out = t.to(dtype)
+    if replay.ACTIVE and out is not t:
+        rec = replay.recording()
+        if rec is not None:
+            rec.cast(out, t)
+    return out
+
+
+# ================================================================================================
 # launchers
 # ================================================================================================
 def _launch(kernel, grid, *args, **meta):
@@ -521,10 +562,14 @@ def _launch(kernel, grid, *args, **meta):
     if grid[0] == 0 or grid[1] == 0:
         return
     if is_wrap_triton_enabled():
+        if replay.ACTIVE and replay.recording() is not None:
+            replay.recording().decline("a launch through wrap_triton")
         torch.library.wrap_triton(kernel)[grid](*args, **meta)
     elif _FAST_LAUNCH and getattr(args[0], "base", args[0]).is_cuda and not _launch_hooks():  # (a TMA descriptor's .base)
         _launch_direct(kernel, grid, args, meta)
     else:
+        if replay.ACTIVE and replay.recording() is not None:
+            replay.recording().decline("a launch through Triton's own launcher")
         kernel[grid](*args, **meta)
 
 
@@ -582,11 +627,20 @@ def _launch_direct(kernel, grid, args, meta):
         if hasattr(compiled, "result"):
             compiled = compiled.result()
         if hasattr(compiled, "run") and hasattr(compiled, "packed_metadata"):
-            _COMPILED[key] = (compiled.run, compiled.function, compiled.packed_metadata,
-                              tuple(meta[name] for name in kernel.arg_names[len(args):]))
+            hit = _COMPILED[key] = (compiled.run, compiled.function, compiled.packed_metadata,
+                                    tuple(meta[name] for name in kernel.arg_names[len(args):]), compiled)
+        if replay.ACTIVE and replay.recording() is not None:
+            if hit is None:
+                replay.recording().decline("a kernel Triton did not hand back compiled")
+            else:
+                replay.recording().launch(hit[4], grid, args + hit[3])
         return
-    run, function, packed_metadata, constexprs = hit
+    run, function, packed_metadata, constexprs, compiled = hit
     run(grid[0], grid[1], 1, current_stream(device), function, packed_metadata, None, None, None, *args, *constexprs)
+    if replay.ACTIVE:
+        rec = replay.recording()
+        if rec is not None:
+            rec.launch(compiled, grid, args + constexprs)
 
 
 def _desc(t: torch.Tensor, block_shape: list) -> "TensorDescriptor":
@@ -602,7 +656,7 @@ def _shrink_tma(x, A, p, seed, cfg: _Cfg) -> torch.Tensor:
     """S = drop(x) @ A.T -> [M, R] fp32 through _lora_shrink_tma_kernel.   x [M, K] (TMA-readable), A [R, K]"""
     M, K = x.shape
     R = A.shape[0]
-    S = torch.empty((M, R), dtype=torch.float32, device=x.device)
+    S = _new((M, R), torch.float32, x.device)
     _launch(_lora_shrink_tma_kernel, (_cdiv(M, cfg.block_a), 1),
             _desc(x, [cfg.block_a, cfg.block_b]), A, S, seed if seed is not None else S,
             M, K, R, A.stride(0), A.stride(1),
@@ -667,7 +721,7 @@ def _shrink(x, A, p, seed, cfg: _Cfg | None = None) -> torch.Tensor:
     split = _split(n_m, _cdiv(K, cfg.block_b), x.device)  # decode: few rows, cut K instead
     k_per_split = _cdiv(_cdiv(K, split), cfg.block_b) * cfg.block_b
     split = _cdiv(K, k_per_split)
-    parts = torch.empty((split, M, R) if split > 1 else (M, R), dtype=torch.float32, device=x.device)
+    parts = _new((split, M, R) if split > 1 else (M, R), torch.float32, x.device)
     _launch(_lora_shrink_kernel, (n_m, split),
             x, A, parts, seed if seed is not None else parts,
             M, K, R, k_per_split,
@@ -676,7 +730,7 @@ def _shrink(x, A, p, seed, cfg: _Cfg | None = None) -> torch.Tensor:
             HAS_DROPOUT=p > 0, DOT_PRECISION=_dot_precision(x.dtype),
             BLOCK_M=cfg.block_a, BLOCK_K=cfg.block_b, BLOCK_R=_block_r(R),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return parts.sum(0) if split > 1 else parts
+    return _sum0(parts) if split > 1 else parts
 
 
 def _expand(S, B, scale, bias, y, cfg: _Cfg | None = None, p: float = 0.0, seed=None) -> None:
@@ -704,8 +758,8 @@ def _bwd_dy(dy, B, S, scale, x_dtype, deterministic, cfg: _Cfg | None = None):
     split = _split(n_m, _cdiv(N, cfg.block_b), dy.device)
     n_per_split = _cdiv(_cdiv(N, split), cfg.block_b) * cfg.block_b
     split = _cdiv(N, n_per_split)
-    g_parts = torch.empty((split, M, R) if split > 1 else (M, R), dtype=torch.float32, device=dy.device)
-    db = g_parts if deterministic else torch.zeros((N, R), dtype=torch.float32, device=dy.device)
+    g_parts = _new((split, M, R) if split > 1 else (M, R), torch.float32, dy.device)
+    db = g_parts if deterministic else _new((N, R), torch.float32, dy.device, zero=True)
     _launch(_lora_bwd_dy_kernel, (n_m, split),
             dy, B, S, g_parts, db,
             M, N, R, n_per_split,
@@ -714,7 +768,7 @@ def _bwd_dy(dy, B, S, scale, x_dtype, deterministic, cfg: _Cfg | None = None):
             COMPUTE_DB=not deterministic, DOT_PRECISION=_dot_precision(x_dtype),
             BLOCK_M=cfg.block_a, BLOCK_N=cfg.block_b, BLOCK_R=_block_r(R),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    G = g_parts.sum(0) if split > 1 else g_parts
+    G = _sum0(g_parts) if split > 1 else g_parts
     if deterministic:  # no atomics: dB by one more (cuBLAS) read of dy
         db = torch.mm(dy.t().to(torch.float32), S).mul_(scale)
     return G, db
@@ -748,13 +802,12 @@ def _da_split(M: int, K: int, R: int, cfg: _Cfg, device, da: torch.Tensor | None
     m_per_split = _cdiv(_cdiv(max(M, 1), split), cfg.block_a) * cfg.block_a
     split = max(1, _cdiv(M, m_per_split))
     if da is None:
-        alloc = torch.zeros if M == 0 else torch.empty
-        da = alloc((split, R, K) if split > 1 else (R, K), dtype=torch.float32, device=device)
+        da = _new((split, R, K) if split > 1 else (R, K), torch.float32, device, zero=M == 0)
     return split, m_per_split, da
 
 
 def _da_result(da: torch.Tensor) -> torch.Tensor:
-    return da.sum(0) if da.dim() == 3 else da
+    return _sum0(da) if da.dim() == 3 else da
 
 
 def _bwd_xa_tma(x, G, seed, scale, p, cfg: _Cfg, da: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
@@ -790,7 +843,7 @@ def _bwd_x(x, A, G, seed, scale, p, need_dx, cfg: _Cfg | None = None, split_dx: 
         split_dx = p > 0 and _SPLIT_DX
     if need_dx and split_dx:
         da, _ = _bwd_x(x, A, G, seed, scale, p, False, cfg, split_dx=False, da=da)
-        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        dx = _new(x.shape, x.dtype, x.device)
         _expand(G, A.t(), scale * keep_scale(p), None, dx, p=p, seed=seed)  # A.t(): [K, R] view
         return da, dx
     M, K = x.shape
@@ -802,7 +855,7 @@ def _bwd_x(x, A, G, seed, scale, p, need_dx, cfg: _Cfg | None = None, split_dx: 
             return _bwd_xa_tma(x, G, seed, scale, p, tma_cfg, da=da, pdl=pdl), None
     cfg = cfg or _x_cfg(M, R, p > 0 and need_dx)
     split, m_per_split, out = _da_split(M, K, R, cfg, x.device, da)
-    dx = torch.empty((M, K), dtype=x.dtype, device=x.device) if need_dx else None
+    dx = _new((M, K), x.dtype, x.device) if need_dx else None
     _launch(_lora_bwd_x_kernel, (_cdiv(K, cfg.block_b), split if M > 0 else 0),
             x, A, G, seed if seed is not None else G, dx if need_dx else out, out,
             M, K, R, m_per_split,
@@ -928,7 +981,7 @@ def _lora_gemm(a, weight, L, rt, coef, bias, w_kmajor: bool, p: float = 0.0, see
     cfg, split = _gemm_cfg(p > 0, cfg)
     epi_split = epi_split or split
     BM, BN, BK = cfg.block_a, cfg.block_b, bk or _GEMM_BK
-    out = torch.empty((M, N_OUT), dtype=a.dtype, device=a.device)
+    out = _new((M, N_OUT), a.dtype, a.device)
     a_desc = _desc(a, [BM, BK])
     w_desc = _desc(weight, [BN, BK] if w_kmajor else [BK, BN])
     y_desc = _desc(out, [BM, BN // epi_split])
@@ -949,9 +1002,9 @@ def _fwd_triton(x, weight, A, B, scale, bias, p, seed):
     S = _shrink(x, A, p, seed)
     if _fused_gemm_ok(x, weight, A.shape[0], weight.shape[0]):
         return _lora_gemm(x, weight, S, B.t(), scale, bias, w_kmajor=True), S
-    y = torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
+    y = _new((x.shape[0], weight.shape[0]), x.dtype, x.device)
     _expand(S, B, scale, bias, y)
-    y.addmm_(x, weight.t())  # cuBLAS with beta = 1: y = x @ W.T + (s * S @ B.T + b)
+    _addmm_(y, x, weight, transpose=True)  # cuBLAS with beta = 1: y = x @ W.T + (s * S @ B.T + b)
     return y, S
 
 
@@ -960,7 +1013,7 @@ def _bwd_triton(dy, x, weight, A, B, S, seed, scale, p, need_dx):
     # dA and dB are fp32 atomic sums into zeroed buffers; in deterministic mode, partial sums added in
     # a fixed order. (Two buffers: the op's outputs may not be views of one.)
     deterministic = torch.are_deterministic_algorithms_enabled()
-    da = None if deterministic else torch.zeros((R, K), dtype=torch.float32, device=x.device)
+    da = None if deterministic else _new((R, K), torch.float32, x.device, zero=True)
     G, db = _bwd_dy(dy, B, S, scale, x.dtype, deterministic)
     fused = need_dx and _fused_gemm_ok(dy, weight, R, K)
     if fused:
@@ -972,10 +1025,10 @@ def _bwd_triton(dy, x, weight, A, B, S, seed, scale, p, need_dx):
     else:
         da, dx = _bwd_x(x, A, G, seed, scale, p, need_dx, da=da)
         if need_dx:
-            dx.addmm_(dy, weight)  # cuBLAS with beta = 1: dx = dy @ W + dx_lora
+            _addmm_(dx, dy, weight, transpose=False)  # cuBLAS with beta = 1: dx = dy @ W + dx_lora
         else:
-            dx = x.new_empty(0)
-    return dx, da.to(A.dtype), db.to(B.dtype)
+            dx = _new((0,), x.dtype, x.device)
+    return dx, _cast(da, A.dtype), _cast(db, B.dtype)
 
 
 def _masked_x(x, p, seed):
@@ -1136,14 +1189,32 @@ class _EagerLoRALinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, lora_A, lora_B, scale, bias, dropout_p, seed):
         with _raw_launches():
-            y, s_lora = _forward_impl(x, weight, lora_A, lora_B, scale, bias, dropout_p, seed)
+            y, s_lora = _eager_forward(x, weight, lora_A, lora_B, scale, bias, dropout_p, seed)
         _save(ctx, (x, weight, lora_A, lora_B, scale, bias, dropout_p, seed), s_lora)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         with _raw_launches():
-            return _grads(ctx, dy, _backward_impl)
+            return _grads(ctx, dy, _eager_backward)
+
+
+# Eager CUDA calls go through ops/replay.py: the first call of each key runs the Python path and
+# writes down its launches, later ones replay them from C++ (same kernels, same arguments: the same
+# bits). H100 host, 8192 x 1024 -> 1024 r16 p0.05: see benchmarks/RESULTS.md (twentieth session).
+def _eager_forward(x, weight, lora_A, lora_B, scale, bias, dropout_p, seed):
+    if x.is_cuda and replay.available() and not _launch_hooks():
+        return replay.run(replay.FWD, [x, weight, lora_A, lora_B, bias, seed], [scale, dropout_p], [],
+                          _forward_impl, x, weight, lora_A, lora_B, scale, bias, dropout_p, seed)
+    return _forward_impl(x, weight, lora_A, lora_B, scale, bias, dropout_p, seed)
+
+
+def _eager_backward(dy, x, weight, lora_A, lora_B, s_lora, seed, scale, dropout_p, need_dx):
+    if dy.is_cuda and replay.available() and not _launch_hooks():
+        return replay.run(replay.BWD, [dy, x, weight, lora_A, lora_B, s_lora, seed], [scale, dropout_p],
+                          [int(need_dx)], _backward_impl, dy, x, weight, lora_A, lora_B, s_lora, seed, scale,
+                          dropout_p, need_dx)
+    return _backward_impl(dy, x, weight, lora_A, lora_B, s_lora, seed, scale, dropout_p, need_dx)
 
 
 def _raw_launches():

@@ -1,0 +1,204 @@
+"""Eager calls replayed from C++ (lora_kernels/ops/replay.py): the same bits as the Python path.
+
+The first eager call of a key runs the Python path and records its launches; later calls of that key
+replay them from C++. Each case here computes the forward and every gradient once through the Python
+path (replay off), then three times with replay on (record, replay, replay) from the same dropout
+seed, and asserts the results are the same (bitwise but for the fp32 atomic sums of dA and dB); a key the recording cannot express (deterministic
+mode's extra cuBLAS product) must be declined and still give the Python path's results.
+"""
+import pytest
+import torch
+
+import lora_kernels as lk
+from lora_kernels.ops import replay
+
+from .conftest import ON_GPU
+from .test_lora_linear import assert_matches, run_case
+
+from lora_kernels.ops import lora_linear as op_mod
+
+needs_gpu = pytest.mark.skipif(not ON_GPU, reason="replay runs CUDA launches")
+
+
+@pytest.fixture(scope="module")
+def replay_built():
+    if ON_GPU:
+        assert replay.enable(build=True), "the CUDA extension with the replay ops did not build or load"
+    yield
+
+
+# ------------------------------------------------------------------------------------------------
+# the recorder (any machine): what it writes down, and what it refuses
+# ------------------------------------------------------------------------------------------------
+def test_recorder_writes_allocations_addmm_sums_and_casts():
+    a, w = torch.randn(4, 5), torch.randn(3, 5)
+    with replay.record([a, w]) as rec:
+        out = op_mod._new((4, 3), torch.float32, a.device, zero=True)
+        op_mod._addmm_(out, a, w, transpose=True)
+        s = op_mod._sum0(out)
+        c = op_mod._cast(s, torch.float16)
+        same = op_mod._cast(out, torch.float32)  # no copy, nothing written
+    assert same is out and rec.why is None
+    assert torch.allclose(out, a @ w.t()) and torch.equal(c, (a @ w.t()).sum(0).half())
+    f32, f16 = 6, 5  # c10::ScalarType
+    assert rec.program((out, c)) == [1, 2, 1, f32, 2, 4, 3,  # slot 2 = zeros [4, 3] fp32
+                                     6, 2, 0, 1, 1,  # slot 2 += slot 0 @ slot 1 .T
+                                     3, 3, 2,  # slot 3 = slot 2 .sum(0)
+                                     4, 4, 3, f16,  # slot 4 = slot 3 .to(fp16)
+                                     5, 2, 2, 4]  # outputs: slots 2, 4
+
+
+def test_recorder_declines_what_it_cannot_replay():
+    a, w = torch.randn(4, 5), torch.randn(3, 5)
+    with replay.record([a, w]) as rec:
+        y = torch.mm(a, w.t())  # an op the program has no step for
+    assert rec.program((y,)) == [-1] and "mm" in rec.why
+    stray = torch.randn(5, 3)
+    with replay.record([a, w]) as rec:
+        out = op_mod._new((4, 3), torch.float32, a.device)
+        op_mod._addmm_(out, a, stray, transpose=False)  # an operand that is neither input nor buffer
+    assert rec.program((out,)) == [-1] and "addmm_ operand 2" in rec.why
+    with replay.record([a, a]) as rec:
+        pass
+    assert rec.program((a,)) == [-1] and "share memory" in rec.why
+
+
+# ------------------------------------------------------------------------------------------------
+# replay on the GPU: the Python path's results, bit for bit
+# ------------------------------------------------------------------------------------------------
+def _gpu(fn):
+    for mark in (pytest.mark.gpu, needs_gpu, pytest.mark.usefixtures("replay_built")):
+        fn = mark(fn)
+    return fn
+
+
+def _step(x, W, A, B, b, scale, p, dy, need_x):
+    """y and the gradients of (x,) A, B of one eager call, its dropout seed drawn from generator 1."""
+    gen = torch.Generator("cuda").manual_seed(1) if p > 0 else None  # (no new generator inside a capture)
+    y = lk.lora_linear(x, W, A, B, scale, b, p, generator=gen)
+    leaves = ([x] if need_x else []) + [A, B]
+    return [y.detach()] + list(torch.autograd.grad(y, leaves, dy))
+
+
+def _inputs(M, K, N, r, dtype, adt, bias, need_x, offset=0):
+    g = torch.Generator().manual_seed(M * 7 + K * 3 + N + r)
+    x = torch.randn(M, K + offset, generator=g).to("cuda", dtype)[:, offset:]  # offset: misaligned rows
+    x.requires_grad_(need_x)
+    W = (torch.randn(N, K, generator=g) / K**0.5).to("cuda", dtype)
+    A = (torch.randn(r, K, generator=g) / K**0.5).to("cuda", adt).requires_grad_(True)
+    B = (torch.randn(N, r, generator=g) / r**0.5).to("cuda", adt).requires_grad_(True)
+    b = torch.randn(N, generator=g).to("cuda", dtype) if bias else None
+    dy = torch.randn(M, N, generator=g).to("cuda", dtype)
+    return x, W, A, B, b, dy
+
+
+def _assert_same(got, want, need_x, what=None):
+    """y and dx bitwise; dA and dB (fp32 atomic sums, whose order varies from run to run even on the
+    Python path) within 1e-3 relative Frobenius error: a wrong plan (a missed zero fill, a wrong
+    buffer) is off by O(1)."""
+    names = ["y"] + (["dx"] if need_x else []) + ["dA", "dB"]
+    for name, g, w in zip(names, got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape, (what, name)
+        if name in ("y", "dx"):
+            assert torch.equal(g, w), (what, name, (g.float() - w.float()).abs().max().item())
+        else:
+            err = ((g.double() - w.double()).norm() / w.double().norm().clamp_min(1e-300)).item()
+            assert err < 1e-3, (what, name, err)
+
+
+def _python_path(monkeypatch, *args):
+    with monkeypatch.context() as m:
+        m.setitem(replay._state, "ok", False)
+        return _step(*args)
+
+
+bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+# (M, K, N, r, dtype, adapter dtype, p, bias, x requires grad)
+CASES = [
+    (2176, 512, 512, 16, bf16, bf16, 0.1, True, True),  # sm_90: fused GEMMs, TMA shrink and dA pass
+    (1000, 1024, 1024, 16, bf16, bf16, 0.05, False, True),
+    (300, 136, 520, 5, fp16, fp16, 0.1, True, False),  # x frozen: no dx; ragged N: cuBLAS beta = 1
+    (2177, 520, 504, 16, bf16, fp32, 0.0, False, True),  # ragged N / K, fp32 adapters
+    (64, 256, 256, 8, fp32, fp32, 0.1, True, True),  # fp32 activations: pointer kernels and cuBLAS
+    (133, 17, 2049, 3, fp16, fp32, 0.3, True, True),  # few rows: split K / N partials summed
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@_gpu
+def test_replay_is_bitwise_the_python_path(monkeypatch, case):
+    M, K, N, r, dt, adt, p, bias, need_x = case
+    x, W, A, B, b, dy = _inputs(M, K, N, r, dt, adt, bias, need_x)
+    args = (x, W, A, B, b, 0.5, p, dy, need_x)
+    want = _python_path(monkeypatch, *args)
+    before = dict(replay.stats)
+    for call in range(3):
+        _assert_same(_step(*args), want, need_x, call)
+    # one recording each of forward and backward, then 2 calls x (forward, backward) replayed
+    assert replay.stats["replayed"] - before["replayed"] == 4, (replay.stats, before, replay.last_declined)
+    assert replay.stats["declined"] == before["declined"], replay.last_declined
+
+
+@_gpu
+def test_replayed_calls_match_float64():
+    """run_case twice at one key (the second call is replayed) against the float64 reference."""
+    for _ in range(2):
+        before = replay.stats["replayed"]
+        y, y_ref, leaves, refs, y_abs = run_case(2176, 512, 512, 16, bf16, 0.1)
+        assert_matches(bf16, y, y_ref, leaves, refs, y_abs)
+    assert replay.stats["replayed"] > before
+
+
+@_gpu
+def test_other_alignment_or_strides_are_other_keys(monkeypatch):
+    """A plan recorded for aligned inputs is not used for inputs 2 bytes off (other kernels), and a
+    non-contiguous dy gets its own backward plan; both match the Python path bitwise."""
+    for offset, dy_t in ((0, False), (1, False), (0, True), (1, True), (0, False)):
+        x, W, A, B, b, dy = _inputs(2176, 512, 512, 16, bf16, bf16, True, True, offset=offset)
+        if dy_t:
+            dy = dy.t().contiguous().t()  # column-major dy
+        args = (x, W, A, B, b, 0.5, 0.1, dy, True)
+        want = _python_path(monkeypatch, *args)
+        for _ in range(2):
+            _assert_same(_step(*args), want, True, (offset, dy_t))
+
+
+@_gpu
+def test_replay_is_captured_by_cuda_graphs(monkeypatch):
+    """A replayed forward + backward captured in a CUDA graph gives what the eager call gives."""
+    x, W, A, B, b, dy = _inputs(1000, 1024, 1024, 16, bf16, bf16, True, True)
+    for _ in range(2):  # record, then replay
+        _step(x, W, A, B, b, 0.5, 0.0, dy, True)
+    want = _python_path(monkeypatch, x, W, A, B, b, 0.5, 0.0, dy, True)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        _step(x, W, A, B, b, 0.5, 0.0, dy, True)  # warm-up on the side stream
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    before = replay.stats["replayed"]
+    with torch.cuda.graph(graph):
+        out = _step(x, W, A, B, b, 0.5, 0.0, dy, True)
+    assert replay.stats["replayed"] == before + 2
+    graph.replay()
+    torch.cuda.synchronize()
+    _assert_same(out, want, True)
+
+
+@_gpu
+def test_deterministic_mode_is_its_own_key(monkeypatch):
+    """Deterministic mode sums partials in a fixed order with a cuBLAS dB: declined, still right."""
+    x, W, A, B, b, dy = _inputs(2176, 512, 512, 16, bf16, bf16, True, True)
+    args = (x, W, A, B, b, 0.5, 0.1, dy, True)
+    _step(*args)
+    _step(*args)  # a plan for the default mode exists now
+    torch.use_deterministic_algorithms(True)
+    try:
+        want = _python_path(monkeypatch, *args)
+        before = dict(replay.stats)
+        for _ in range(2):  # deterministic mode: no atomics, every output bitwise
+            assert all(torch.equal(g, w) for g, w in zip(_step(*args), want))
+        assert replay.stats["declined"] == before["declined"] + 1, replay.stats  # the backward, once
+        assert replay.stats["replayed"] == before["replayed"] + 1, replay.stats  # the second forward
+    finally:
+        torch.use_deterministic_algorithms(False)
