@@ -9,7 +9,8 @@ copies of the op module given by --before (lora_kernels.ops.MODULE with its torc
 namespace renamed, as in breakdown_lora_linear.py: the code before a change, in the same process),
 for naive PyTorch and for the frozen base F.linear. It prints the median host microseconds per call
 and the rounds' range. A call is timed as n back-to-back calls then one synchronize, so where the
-GPU work is longer than the host's, the figure is the GPU's.
+GPU work is longer than the host's, the figure is the GPU's. "fused" replays its launches from C++
+after the first call (lora_kernels/ops/replay.py); "fused, Python path" is the same op with replay off.
 """
 import argparse
 import importlib
@@ -35,7 +36,20 @@ def main() -> None:
     if not torch.cuda.is_available():
         print("no GPU: nothing to measure")
         return
+    from lora_kernels.ops import replay
+
     ops = {"fused": lk.lora_linear}
+    if replay.enable(build=True):  # the eager calls replayed from C++, and the Python path beside them
+        def python_path(*a):
+            replay._state["ok"] = False
+            try:
+                return lk.lora_linear(*a)
+            finally:
+                replay._state["ok"] = True
+
+        ops["fused, Python path"] = python_path
+    else:
+        print("replay: unavailable (the CUDA extension did not build or load): 'fused' is the Python path")
     for name in filter(None, args.before.split(",")):
         ops[name] = importlib.import_module(f"lora_kernels.ops.{name}").lora_linear
     dt, p = torch.bfloat16, args.p
@@ -64,7 +78,7 @@ def main() -> None:
         times = interleaved_ms(fns, host_us, args.rounds)
         print(f"{M} x {K} -> {N}, r{r}")
         for name, ts in times.items():
-            print(f"  {name:<22} {statistics.median(ts):8.1f}  ({min(ts):.1f}-{max(ts):.1f})")
+            print(f"  {name:<28} {statistics.median(ts):8.1f}  ({min(ts):.1f}-{max(ts):.1f})")
 
 
 if __name__ == "__main__":

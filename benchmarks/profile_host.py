@@ -59,7 +59,7 @@ def launch_pieces(x, W, S, B) -> None:
         L._launch_direct = real
     kernel, grid, args, meta = seen[-1]
     device = torch.cuda.current_device()
-    run, function, packed, constexprs = L._COMPILED[(kernel, device, tuple(meta.items()), L._launch_key(args))]
+    run, function, packed, constexprs, _ = L._COMPILED[(kernel, device, tuple(meta.items()), L._launch_key(args))]
     stream = torch.cuda.current_stream().cuda_stream
     BM, BN, BK = meta["BM"], meta["BN"], meta["BK"]
     pieces = {

@@ -27,6 +27,11 @@ def _info() -> dict:
         info["device"] = torch.cuda.get_device_name()
     info["backend on cuda"] = _backend.choose(torch.device("cuda"))[1] if torch.cuda.is_available() else "n/a"
     info["backend on cpu"] = _backend.choose(torch.device("cpu"))[1]
+    if torch.cuda.is_available():
+        from .ops import replay
+
+        info["eager replay"] = ("on (C++ replays each eager call's launches after its first)" if replay.available()
+                                else "off (the CUDA extension is not built: LORA_KERNELS_REPLAY=1 builds it on first use)")
     return info
 
 
