@@ -16,7 +16,8 @@
 //
 // and y.addmm_(a, b) (cuBLAS accumulating into a Triton kernel's output).
 //
-//   replay_run(kind, tensors, scalars, flags) -> (status, outputs)   status 0 no plan, 1 ran, 2 declined
+//   replay_run(kind, tensors, scalars, flags) -> (status, outputs)
+//       status 0: first sight of the key, 1: replayed, 2: declined key, 3: seen before, record it now
 //   replay_register(kind, tensors, scalars, flags, program) -> number of plans held
 //
 // Kernel parameters follow Triton 3.x's launcher ABI (triton/backends/nvidia/driver.py): the
@@ -36,6 +37,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <tuple>
 #include <vector>
 
@@ -166,6 +168,10 @@ struct Plan {
 std::mutex g_mutex;
 std::map<Key, std::shared_ptr<const Plan>> g_plans;
 size_t g_counts[8] = {0};
+// Keys seen once without a plan. A key is recorded on its second call, so a workload whose shapes
+// never repeat (e.g. a new sequence length every step) never pays for recording.
+std::set<Key> g_seen;
+constexpr size_t kMaxSeen = 4096;
 
 struct Reader {
   at::IntArrayRef words;
@@ -383,7 +389,12 @@ std::tuple<int64_t, std::vector<Tensor>> replay_run(int64_t kind, const c10::Lis
   {
     std::lock_guard<std::mutex> lock(g_mutex);
     auto it = g_plans.find(key);
-    if (it == g_plans.end()) return {0, {}};
+    if (it == g_plans.end()) {
+      if (g_seen.count(key)) return {3, {}};
+      if (g_seen.size() >= kMaxSeen) g_seen.clear();
+      g_seen.insert(key);
+      return {0, {}};
+    }
     plan = it->second;
   }
   if (plan->declined) return {2, {}};
@@ -401,6 +412,7 @@ int64_t replay_register(int64_t kind, const c10::List<std::optional<Tensor>>& te
     g_counts[kind] += 1;
   }
   g_plans[key] = std::move(plan);
+  g_seen.erase(key);
   return static_cast<int64_t>(g_counts[kind]);
 }
 
@@ -410,6 +422,7 @@ int64_t replay_clear() {
   std::lock_guard<std::mutex> lock(g_mutex);
   const int64_t n = static_cast<int64_t>(g_plans.size());
   g_plans.clear();
+  g_seen.clear();
   for (size_t& c : g_counts) c = 0;
   return n;
 }

@@ -4,7 +4,8 @@ An eager call of `lora_linear` at small shapes costs more host time than GPU tim
 allocates buffers, builds TMA descriptors and launches the Triton kernels, and autograd runs the
 backward's Python on its device thread, ~1.8x slower than the calling thread. So the first call for
 each *key* (every tensor's dtype, sizes, strides, 16-byte alignment and device, the op's scalars and
-flags, the deterministic-algorithms flag) runs the Python path as usual and writes down what it did:
+flags, the deterministic-algorithms flag) runs the Python path as usual, and the second writes down
+what it did (so shapes that never repeat cost one lookup, not a recording):
 
     ALLOC slot zero dtype sizes     torch.empty / torch.zeros of an intermediate
     LAUNCH function grid threads shared pdl params    one Triton launch, each parameter a tensor
@@ -13,12 +14,14 @@ flags, the deterministic-algorithms flag) runs the Python path as usual and writ
     ADDMM out a b transpose         out.addmm_(a, b or b.T): cuBLAS accumulating into a kernel's output
     OUTPUTS slots
 
-Later calls with that key run the program in C++: the same kernels with the same arguments in the
-same order on the current stream, so the results are bit-identical to the Python path's. Every
+From the third call on, that key's program runs in C++: the same kernels with the same arguments in the
+same order on the current stream, so the results are the Python path's (bitwise, but for the order
+of fp32 atomic additions, which varies from run to run on either path). Every
 decision the Python path takes (tiles, splits, kernels, their integer arguments) is a function of the
 key; the recording is checked against every ATen op the Python path ran (a dispatch mode), and a call
-that did anything the program cannot say (a cuBLAS call, a copy, a launch through Triton's own
-launcher) registers its key as declined, which then always takes the Python path.
+that did anything the program cannot say (an ATen op without a step, such as deterministic mode's
+torch.mm, or a launch through Triton's own launcher) registers its key as declined, which then
+always takes the Python path.
 
 Used for eager CUDA calls when the CUDA extension is loaded, or can be without compiling (a prebuilt
 or cached build; `python -m lora_kernels bench` and `lora_kernels.ops.replay.enable(build=True)` build
@@ -103,7 +106,7 @@ def run(kind: int, tensors: list, scalars: list, flags: list, impl, *args):
     if status == 1:
         stats["replayed"] += 1
         return tuple(outs)
-    if status == 2 or recording() is not None:
+    if status != 3 or recording() is not None:  # first sight, or a declined key: the Python path
         return impl(*args)
     with record(tensors) as rec:
         result = impl(*args)
