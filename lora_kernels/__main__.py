@@ -30,7 +30,7 @@ def _info() -> dict:
     if torch.cuda.is_available():
         from .ops import replay
 
-        info["eager replay"] = ("on (C++ replays each eager call's launches after its first)" if replay.available()
+        info["eager replay"] = ("on (C++ replays an eager call's launches from the third call of its shapes on)" if replay.available()
                                 else "off (the CUDA extension is not built: LORA_KERNELS_REPLAY=1 builds it on first use)")
     return info
 

@@ -165,6 +165,9 @@ def run(quick: bool) -> list[Row]:
     if not torch.cuda.is_available():
         note = "not measured (no CUDA); " + probe_cpu()
         return [Row("e2e", case, impl, None, note=note) for impl in IMPLS]
+    from ..ops import replay
+
+    replay.enable(build=True)  # eager calls replayed from C++ (off with LORA_KERNELS_REPLAY=0)
     config = dict(FULL, num_hidden_layers=layers)
     rows: list[Row] = []
     base_ms = base_gib = None
