@@ -204,3 +204,20 @@ def test_deterministic_mode_is_its_own_key(monkeypatch):
         assert replay.stats["replayed"] == before["replayed"] + 1, replay.stats  # the third forward
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+@_gpu
+def test_forced_pytorch_backend_is_not_replayed(monkeypatch):
+    """LORA_KERNELS_BACKEND is read per call: with it set to torch, a key that has a plan runs the
+    PyTorch path (no replay), whose results agree with the kernels' to bf16 rounding."""
+    x, W, A, B, b, dy = _inputs(1000, 1024, 1024, 16, bf16, bf16, True, True)
+    args = (x, W, A, B, b, 0.5, 0.05, dy, True)
+    for _ in range(3):
+        kernels = _step(*args)
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "torch")
+    before = dict(replay.stats)
+    torch_path = _step(*args)
+    assert replay.stats == before
+    for name, g, w in zip(("y", "dx", "dA", "dB"), torch_path, kernels):
+        err = ((g.double() - w.double()).norm() / w.double().norm()).item()
+        assert err < 2e-2, (name, err)

@@ -1202,15 +1202,21 @@ class _EagerLoRALinear(torch.autograd.Function):
 # Eager CUDA calls go through ops/replay.py: the first call of each key runs the Python path and
 # writes down its launches, later ones replay them from C++ (same kernels, same arguments: the same
 # bits). H100 host, 8192 x 1024 -> 1024 r16 p0.05: see benchmarks/RESULTS.md (twentieth session).
+def _replay_ok(t: torch.Tensor) -> bool:
+    """Replay for this call: CUDA, the extension loaded, no profiler's launch hooks, and the backend
+    not forced to PyTorch (LORA_KERNELS_BACKEND is read per call; a recorded plan is Triton's)."""
+    return t.is_cuda and replay.available() and not _launch_hooks() and _backend.requested() != "torch"
+
+
 def _eager_forward(x, weight, lora_A, lora_B, scale, bias, dropout_p, seed):
-    if x.is_cuda and replay.available() and not _launch_hooks():
+    if _replay_ok(x):
         return replay.run(replay.FWD, [x, weight, lora_A, lora_B, bias, seed], [scale, dropout_p], [],
                           _forward_impl, x, weight, lora_A, lora_B, scale, bias, dropout_p, seed)
     return _forward_impl(x, weight, lora_A, lora_B, scale, bias, dropout_p, seed)
 
 
 def _eager_backward(dy, x, weight, lora_A, lora_B, s_lora, seed, scale, dropout_p, need_dx):
-    if dy.is_cuda and replay.available() and not _launch_hooks():
+    if _replay_ok(dy):
         return replay.run(replay.BWD, [dy, x, weight, lora_A, lora_B, s_lora, seed], [scale, dropout_p],
                           [int(need_dx)], _backward_impl, dy, x, weight, lora_A, lora_B, s_lora, seed, scale,
                           dropout_p, need_dx)

@@ -49,6 +49,7 @@ ACTIVE = 0  # calls being recorded in any thread (a plain global: the hooks' fas
 _MODE = os.environ.get("LORA_KERNELS_REPLAY", "auto").strip().lower()
 _state: dict = {}  # "ok": bool once decided
 _local = threading.local()
+_active_lock = threading.Lock()
 
 # TMA element types as the kernel metadata writes them -> the driver's enum (triton's driver.py)
 _TMA_DTYPE_DEVICE_TO_HOST = {**{i: i for i in range(16)}, 8: 10, 9: 8, 10: 9}
@@ -127,12 +128,14 @@ def record(inputs: list):
     global ACTIVE
     rec = _Recorder(inputs)
     _local.recorder = rec
-    ACTIVE += 1
+    with _active_lock:  # += on a global is not atomic across threads; a lost update could hide hooks
+        ACTIVE += 1
     try:
         with _AtenWatch(rec):
             yield rec
     finally:
-        ACTIVE -= 1
+        with _active_lock:
+            ACTIVE -= 1
         _local.recorder = None
 
 
