@@ -519,37 +519,33 @@ if HAS_TRITON:
 # ================================================================================================
 def _new(shape, dtype: torch.dtype, device, zero: bool = False) -> torch.Tensor:
     t = (torch.zeros if zero else torch.empty)(shape, dtype=dtype, device=device)
-    if replay.ACTIVE:
-        rec = replay.recording()
-        if rec is not None:
-            rec.alloc(t, zero)
+    rec = replay.recording()
+    if rec is not None:
+        rec.alloc(t, zero)
     return t
 
 
 def _sum0(t: torch.Tensor) -> torch.Tensor:
     out = t.sum(0)
-    if replay.ACTIVE:
-        rec = replay.recording()
-        if rec is not None:
-            rec.sum0(out, t)
+    rec = replay.recording()
+    if rec is not None:
+        rec.sum0(out, t)
     return out
 
 
 def _addmm_(out: torch.Tensor, a: torch.Tensor, w: torch.Tensor, transpose: bool) -> None:
     """out += a @ (w.T if transpose else w), cuBLAS with beta = 1."""
     out.addmm_(a, w.t() if transpose else w)
-    if replay.ACTIVE:
-        rec = replay.recording()
-        if rec is not None:
-            rec.addmm(out, a, w, transpose)
+    rec = replay.recording()
+    if rec is not None:
+        rec.addmm(out, a, w, transpose)
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     out = t.to(dtype)
-    if replay.ACTIVE and out is not t:
-        rec = replay.recording()
-        if rec is not None:
-            rec.cast(out, t)
+    rec = replay.recording()
+    if rec is not None and out is not t:
+        rec.cast(out, t)
     return out
 
 
@@ -561,20 +557,21 @@ def _launch(kernel, grid, *args, **meta):
     (wrap_triton disabled, see `_raw_launches`) through `_launch_direct`."""
     if grid[0] == 0 or grid[1] == 0:
         return
-    if is_wrap_triton_enabled():
-        if replay.ACTIVE and replay.recording() is not None:
-            replay.recording().decline("a launch through wrap_triton")
-        torch.library.wrap_triton(kernel)[grid](*args, **meta)
-    elif _FAST_LAUNCH and getattr(args[0], "base", args[0]).is_cuda and not _launch_hooks():  # (a TMA descriptor's .base)
+    if _FAST_LAUNCH and not is_wrap_triton_enabled() and getattr(args[0], "base", args[0]).is_cuda \
+            and not _launch_hooks():  # (a TMA descriptor's .base)
         _launch_direct(kernel, grid, args, meta)
+        return
+    rec = replay.recording()
+    if rec is not None:
+        rec.decline("a launch that does not go through _launch_direct")
+    if is_wrap_triton_enabled():
+        torch.library.wrap_triton(kernel)[grid](*args, **meta)
     else:
-        if replay.ACTIVE and replay.recording() is not None:
-            replay.recording().decline("a launch through Triton's own launcher")
         kernel[grid](*args, **meta)
 
 
-# Compiled kernels (launcher, handle, metadata, constexprs) by (kernel, device, meta, what Triton
-# specializes each argument on). Triton's own launch path (argument binding, specialization, cache
+# Compiled kernels (launcher, handle, metadata, constexprs, the CompiledKernel for replay.py) by
+# (kernel, device, meta, what Triton specializes each argument on). Triton's own launch path (argument binding, specialization, cache
 # key) costs ~40 us of host time per launch on the H100's host, more than many of these kernels
 # run; with the compiled kernel in hand a launch is one call into Triton's C launcher.
 _FAST_LAUNCH = os.environ.get("LORA_KERNELS_FAST_LAUNCH", "1") != "0"
@@ -629,18 +626,15 @@ def _launch_direct(kernel, grid, args, meta):
         if hasattr(compiled, "run") and hasattr(compiled, "packed_metadata"):
             hit = _COMPILED[key] = (compiled.run, compiled.function, compiled.packed_metadata,
                                     tuple(meta[name] for name in kernel.arg_names[len(args):]), compiled)
-        if replay.ACTIVE and replay.recording() is not None:
-            if hit is None:
-                replay.recording().decline("a kernel Triton did not hand back compiled")
-            else:
-                replay.recording().launch(hit[4], grid, args + hit[3])
-        return
-    run, function, packed_metadata, constexprs, compiled = hit
-    run(grid[0], grid[1], 1, current_stream(device), function, packed_metadata, None, None, None, *args, *constexprs)
-    if replay.ACTIVE:
-        rec = replay.recording()
-        if rec is not None:
-            rec.launch(compiled, grid, args + constexprs)
+    else:
+        run, function, packed_metadata, constexprs, _ = hit
+        run(grid[0], grid[1], 1, current_stream(device), function, packed_metadata, None, None, None, *args, *constexprs)
+    rec = replay.recording()
+    if rec is not None:
+        if hit is None:
+            rec.decline("a kernel Triton did not hand back compiled")
+        else:
+            rec.launch(hit[4], grid, args + hit[3])
 
 
 def _desc(t: torch.Tensor, block_shape: list) -> "TensorDescriptor":
@@ -1199,9 +1193,9 @@ class _EagerLoRALinear(torch.autograd.Function):
             return _grads(ctx, dy, _eager_backward)
 
 
-# Eager CUDA calls go through ops/replay.py: the first call of each key runs the Python path and
-# writes down its launches, later ones replay them from C++ (same kernels, same arguments: the same
-# bits). H100 host, 8192 x 1024 -> 1024 r16 p0.05: see benchmarks/RESULTS.md (twentieth session).
+# Eager CUDA calls go through ops/replay.py: the second call of each key runs the Python path and
+# writes down its launches, later ones replay them from C++ (same kernels, same arguments, same
+# results). H100 host, 8192 x 1024 -> 1024 r16 p0.05: see benchmarks/RESULTS.md (twentieth session).
 def _replay_ok(t: torch.Tensor) -> bool:
     """Replay for this call: CUDA, the extension loaded, no profiler's launch hooks, and the backend
     not forced to PyTorch (LORA_KERNELS_BACKEND is read per call; a recorded plan is Triton's)."""

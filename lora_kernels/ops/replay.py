@@ -77,12 +77,10 @@ def enable(build: bool = False) -> bool:
 
 
 def available() -> bool:
-    """Cheap per-call check (decided once, then a dict lookup)."""
+    """Cheap per-call check (decided once, then a dict lookup; enable(build=True) can still turn it on)."""
     ok = _state.get("ok")
     if ok is None:
         ok = _state["ok"] = enable()
-        if not ok:
-            _state["checked"] = True
     return ok
 
 
@@ -94,7 +92,9 @@ def clear() -> int:
 
 
 def recording() -> "_Recorder | None":
-    return getattr(_local, "recorder", None)
+    """This thread's recorder, or None. Called on the Python path's hot spots: while nothing records
+    anywhere it reads one global and returns (and under torch.compile's tracing it stays that)."""
+    return getattr(_local, "recorder", None) if ACTIVE else None
 
 
 stats = {"replayed": 0, "recorded": 0, "declined": 0}  # calls, since import (tests and reports read it)
