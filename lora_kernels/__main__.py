@@ -55,7 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("bench", help="time fused LoRA against naive PyTorch and PEFT (GPU)")
     b.add_argument("--quick", action="store_true", help="the headline shapes only")
     b.add_argument("--only", default="", help="comma-separated reports: linear,multi,e2e")
-    b.add_argument("--json", default="", help="also write all rows to this JSON file")
+    b.add_argument("--json", default="", help="also write all rows to this JSON file (rewritten after each case)")
+    b.add_argument("--shard", default="", metavar="I/N",
+                   help="linear report: only cases I, I+N, I+2N, ... of its grid (split a long run over calls)")
+    b.add_argument("--graphs", action="store_true",
+                   help="linear report: also time the whole grid from CUDA graphs (the quick set always is)")
     sub.add_parser("info", help="versions, device and which backend each device gets")
     args = parser.parse_args(argv)
 
@@ -68,9 +72,17 @@ def main(argv: list[str] | None = None) -> int:
         for k, v in info.items():
             print(f"{k}: {v}")
         return 0
+    shard = _parse_shard(parser, args.shard) if args.shard else None
     print("  ".join(f"{k}={v}" for k, v in info.items()))
     names = [n for n in (args.only.split(",") if args.only else _bench.available()) if n]
     rows = []
+
+    def save(new_rows=()):  # after each case, so a run cut short keeps what it measured
+        rows.extend(new_rows)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump([r.__dict__ for r in rows], f, indent=1)
+
     for name in names:
         try:
             mod = _bench.load(name)
@@ -78,15 +90,40 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{name}] not available in this build")
             continue
         print(f"[{name}] running{' (quick)' if args.quick else ''} ...", flush=True)
-        rows.extend(mod.run(quick=args.quick))
+        if name == "linear":
+            mod.run(quick=args.quick, shard=shard, graphs=args.graphs or None, on_rows=save)
+        else:
+            save(mod.run(quick=args.quick))
     if not torch.cuda.is_available():
         print("\nNo CUDA device: GPU timings were not measured. Checked instead: each report's "
               "correctness probe on the CPU (rows below). Run on an NVIDIA GPU for the figures.")
     _print_table(rows)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump([r.__dict__ for r in rows], f, indent=1)
+    if "linear" in names and torch.cuda.is_available():
+        _print_versus_naive(_bench.load("linear").versus_naive(rows))
+    save()
     return 0
+
+
+def _parse_shard(parser, text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        parser.error(f"--shard takes I/N, e.g. 1/3; got {text!r}")
+    if not 1 <= i <= n:
+        parser.error(f"--shard I/N needs 1 <= I <= N; got {text!r}")
+    return i, n
+
+
+def _print_versus_naive(found: dict) -> None:
+    """The issue's "never slower than naive" check over the linear rows just measured."""
+    print()
+    for mode, (slower, count) in found.items():
+        if not count:
+            continue
+        print(f"fused vs naive, {mode}: slower at {len(slower)} of {count} cases"
+              + (":" if slower else ""))
+        for case, fq, nq in slower:
+            print(f"  {case}: fused {fq:.3f}x, naive {nq:.3f}x base")
 
 
 if __name__ == "__main__":

@@ -45,3 +45,53 @@ def test_linear_rows_report_the_median_of_per_round_ratios(monkeypatch):
     assert by["naive"].ratio == pytest.approx(2.0 / 1.1)
     assert by["fused"].extra["graph_ratio"] == pytest.approx(1.5 * 1.1)
     assert len(by["fused"].extra["round_ratios"]) == 3 and "rounds" in by["fused"].note
+
+
+def test_grid_shards_partition_the_grid_and_mix_sizes():
+    grid = list(LB.full_grid())
+    assert len(grid) == 3 * 6 * 3 * 3  # M x (K, N) x r x p, the grid
+    shards = [LB.shard_cases(grid, (i, 3)) for i in (1, 2, 3)]
+    assert sorted(map(repr, sum(shards, []))) == sorted(map(repr, grid))
+    assert all({c.M for c in s} == {2048, 8192, 16384} for s in shards)
+    with pytest.raises(ValueError, match="1 <= I <= N"):
+        LB.shard_cases(grid, (4, 3))
+
+
+def _row(case, impl, ratio, graph_ratio):
+    return _bench.Row("linear", case, impl, 1.0, ratio, extra={"graph_ratio": graph_ratio})
+
+
+def test_versus_naive_lists_each_case_where_fused_is_slower():
+    rows = [_row("a fwd", "base", 1.0, 1.0), _row("a fwd", "fused", 1.2, 1.1), _row("a fwd", "naive", 1.5, 1.05),
+            _row("b fwd", "fused", 2.0, None), _row("b fwd", "naive", 1.9, None),
+            _row("c kept", "fused", 1.0, None)]  # a memory row has no naive partner: not compared
+    found = LB.versus_naive(rows)
+    assert found["eager"] == ([("b fwd", 2.0, 1.9)], 2)
+    assert found["graph"] == ([("a fwd", 1.1, 1.05)], 1)
+
+
+def test_graph_timings_only_for_the_impls_asked(monkeypatch):
+    case = LB.Case(16, 8, 8, 2, 0.0, torch.float32)
+    graphed = []
+
+    def fake_build(case, impls):
+        x, dy = torch.zeros(case.M, case.K), torch.zeros(case.M, case.N)
+        return x, dy, {impl: ((lambda x, impl=impl: impl), []) for impl in impls}
+
+    monkeypatch.setattr(LB, "build", fake_build)
+    monkeypatch.setattr(LB, "step_fn", lambda fwd, params, x, dy, mode: (lambda: fwd(x)))
+    monkeypatch.setattr(LB, "gpu_time_ms", lambda fn, *a: 1.0)
+    monkeypatch.setattr(LB, "graph_time_ms", lambda fn, *a: graphed.append(fn()) or 2.0)
+    rows = LB.time_case(case, modes=("fwd",), impls=("fused", "naive", "peft"), with_memory=False,
+                        rounds=2, graph_impls=("fused", "naive"))
+    assert sorted(set(graphed)) == ["base", "fused", "naive"] and len(graphed) == 6
+    by = {r.impl: r for r in rows}
+    assert by["fused"].extra["graph_ratio"] == 1.0 and by["peft"].extra["graph_ratio"] is None
+
+
+def test_bench_cli_rejects_a_bad_shard(capsys):
+    from lora_kernels.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["bench", "--only", "linear", "--shard", "3/2"])
+    assert "1 <= I <= N" in capsys.readouterr().err

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import itertools
 import statistics
+import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -125,13 +127,19 @@ def memory_kept(fwd, x) -> int:
 
 
 def time_case(case: Case, modes=("fwd", "fwd+bwd"), impls=IMPLS, warmup_ms=10, rep_ms=40,
-              with_memory=True, graphs=True, rounds: int = ROUNDS) -> list[Row]:
+              with_memory=True, graphs=True, rounds: int = ROUNDS, graph_impls=None,
+              graph_rep_ms: int = 40) -> list[Row]:
+    """Rows of one case: eager (and graph) times of base and each impl, ratios within rounds.
+    graph_impls: the impls also timed from a CUDA graph (default: all of them)."""
     x, dy, fns = build(case, impls=("base",) + tuple(impls))
     rows = []
     for mode in modes:
         calls = {impl: step_fn(*fns[impl], x, dy, mode) for impl in ("base",) + tuple(impls)}
         eager = interleaved_ms(calls, lambda fn: gpu_time_ms(fn, warmup_ms, rep_ms), rounds)
-        graph = interleaved_ms(calls, graph_time_ms, rounds) if graphs else {}
+        graph = {}
+        if graphs:
+            in_graph = {k: v for k, v in calls.items() if k == "base" or graph_impls is None or k in graph_impls}
+            graph = interleaved_ms(in_graph, lambda fn: graph_time_ms(fn, graph_rep_ms), rounds)
         for impl in calls:
             q = round_ratios(eager[impl], eager["base"])
             g = graph.get(impl)
@@ -171,7 +179,8 @@ def time_decode(M, K, N, r) -> list[Row]:
         fn = step_fn(*fns[impl], x, dy, "infer")
         ms, g = gpu_time_ms(fn), graph_time_ms(fn)
         rows.append(Row("linear", f"{case.name} decode", impl, ms, ms / base_ms,
-                        f"graph {g:.4f} ms ({g / base_g:.2f}x)" if g and base_g else "", {"graph_ms": g}))
+                        f"graph {g:.4f} ms ({g / base_g:.2f}x)" if g and base_g else "",
+                        {"graph_ms": g, "graph_ratio": g / base_g if g and base_g else None}))
     return rows
 
 
@@ -192,16 +201,69 @@ def _cpu_probe() -> list[Row]:
                 note=f"not timed (no CUDA); backend={backend} ({why}); rel err vs float64 {err:.1e}")]
 
 
-def run(quick: bool = False) -> list[Row]:
+def shard_cases(cases: list, shard: tuple[int, int] | None) -> list:
+    """Cases i-1, i-1+n, ... of shard (i, n): interleaved, so each shard mixes small and large shapes."""
+    if shard is None:
+        return cases
+    i, n = shard
+    if not 1 <= i <= n:
+        raise ValueError(f"shard must be I/N with 1 <= I <= N, got {i}/{n}")
+    return cases[i - 1::n]
+
+
+def run(quick: bool = False, shard: tuple[int, int] | None = None, graphs: bool | None = None,
+        on_rows=None) -> list[Row]:
+    """The report's rows. quick: the QUICK set, else the issue's whole grid (162 cases); shard
+    (i, n): every n-th case from the i-th (decode rows only in shard 1); graphs: also time from CUDA
+    graphs (default: the quick set only; in the grid base, fused and naive, at a shorter repetition,
+    as the graph timings would otherwise double its run time); on_rows(rows) after each case."""
     if not torch.cuda.is_available():
-        return _cpu_probe()
+        rows = _cpu_probe()
+        if on_rows:
+            on_rows(rows)
+        return rows
     from ..ops import replay
 
     replay.enable(build=True)  # eager calls replayed from C++, as a user with the extension built gets them
+    graphs = quick if graphs is None else graphs
     rows = []
-    cases = [Case(*c) for c in QUICK] if quick else list(full_grid())
-    for case in cases:  # graph timings for the quick set (the full grid would double its run time)
-        rows.extend(time_case(case, with_memory=case.p > 0 or quick, graphs=quick))
-    for d in DECODE[: 2 if quick else None]:
-        rows.extend(time_decode(*d))
+    cases = shard_cases([Case(*c) for c in QUICK] if quick else list(full_grid()), shard)
+    t_start = time.perf_counter()
+    for i, case in enumerate(cases, 1):
+        t0 = time.perf_counter()
+        case_rows = time_case(case, with_memory=case.p > 0 or quick, graphs=graphs,
+                              graph_impls=None if quick else ("fused", "naive"), graph_rep_ms=40 if quick else 20)
+        rows.extend(case_rows)
+        if on_rows:
+            on_rows(case_rows)
+        print(f"[linear] {i}/{len(cases)} {case.name}: {time.perf_counter() - t0:.1f} s "
+              f"({time.perf_counter() - t_start:.0f} s in all)", file=sys.stderr, flush=True)
+    for d in DECODE[: 2 if quick else None] if shard is None or shard[0] == 1 else ():
+        case_rows = time_decode(*d)
+        rows.extend(case_rows)
+        if on_rows:
+            on_rows(case_rows)
     return rows
+
+
+def versus_naive(rows: list[Row]) -> dict:
+    """Where fused is slower than naive PyTorch in this report's rows: {"eager"|"graph": (slower
+    cases as (case, fused ratio, naive ratio), cases compared)}, ratios the medians of the rounds."""
+    by_case: dict = {}
+    for r in rows:
+        if r.bench == "linear" and r.impl in ("fused", "naive") and r.ms is not None:
+            by_case.setdefault(r.case, {})[r.impl] = r
+    out = {"eager": ([], 0), "graph": ([], 0)}
+    for case, d in by_case.items():
+        if len(d) < 2:
+            continue
+        f, n = d["fused"], d["naive"]
+        for mode, fq, nq in (("eager", f.ratio, n.ratio),
+                             ("graph", f.extra.get("graph_ratio"), n.extra.get("graph_ratio"))):
+            if fq is None or nq is None:
+                continue
+            slower, count = out[mode]
+            if fq > nq:
+                slower.append((case, fq, nq))
+            out[mode] = (slower, count + 1)
+    return out

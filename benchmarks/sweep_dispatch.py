@@ -1,0 +1,83 @@
+"""Dispatch variants of the fused op side by side, CUDA-graph time over the base F.linear (GPU).
+
+    python benchmarks/sweep_dispatch.py [MxKxNxr[@p] ...] [--rounds 3] [--variants now,before,...]
+
+Each variant is a set of module-level settings of lora_kernels.ops.lora_linear applied while its
+callable runs (and so while its CUDA graph is captured); "now" is the code's own. Rows: training
+forward and forward + backward of (x, A, B) per shape, graph ms of base, naive PyTorch and each
+variant, and each one's ratio to base as the median of per-round ratios (rounds in turn, so the
+GPU's clock drift hits all alike; see lora_kernels._bench.interleaved_ms). Eager replay is off:
+a recorded plan does not know which variant recorded it.
+"""
+import argparse
+import contextlib
+import statistics
+
+import torch
+
+from lora_kernels._bench import graph_time_ms, interleaved_ms, round_ratios
+from lora_kernels._bench import linear as LB
+from lora_kernels.ops import lora_linear as LL
+from lora_kernels.ops import replay
+
+VARIANTS = {
+    "now": {},
+    "before": {"_CUBLAS_BWD_MIN_RANK": 10**9, "_GEMM_MIN_WAVE": 0.0},  # the code before this sweep's change
+    "cublas_bwd_r33": {"_CUBLAS_BWD_MIN_RANK": 33},
+    "no_wave_rule": {"_GEMM_MIN_WAVE": 0.0},
+}
+SHAPES = ["8192x4096x4096x128@0", "8192x4096x4096x128@0.05", "2048x4096x4096x128@0", "2048x4096x4096x128@0.05",
+          "8192x14336x4096x128@0.05", "8192x2048x512x128@0", "8192x2048x512x128@0.05", "2048x5120x5120x128@0.05",
+          "8192x4096x4096x64@0", "8192x4096x4096x64@0.05", "2048x2048x512x16@0", "2048x2048x512x64@0.05",
+          "2048x2048x512x128@0.05", "256x4096x4096x64@0", "8192x4096x4096x16@0.05", "8192x1024x1024x16@0.05"]
+
+
+@contextlib.contextmanager
+def settings(over: dict):
+    old = {k: getattr(LL, k) for k in over}
+    for k, v in over.items():
+        setattr(LL, k, v)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            setattr(LL, k, v)
+
+
+def with_settings(fn, over):
+    def run():
+        with settings(over):
+            return fn()
+    return run
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("shapes", nargs="*", default=SHAPES)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    args = ap.parse_args()
+    replay._state["ok"] = False
+    names = args.variants.split(",")
+    print(f"{'case':34s} {'base ms':>8s} {'naive':>7s} " + " ".join(f"{n:>14s}" for n in names))
+    for spec in args.shapes:
+        shape, _, p = spec.partition("@")
+        M, K, N, r = map(int, shape.split("x"))
+        case = LB.Case(M, K, N, r, float(p or 0.05))
+        x, dy, fns = LB.build(case, impls=("base", "fused", "naive"))
+        for mode in ("fwd", "fwd+bwd"):
+            calls = {impl: LB.step_fn(*fns[impl], x, dy, mode) for impl in ("base", "naive")}
+            fused = LB.step_fn(*fns["fused"], x, dy, mode)
+            for n in names:
+                calls[n] = with_settings(fused, VARIANTS[n])
+            g = interleaved_ms(calls, lambda fn: graph_time_ms(fn, 20), args.rounds)
+            ratio = {k: statistics.median(round_ratios(v, g["base"]) or [float("nan")]) for k, v in g.items()}
+            cells = " ".join(f"{statistics.median(g[n]) * 1e3:7.1f}us {ratio[n]:5.3f}" for n in names)
+            print(f"{case.name + ' ' + mode:34s} {statistics.median(g['base']):8.4f} {ratio['naive']:7.3f} {cells}",
+                  flush=True)
+        del x, dy, fns
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
