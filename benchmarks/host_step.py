@@ -79,6 +79,7 @@ def main() -> None:
         print(f"{M} x {K} -> {N}, r{r}")
         for name, ts in times.items():
             print(f"  {name:<28} {statistics.median(ts):8.1f}  ({min(ts):.1f}-{max(ts):.1f})")
+    print(f"replay: {replay.stats}" + (f"; declined because: {replay.last_declined}" if replay.last_declined else ""))
 
 
 if __name__ == "__main__":

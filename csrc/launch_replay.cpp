@@ -14,7 +14,9 @@
 // the kernels' integer arguments) is a function of the key, so later calls with the same key replay
 // the program here: same kernels, same arguments, same order, same stream, bit-identical results.
 //
-// and y.addmm_(a, b) (cuBLAS accumulating into a Triton kernel's output).
+// and cuBLAS products: y.addmm_(a, b, beta, alpha) (accumulating into a Triton kernel's output, or
+// beta = 0: writing a product into a buffer) and
+// alpha * op(a) @ op(b) (optionally with an fp32 result from 16-bit operands).
 //
 //   replay_run(kind, tensors, scalars, flags) -> (status, outputs)
 //       status 0: first sight of the key, 1: replayed, 2: declined key, 3: seen before, record it now
@@ -47,7 +49,7 @@ namespace {
 using at::Tensor;
 
 // ---- program encoding (int64 words; lora_kernels/ops/replay.py writes the same) ------------------
-enum Op : int64_t { kAlloc = 1, kLaunch = 2, kSum0 = 3, kCast = 4, kOutputs = 5, kAddmm = 6 };
+enum Op : int64_t { kAlloc = 1, kLaunch = 2, kSum0 = 3, kCast = 4, kOutputs = 5, kAddmm = 6, kMm = 7 };
 enum Param : int64_t { kPtr = 1, kRaw = 2, kTma = 3 };
 constexpr int64_t kDeclined = -1;  // program of a key the Python path could not write down
 constexpr size_t kMaxPlansPerKind = 512;
@@ -149,8 +151,11 @@ struct Launch {
 
 struct Step {
   int64_t op;
-  int dst = -1, src = -1, src2 = -1;  // kAddmm: dst += src @ (src2 or src2.T)
-  bool transpose = false;
+  int dst = -1, src = -1, src2 = -1;  // kAddmm: dst = beta * dst + alpha * src @ op(src2); kMm: dst = alpha * op(src) @ op(src2)
+  bool transpose = false;             // op(src2) = src2.T
+  bool transpose_a = false;           // kMm: op(src) = src.T
+  bool has_dtype = false;             // kMm: the result in `dtype` (else the operands')
+  double alpha = 1.0, beta = 1.0;
   bool zero = false;
   at::ScalarType dtype = at::kFloat;
   std::vector<int64_t> sizes;
@@ -172,6 +177,12 @@ size_t g_counts[8] = {0};
 // never repeat (e.g. a new sequence length every step) never pays for recording.
 std::set<Key> g_seen;
 constexpr size_t kMaxSeen = 4096;
+
+double bits_to_double(int64_t bits) {  // a double passed through the int64 program words
+  double v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
 
 struct Reader {
   at::IntArrayRef words;
@@ -259,6 +270,22 @@ std::shared_ptr<const Plan> parse(at::IntArrayRef program, int n_inputs) {
         step.src = slot_ok(r.next(), false);
         step.src2 = slot_ok(r.next(), false);
         step.transpose = r.next() != 0;
+        step.alpha = bits_to_double(r.next());
+        step.beta = bits_to_double(r.next());
+        break;
+      }
+      case kMm: {
+        step.dst = static_cast<int>(r.next());
+        TORCH_CHECK(step.dst == plan->n_slots, "lora_kernels replay: results must take the next slot");
+        step.src = slot_ok(r.next(), false);
+        step.transpose_a = r.next() != 0;
+        step.src2 = slot_ok(r.next(), false);
+        step.transpose = r.next() != 0;
+        const int64_t dtype = r.next();
+        step.has_dtype = dtype >= 0;
+        if (step.has_dtype) step.dtype = static_cast<at::ScalarType>(dtype);
+        step.alpha = bits_to_double(r.next());
+        plan->n_slots += 1;
         break;
       }
       case kOutputs: {
@@ -371,9 +398,17 @@ std::vector<Tensor> execute(const Plan& plan, const c10::List<std::optional<Tens
       case kCast:
         slots[s.dst] = slots[s.src].to(s.dtype);
         break;
-      case kAddmm:  // cuBLAS with beta = 1 (its TF32 choice follows torch's flags at the call, as in Python)
-        slots[s.dst].addmm_(slots[s.src], s.transpose ? slots[s.src2].t() : slots[s.src2]);
+      case kAddmm:  // cuBLAS (its TF32 choice follows torch's flags at the call, as in Python)
+        slots[s.dst].addmm_(slots[s.src], s.transpose ? slots[s.src2].t() : slots[s.src2], s.beta, s.alpha);
         break;
+      case kMm: {  // the same calls as lora_linear.py's _mm, so the same cuBLAS kernels and bits
+        const Tensor a = s.transpose_a ? slots[s.src].t() : slots[s.src];
+        const Tensor b = s.transpose ? slots[s.src2].t() : slots[s.src2];
+        Tensor out = s.has_dtype ? at::mm(a, b, s.dtype) : at::mm(a, b);
+        if (s.alpha != 1.0) out.mul_(s.alpha);
+        slots[s.dst] = out;
+        break;
+      }
     }
   }
   std::vector<Tensor> out;

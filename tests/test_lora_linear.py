@@ -6,6 +6,7 @@ and larger shapes included.
 """
 import dataclasses
 import itertools
+import math
 
 import pytest
 import torch
@@ -587,6 +588,7 @@ def test_lora_linear_takes_the_fused_gemm_and_matches_float64(monkeypatch, shape
     real = op_mod._lora_gemm
     monkeypatch.setattr(op_mod, "_lora_gemm", lambda *a, **k: calls.append(k["w_kmajor"]) or real(*a, **k))
     monkeypatch.setattr(op_mod, "_GEMM_MIN_TILE_USE", 0.0)  # ragged N and K on purpose: the tiles' edges
+    monkeypatch.setattr(op_mod, "_GEMM_MIN_WAVE", 0.0)  # and few tiles
     M, K, N, r = shape
     for dtype, bias in ((torch.bfloat16, True), (torch.float16, False)):
         calls.clear()
@@ -604,12 +606,59 @@ def test_fused_gemm_only_where_its_tiles_fit_the_feature_dims(monkeypatch):
     calls = []
     real = op_mod._lora_gemm
     monkeypatch.setattr(op_mod, "_lora_gemm", lambda *a, **k: calls.append(k["w_kmajor"]) or real(*a, **k))
+    monkeypatch.setattr(op_mod, "_GEMM_MIN_WAVE", 0.0)  # (few tiles: the next test)
     for (M, K, N), want in (((300, 512, 512), [True, False]), ((300, 512, 1056), [False]),
                             ((300, 1056, 512), [True]), ((300, 1032, 2056), [])):
         calls.clear()
         y, y_ref, leaves, refs, y_abs = run_case(M, K, N, 16, torch.bfloat16, 0.1)
         assert calls == want, f"{M}x{K}->{N}: expected {want} (forward: True, dgrad: False), got {calls}"
         assert_matches(torch.bfloat16, y, y_ref, leaves, refs, y_abs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (ON_GPU and _gemm_kernel_runs_here()), reason="the fused GEMM path runs on sm_90 only")
+def test_fused_gemm_only_with_half_a_wave_of_tiles(monkeypatch):
+    """Fewer [128, 256] output tiles than half the SMs take cuBLAS (which picks smaller tiles), per
+    GEMM: the forward's tiles are rows x N, the dgrad's rows x K. Each way, against float64."""
+    calls = []
+    real = op_mod._lora_gemm
+    monkeypatch.setattr(op_mod, "_lora_gemm", lambda *a, **k: calls.append(k["w_kmajor"]) or real(*a, **k))
+    half_wave = 0.5 * op_mod._sm_count_of(torch.device(DEVICE))
+    rows = 128 * math.ceil(half_wave / 2)  # 2 column tiles of 256: exactly half a wave or more
+    for (M, K, N) in ((rows, 512, 512), (rows - 128, 512, 512), (rows - 128, 1024, 512), (256, 4096, 4096)):
+        calls.clear()
+        y, y_ref, leaves, refs, y_abs = run_case(M, K, N, 16, torch.bfloat16, 0.1)
+        tiles = lambda cols: math.ceil(M / 128) * math.ceil(cols / 256)
+        want = [True] * (tiles(N) >= half_wave) + [False] * (tiles(K) >= half_wave)
+        assert calls == want, f"{M}x{K}->{N}: expected {want} (forward: True, dgrad: False), got {calls}"
+        assert_matches(torch.bfloat16, y, y_ref, leaves, refs, y_abs)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+@pytest.mark.parametrize("shape", [(133, 72, 40, 65), (70, 130, 65, 128)] + (
+    [(1000, 1024, 3000, 128), (4100, 512, 520, 96)] if ON_GPU else []), ids=str)
+def test_backward_products_in_cublas_past_rank_64(monkeypatch, shape, p):
+    """16-bit activations at r > 64: G, dB, and without dropout also dA, G @ A and the forward's S
+    through cuBLAS; with dropout dA and the masked G @ A through the Triton passes. Every output and
+    gradient against float64. fp32 activations and r <= 64 keep the Triton passes."""
+    from lora_kernels import _backend
+
+    if not (ON_GPU or _backend.interpreting()):
+        pytest.skip("needs a GPU or the Triton interpreter")
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "triton")
+    calls = []
+    real = op_mod._bwd_cublas
+    monkeypatch.setattr(op_mod, "_bwd_cublas", lambda *a: calls.append(a[3].shape[0]) or real(*a))
+    M, K, N, r = shape
+    for dtype in ([torch.float16, torch.bfloat16] if ON_GPU else [torch.float16]):  # interpreter: no bf16 dot
+        calls.clear()
+        y, y_ref, leaves, refs, y_abs = run_case(M, K, N, r, dtype, p)
+        assert calls == [r], calls
+        assert_matches(dtype, y, y_ref, leaves, refs, y_abs)
+    calls.clear()
+    run_case(M, K, N, 64, torch.float16, p)
+    run_case(M, K, N, r, torch.float32, p)
+    assert calls == []
 
 
 @pytest.mark.skipif(not _gemm_kernel_runs_here(), reason="needs an sm_90 GPU or the Triton interpreter")

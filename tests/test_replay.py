@@ -41,11 +41,43 @@ def test_recorder_writes_allocations_addmm_sums_and_casts():
     assert same is out and rec.why is None
     assert torch.allclose(out, a @ w.t()) and torch.equal(c, (a @ w.t()).sum(0).half())
     f32, f16 = 6, 5  # c10::ScalarType
+    one = 0x3FF0000000000000  # the bits of 1.0 (alpha)
     assert rec.program((out, c)) == [1, 2, 1, f32, 2, 4, 3,  # slot 2 = zeros [4, 3] fp32
-                                     6, 2, 0, 1, 1,  # slot 2 += slot 0 @ slot 1 .T
+                                     6, 2, 0, 1, 1, one, one,  # slot 2 = 1.0 * slot 2 + 1.0 * slot 0 @ slot 1 .T
                                      3, 3, 2,  # slot 3 = slot 2 .sum(0)
                                      4, 4, 3, f16,  # slot 4 = slot 3 .to(fp16)
                                      5, 2, 2, 4]  # outputs: slots 2, 4
+
+
+def test_recorder_writes_cublas_products():
+    """_mm steps (the backward's cuBLAS products at large rank): operands by slot with transpose
+    flags, the result's dtype, alpha as the bits of a double; its own ATen ops are expected, any
+    other mm still declines."""
+    a, b = torch.randn(6, 4), torch.randn(6, 3)
+    with replay.record([a, b]) as rec:
+        m = op_mod._mm(a, b, ta=True, alpha=0.5, out_dtype=torch.float32)  # 0.5 * a.T @ b -> [4, 3]
+        out = op_mod._new((6, 3), torch.float32, a.device, zero=True)
+        op_mod._addmm_(out, a, m, transpose=False, alpha=2.0)  # out += 2 * a @ m
+        new = op_mod._new((6, 3), torch.float32, a.device)
+        op_mod._addmm_(new, a, m, transpose=False, alpha=3.0, beta=0.0)  # new = 3 * a @ m, not read
+    assert rec.why is None
+    torch.testing.assert_close(m, 0.5 * a.t() @ b)
+    torch.testing.assert_close(out, 2 * a @ m)
+    torch.testing.assert_close(new, 3 * a @ m)
+    half, one, two, three = 0x3FE0000000000000, 0x3FF0000000000000, 0x4000000000000000, 0x4008000000000000
+    assert rec.program((m, out, new)) == [7, 2, 0, 1, 1, 0, -1, half,  # slot 2 = 0.5 * slot 0 .T @ slot 1
+                                          1, 3, 1, 6, 2, 6, 3,  # slot 3 = zeros [6, 3] fp32
+                                          6, 3, 0, 2, 0, two, one,  # slot 3 = slot 3 + 2.0 * slot 0 @ slot 2
+                                          1, 4, 0, 6, 2, 6, 3,  # slot 4 = empty [6, 3] fp32
+                                          6, 4, 0, 2, 0, three, 0,  # slot 4 = 3.0 * slot 0 @ slot 2
+                                          5, 3, 2, 3, 4]
+    with replay.record([a, b]) as rec:
+        op_mod._mm(a, b, ta=True)
+        torch.mm(a.t(), b)  # not a recorded step: declines
+    assert rec.why is not None and "mm" in rec.why
+    with replay.record([a, b]) as rec:
+        op_mod._mm(a[:, :2], b, ta=True)  # a view of an input, not the input: declines
+    assert rec.why is not None and "view" in rec.why
 
 
 def test_recorder_declines_what_it_cannot_replay():
@@ -115,7 +147,10 @@ def _python_path(monkeypatch, *args):
 bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
 # (M, K, N, r, dtype, adapter dtype, p, bias, x requires grad)
 CASES = [
-    (2176, 512, 512, 16, bf16, bf16, 0.1, True, True),  # sm_90: fused GEMMs, TMA shrink and dA pass
+    (4300, 512, 512, 16, bf16, bf16, 0.1, True, True),  # sm_90: fused GEMMs (68 tiles), TMA shrink and dA pass
+    (2176, 512, 512, 16, bf16, bf16, 0.0, False, True),  # 34 tiles: the cuBLAS GEMM (beta = 1)
+    (1000, 1024, 1024, 128, bf16, fp32, 0.0, True, True),  # r > 64: the backward's products in cuBLAS
+    (700, 512, 768, 96, fp16, fp16, 0.1, False, True),  # the same with dropout: Triton dA, masked expand
     (1000, 1024, 1024, 16, bf16, bf16, 0.05, False, True),
     (300, 136, 520, 5, fp16, fp16, 0.1, True, False),  # x frozen: no dx; ragged N: cuBLAS beta = 1
     (2177, 520, 504, 16, bf16, fp32, 0.0, False, True),  # ragged N / K, fp32 adapters

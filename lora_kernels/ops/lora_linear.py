@@ -533,12 +533,37 @@ def _sum0(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _addmm_(out: torch.Tensor, a: torch.Tensor, w: torch.Tensor, transpose: bool) -> None:
-    """out += a @ (w.T if transpose else w), cuBLAS with beta = 1."""
-    out.addmm_(a, w.t() if transpose else w)
+def _addmm_(out: torch.Tensor, a: torch.Tensor, w: torch.Tensor, transpose: bool, alpha: float = 1.0,
+            beta: float = 1.0) -> None:
+    """out = beta * out + alpha * a @ (w.T if transpose else w) through cuBLAS. beta = 0 only writes
+    out (cuBLAS does not read it: out may be uninitialized), with alpha applied in the epilogue."""
+    out.addmm_(a, w.t() if transpose else w, beta=beta, alpha=alpha)
     rec = replay.recording()
     if rec is not None:
-        rec.addmm(out, a, w, transpose)
+        rec.addmm(out, a, w, transpose, alpha, beta)
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, ta: bool = False, tb: bool = False, alpha: float = 1.0,
+        out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """alpha * op(a) @ op(b) through cuBLAS, op(t) = t.T where its flag is set. out_dtype=fp32 with
+    16-bit operands returns cuBLAS's fp32 accumulator unrounded (aten::mm.dtype); else a's dtype."""
+    if out_dtype == a.dtype:
+        out_dtype = None
+    rec = replay.recording()
+    if rec is not None:
+        rec.expect("mm", *(("mul_",) if alpha != 1.0 else ()))
+    op_a, op_b = (a.t() if ta else a), (b.t() if tb else b)
+    if out_dtype is None:
+        out = torch.mm(op_a, op_b)
+    elif a.is_cuda:
+        out = torch.mm(op_a, op_b, out_dtype=out_dtype)
+    else:  # no aten::mm.dtype on the CPU (the interpreter's runs): the same products, upcast first
+        out = torch.mm(op_a.to(out_dtype), op_b.to(out_dtype))
+    if alpha != 1.0:
+        out.mul_(alpha)
+    if rec is not None:
+        rec.mm(out, a, ta, b, tb, alpha, out_dtype)
+    return out
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -936,6 +961,12 @@ _GEMM_GROUP_M = 8  # row tiles per group of the persistent tile order (see _tile
 # tiles the kernel wins, ragged M included (4100 x 4096 -> 4096 fwd 188.1 vs 199.0, 3000 rows 136.8
 # vs 144.7). So ragged N / K of more than 5% go the cuBLAS way.
 _GEMM_MIN_TILE_USE = 0.95
+# Fewer output tiles than half the SMs go the cuBLAS way too: the persistent kernel's [128, 256]
+# tiles then leave most SMs idle where cuBLAS picks smaller tiles. H100, graph us, training forward,
+# p0 (torch profiler): 2048 x 2048 -> 512 (32 tiles) GEMM kernel 22.7 against cuBLAS's 9.8; 256 x
+# 4096 -> 4096 (32 tiles) 43.3 against 18.8; while 8192 x 2048 -> 512 (128 tiles) fused 41.5 us
+# beat naive PyTorch's 59.0.
+_GEMM_MIN_WAVE = 0.5
 
 
 def _tile_use(n: int, tile: int) -> float:
@@ -950,7 +981,10 @@ def _fused_gemm_ok(a: torch.Tensor, weight: torch.Tensor, R: int, n_out: int) ->
         return False
     if (n_out * a.element_size()) % 16:  # the output's rows are stored by TMA too
         return False
-    return _sm90_tma_ok(a) and _tma_ok(weight)
+    if not (_sm90_tma_ok(a) and _tma_ok(weight)):
+        return False
+    tiles = _cdiv(a.shape[0], _GEMM_TILE.block_a) * _cdiv(n_out, _GEMM_TILE.block_b)
+    return tiles >= _GEMM_MIN_WAVE * _sm_count_of(a.device)
 
 
 def _gemm_cfg(masked: bool, tile: _Cfg | None = None) -> tuple[_Cfg, int]:
@@ -993,7 +1027,10 @@ def _lora_gemm(a, weight, L, rt, coef, bias, w_kmajor: bool, p: float = 0.0, see
 
 
 def _fwd_triton(x, weight, A, B, scale, bias, p, seed):
-    S = _shrink(x, A, p, seed)
+    if p == 0 and _cublas_bwd_ok(x, A.shape[0]):  # r > 64 without a mask: cuBLAS (see _CUBLAS_BWD_MIN_RANK)
+        S = _mm(x, _cast(A, x.dtype), tb=True, out_dtype=torch.float32)  # [M, r] fp32
+    else:
+        S = _shrink(x, A, p, seed)
     if _fused_gemm_ok(x, weight, A.shape[0], weight.shape[0]):
         return _lora_gemm(x, weight, S, B.t(), scale, bias, w_kmajor=True), S
     y = _new((x.shape[0], weight.shape[0]), x.dtype, x.device)
@@ -1002,8 +1039,56 @@ def _fwd_triton(x, weight, A, B, scale, bias, p, seed):
     return y, S
 
 
+# Past the GEMM epilogue's ranks (r > 64) the backward's rank-r products go through cuBLAS, and so
+# does the forward's shrink where there is no mask to apply (p = 0). The Triton dy and x passes keep
+# [BLOCK_M, r] / [r, BLOCK_K] fp32 accumulators beside their tiles and are no longer memory-bound
+# there: H100, r128 p0, 8192 x 4096 -> 4096, per training step (torch profiler): dy pass 92.9 us +
+# its split sum 12.3, x pass (dA and dx_lora) 140.4, where a cuBLAS product of these sizes reads its
+# 64 MB operand in ~30 us; the fused step was slower than naive PyTorch (graph) at 15 of the grid's
+# 36 r128 fwd+bwd cases at p0 and p0.05. With the products in cuBLAS (benchmarks/sweep_dispatch.py,
+# graph, ratio to base, before -> after, naive in the same run): 8192 x 4096 -> 4096 r128 p0
+# 1.467x -> 1.407x (naive 1.464x), p0.05 1.534x -> 1.435x (1.577x); 2048 x 4096 -> 4096 p0.05 1.744x
+# -> 1.565x (1.690x); 8192 x 2048 -> 512 p0.05 4.377x -> 3.588x (4.282x). At r64 it changed nothing
+# at 8192 x 4096 -> 4096 (1.250x vs 1.245x) and lost at 256 x 4096 -> 4096 (2.218x -> 2.457x).
+_CUBLAS_BWD_MIN_RANK = 65
+
+
+def _cublas_bwd_ok(x: torch.Tensor, R: int) -> bool:
+    return R >= _CUBLAS_BWD_MIN_RANK and x.dtype in (torch.float16, torch.bfloat16)
+
+
+def _bwd_cublas(dy, x, weight, A, B, S, seed, scale, p, need_dx):
+    """The backward with its rank-r products in cuBLAS, operands in the activations' dtype as the
+    kernels' dots take them (see _CUBLAS_BWD_MIN_RANK):
+        G = dy @ B [M, r]        dB = s * dy.T @ S [N, r] fp32
+        dA = s/(1-p) * G.T @ drop(x) [r, K] fp32        dx = dy @ W + s/(1-p) * (G @ A) * keep [M, K]
+    With dropout, dA and the masked G @ A come from the Triton passes, which regenerate the mask."""
+    dt = x.dtype
+    R, K = A.shape
+    G = _mm(dy, _cast(B, dt))  # [M, r] in dt
+    db = _mm(dy, _cast(S, dt), ta=True, alpha=scale, out_dtype=torch.float32)  # [N, r]
+    if p == 0:
+        da = _mm(G, x, ta=True, alpha=scale, out_dtype=torch.float32)  # [r, K]
+    else:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        da, _ = _bwd_x(x, A, G, seed, scale, p, False,
+                       da=None if deterministic else _new((R, K), torch.float32, x.device, zero=True))
+    if need_dx:
+        dx = _new(x.shape, dt, x.device)
+        if p == 0:  # dx = s * G @ A, the scale in cuBLAS's epilogue (a mul_ after it: 23 us at 8192 x 2048)
+            _addmm_(dx, G, _cast(A, dt), transpose=False, alpha=scale, beta=0.0)
+        else:
+            _expand(G, A.t(), scale * keep_scale(p), None, dx, p=p, seed=seed)  # A.t(): [K, R] view
+        _addmm_(dx, dy, weight, transpose=False)  # cuBLAS with beta = 1: dx = dy @ W + dx_lora
+    else:
+        dx = _new((0,), dt, x.device)
+    return dx, _cast(da, A.dtype), _cast(db, B.dtype)
+
+
 def _bwd_triton(dy, x, weight, A, B, S, seed, scale, p, need_dx):
     R, K = A.shape
+    if _cublas_bwd_ok(x, R):
+        return _bwd_cublas(dy, x, weight, A, B, S, seed, scale, p, need_dx)
     # dA and dB are fp32 atomic sums into zeroed buffers; in deterministic mode, partial sums added in
     # a fixed order. (Two buffers: the op's outputs may not be views of one.)
     deterministic = torch.are_deterministic_algorithms_enabled()

@@ -11,7 +11,9 @@ what it did (so shapes that never repeat cost one lookup, not a recording):
     LAUNCH function grid threads shared pdl params    one Triton launch, each parameter a tensor
                                     slot's pointer, a TMA descriptor over a slot, or raw bits
     SUM0 slot src / CAST slot src dtype               t.sum(0) / t.to(dtype)
-    ADDMM out a b transpose         out.addmm_(a, b or b.T): cuBLAS accumulating into a kernel's output
+    ADDMM out a b transpose alpha beta   out.addmm_(a, b or b.T, beta=beta, alpha=alpha): cuBLAS
+                                    accumulating into a kernel's output (beta = 1) or writing (beta = 0)
+    MM slot a ta b tb dtype alpha   alpha * (a or a.T) @ (b or b.T), in dtype (-1: the operands'): cuBLAS
     OUTPUTS slots
 
 From the third call on, that key's program runs in C++: the same kernels with the same arguments in the
@@ -41,7 +43,7 @@ from .. import _ext
 
 FWD, BWD = 0, 1  # plan kinds: lora_linear forward, backward
 
-_ALLOC, _LAUNCH, _SUM0, _CAST, _OUTPUTS, _ADDMM = 1, 2, 3, 4, 5, 6
+_ALLOC, _LAUNCH, _SUM0, _CAST, _OUTPUTS, _ADDMM, _MM = 1, 2, 3, 4, 5, 6, 7
 _PTR, _RAW, _TMA = 1, 2, 3
 _DECLINED = [-1]
 
@@ -148,7 +150,7 @@ class _AtenWatch(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
-        if name not in _ALLOWED_ATEN:
+        if name not in _ALLOWED_ATEN and not self.rec.take_expected(name):
             self.rec.decline(f"ATen op {name}")
         return func(*args, **(kwargs or {}))
 
@@ -160,6 +162,7 @@ class _Recorder:
         self.by_ptr: dict[int, int] = {}
         self.tensors: list = list(inputs)
         self.why: str | None = None
+        self.expected: dict[str, int] = {}  # ATen ops a recorded step is about to run (see expect)
         ptrs = [t.data_ptr() for t in inputs if t is not None]
         if len(set(ptrs)) != len(ptrs):
             self.decline("inputs share memory")
@@ -170,6 +173,18 @@ class _Recorder:
     def decline(self, why: str) -> None:
         if self.why is None:
             self.why = why
+
+    def expect(self, *names: str) -> None:
+        """The next ATen ops of these names belong to a step about to be recorded (e.g. the mm of
+        `mm`): the watch lets exactly those through, so any other such op still declines."""
+        for n in names:
+            self.expected[n] = self.expected.get(n, 0) + 1
+
+    def take_expected(self, name: str) -> bool:
+        left = self.expected.get(name, 0)
+        if left:
+            self.expected[name] = left - 1
+        return bool(left)
 
     def _new_slot(self, t: torch.Tensor) -> int:
         slot = self.n_slots
@@ -201,10 +216,26 @@ class _Recorder:
         if s is not None:
             self.words += [_CAST, self._new_slot(out), s, _dtype_code(out.dtype)]
 
-    def addmm(self, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, transpose: bool) -> None:
-        slots = [self._slot_of(t, f"addmm_ operand {i}") for i, t in enumerate((out, a, b))]
+    def _slot_exact(self, t: torch.Tensor, what: str) -> int | None:
+        """The slot holding t itself (same sizes and strides), not just its memory."""
+        s = self._slot_of(t, what)
+        if s is not None and self.tensors[s] is not t and not _same_view(self.tensors[s], t):
+            self.decline(f"{what} is a view of a recorded buffer, not the buffer")
+            return None
+        return s
+
+    def addmm(self, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, transpose: bool, alpha: float = 1.0,
+              beta: float = 1.0) -> None:
+        slots = [self._slot_exact(t, f"addmm_ operand {i}") for i, t in enumerate((out, a, b))]
         if None not in slots:
-            self.words += [_ADDMM, *slots, int(transpose)]
+            self.words += [_ADDMM, *slots, int(transpose), _f64_bits(alpha), _f64_bits(beta)]
+
+    def mm(self, out: torch.Tensor, a: torch.Tensor, ta: bool, b: torch.Tensor, tb: bool, alpha: float,
+           out_dtype: torch.dtype | None) -> None:
+        sa, sb = self._slot_exact(a, "mm operand 0"), self._slot_exact(b, "mm operand 1")
+        if sa is not None and sb is not None:
+            self.words += [_MM, self._new_slot(out), sa, int(ta), sb, int(tb),
+                           -1 if out_dtype is None else _dtype_code(out_dtype), _f64_bits(alpha)]
 
     def launch(self, compiled, grid, args) -> None:
         """One launch of `compiled` (a triton CompiledKernel) with the launcher's arguments `args`
@@ -297,6 +328,10 @@ def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
 # c10::ScalarType's numbering for the dtypes a plan allocates or casts to
 _DTYPE_CODES = {torch.uint8: 0, torch.int8: 1, torch.int16: 2, torch.int32: 3, torch.int64: 4, torch.float16: 5,
                 torch.float32: 6, torch.float64: 7, torch.bool: 11, torch.bfloat16: 15}
+
+
+def _f64_bits(v: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", float(v)))[0]
 
 
 def _dtype_code(dt: torch.dtype) -> int:
