@@ -10,7 +10,11 @@ import lora_kernels as lk
 from ._models import R, build, randomize_adapters, torch_backend  # noqa: F401
 
 FP32 = dict(atol=2e-5, rtol=2e-5)
-FP32_GRAD = dict(atol=5e-5, rtol=5e-5)
+# Mixed-batch vs one-sequence gradients of an adapter: two fp32 summation orders through two
+# attention layers. Measured on a 2-core CPU (MKL): relative Frobenius error up to 4.6e-5, median
+# 4.6e-6, while single small elements differed by 6e-4 relative, past an elementwise 5e-5 bound. A
+# sequence routed to the wrong adapter is off by O(1).
+GRAD_REL_NORM = 2e-4
 NAMES = ["tenant_a", "tenant_b", None, "tenant_a", "tenant_c"]
 
 
@@ -82,7 +86,8 @@ def test_mixed_batch_training_gradients_come_from_own_sequences(served):
         own = {n: p for n, p in params.items() if f".{name}" in n}
         assert own
         for n, p in own.items():
-            torch.testing.assert_close(mixed[n], p.grad, **FP32_GRAD)
+            err = ((mixed[n] - p.grad).norm() / p.grad.norm()).item()
+            assert err < GRAD_REL_NORM, (n, err)
     model.eval()
 
 

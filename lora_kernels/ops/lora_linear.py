@@ -24,14 +24,16 @@ Backward, with mask = keep / (1 - p) regenerated from the seed (dropout.py has t
                                                                      output) writes the LoRA term and
                                                                      cuBLAS adds dy @ W (beta = 1)
     dW = dy.T @ x (cuBLAS, only if W requires grad)   db = dy.sum(0) (only if b requires grad)
+Past r = 64 with 16-bit activations G, dB and (without dropout) dA, G @ A and the forward's S are
+cuBLAS products instead (_bwd_cublas, _CUBLAS_BWD_MIN_RANK).
 
 The base GEMM is ~98% of the FLOPs (r / K = 0.4% extra at r = 16, K = 4096). A persistent Triton
 GEMM (TMA loads, 128 x 256 x 64 tiles, 3 stages) ran it at 97-100% of cuBLAS on an H100 at most
 training shapes measured (82-90% at 4096 -> 14336 and 1024 -> 1024; benchmarks/probe_triton_gemm.py),
 so the LoRA expansion rides in its epilogue instead of costing one more write and one more read of
 y [M, N]; the op came out faster than with cuBLAS at every shape measured. Where that kernel does not
-run (fp32, other GPUs, unaligned rows, r > 64, ragged N or K: see _GEMM_MIN_TILE_USE, under
-torch.compile) cuBLAS keeps the GEMM.
+run (fp32, other GPUs, unaligned rows, r > 64, ragged N or K: see _GEMM_MIN_TILE_USE, fewer tiles
+than half the SMs: _GEMM_MIN_WAVE, under torch.compile) cuBLAS keeps the GEMM.
 
 Precision: the LoRA products run on tensor cores with operands in the activations' dtype and fp32
 accumulation. With 16-bit activations and fp32 adapters (PEFT's default), A, B, S and G are rounded
