@@ -22,8 +22,8 @@ from lora_kernels.ops import replay
 
 VARIANTS = {
     "now": {},
-    "before": {"_CUBLAS_BWD_MIN_RANK": 10**9, "_GEMM_MIN_WAVE": 0.0},  # the code before this sweep's change
-    "cublas_bwd_r33": {"_CUBLAS_BWD_MIN_RANK": 33},
+    "before": {"_CUBLAS_MIN_RANK": 10**9, "_GEMM_MIN_WAVE": 0.0},  # the code before this sweep's change
+    "cublas_from_r33": {"_CUBLAS_MIN_RANK": 33},
     "no_wave_rule": {"_GEMM_MIN_WAVE": 0.0},
 }
 SHAPES = ["8192x4096x4096x128@0", "8192x4096x4096x128@0.05", "2048x4096x4096x128@0", "2048x4096x4096x128@0.05",

@@ -25,7 +25,7 @@ Backward, with mask = keep / (1 - p) regenerated from the seed (dropout.py has t
                                                                      cuBLAS adds dy @ W (beta = 1)
     dW = dy.T @ x (cuBLAS, only if W requires grad)   db = dy.sum(0) (only if b requires grad)
 Past r = 64 with 16-bit activations G, dB and (without dropout) dA, G @ A and the forward's S are
-cuBLAS products instead (_bwd_cublas, _CUBLAS_BWD_MIN_RANK).
+cuBLAS products instead (_bwd_cublas, _CUBLAS_MIN_RANK).
 
 The base GEMM is ~98% of the FLOPs (r / K = 0.4% extra at r = 16, K = 4096). A persistent Triton
 GEMM (TMA loads, 128 x 256 x 64 tiles, 3 stages) ran it at 97-100% of cuBLAS on an H100 at most
@@ -1029,7 +1029,7 @@ def _lora_gemm(a, weight, L, rt, coef, bias, w_kmajor: bool, p: float = 0.0, see
 
 
 def _fwd_triton(x, weight, A, B, scale, bias, p, seed):
-    if p == 0 and _cublas_bwd_ok(x, A.shape[0]):  # r > 64 without a mask: cuBLAS (see _CUBLAS_BWD_MIN_RANK)
+    if p == 0 and _cublas_products_ok(x, A.shape[0]):  # r > 64 without a mask: cuBLAS (see _CUBLAS_MIN_RANK)
         S = _mm(x, _cast(A, x.dtype), tb=True, out_dtype=torch.float32)  # [M, r] fp32
     else:
         S = _shrink(x, A, p, seed)
@@ -1052,16 +1052,25 @@ def _fwd_triton(x, weight, A, B, scale, bias, p, seed):
 # 1.467x -> 1.407x (naive 1.464x), p0.05 1.534x -> 1.435x (1.577x); 2048 x 4096 -> 4096 p0.05 1.744x
 # -> 1.565x (1.690x); 8192 x 2048 -> 512 p0.05 4.377x -> 3.588x (4.282x). At r64 it changed nothing
 # at 8192 x 4096 -> 4096 (1.250x vs 1.245x) and lost at 256 x 4096 -> 4096 (2.218x -> 2.457x).
-_CUBLAS_BWD_MIN_RANK = 65
+_CUBLAS_MIN_RANK = 65
 
 
-def _cublas_bwd_ok(x: torch.Tensor, R: int) -> bool:
-    return R >= _CUBLAS_BWD_MIN_RANK and x.dtype in (torch.float16, torch.bfloat16)
+def _cublas_products_ok(x: torch.Tensor, R: int) -> bool:
+    return R >= _CUBLAS_MIN_RANK and x.dtype in (torch.float16, torch.bfloat16)
+
+
+def _da_buffer(R: int, K: int, device) -> torch.Tensor | None:
+    """The zeroed fp32 [R, K] dA that the dA pass adds into with atomics (dB gets its own: the op's
+    outputs may not be views of one buffer); None in deterministic mode, where the pass keeps
+    partial sums and adds them in a fixed order."""
+    if torch.are_deterministic_algorithms_enabled():
+        return None
+    return _new((R, K), torch.float32, device, zero=True)
 
 
 def _bwd_cublas(dy, x, weight, A, B, S, seed, scale, p, need_dx):
     """The backward with its rank-r products in cuBLAS, operands in the activations' dtype as the
-    kernels' dots take them (see _CUBLAS_BWD_MIN_RANK):
+    kernels' dots take them (see _CUBLAS_MIN_RANK):
         G = dy @ B [M, r]        dB = s * dy.T @ S [N, r] fp32
         dA = s/(1-p) * G.T @ drop(x) [r, K] fp32        dx = dy @ W + s/(1-p) * (G @ A) * keep [M, K]
     With dropout, dA and the masked G @ A come from the Triton passes, which regenerate the mask."""
@@ -1072,9 +1081,7 @@ def _bwd_cublas(dy, x, weight, A, B, S, seed, scale, p, need_dx):
     if p == 0:
         da = _mm(G, x, ta=True, alpha=scale, out_dtype=torch.float32)  # [r, K]
     else:
-        deterministic = torch.are_deterministic_algorithms_enabled()
-        da, _ = _bwd_x(x, A, G, seed, scale, p, False,
-                       da=None if deterministic else _new((R, K), torch.float32, x.device, zero=True))
+        da, _ = _bwd_x(x, A, G, seed, scale, p, False, da=_da_buffer(R, K, x.device))
     if need_dx:
         dx = _new(x.shape, dt, x.device)
         if p == 0:  # dx = s * G @ A, the scale in cuBLAS's epilogue (a mul_ after it: 23 us at 8192 x 2048)
@@ -1089,13 +1096,10 @@ def _bwd_cublas(dy, x, weight, A, B, S, seed, scale, p, need_dx):
 
 def _bwd_triton(dy, x, weight, A, B, S, seed, scale, p, need_dx):
     R, K = A.shape
-    if _cublas_bwd_ok(x, R):
+    if _cublas_products_ok(x, R):
         return _bwd_cublas(dy, x, weight, A, B, S, seed, scale, p, need_dx)
-    # dA and dB are fp32 atomic sums into zeroed buffers; in deterministic mode, partial sums added in
-    # a fixed order. (Two buffers: the op's outputs may not be views of one.)
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    da = None if deterministic else _new((R, K), torch.float32, x.device, zero=True)
-    G, db = _bwd_dy(dy, B, S, scale, x.dtype, deterministic)
+    da = _da_buffer(R, K, x.device)
+    G, db = _bwd_dy(dy, B, S, scale, x.dtype, deterministic=da is None)
     fused = need_dx and _fused_gemm_ok(dy, weight, R, K)
     if fused:
         # the GEMM first, then the dA pass, which (with programmatic dependent launch) takes the SMs
