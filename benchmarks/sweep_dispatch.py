@@ -1,20 +1,25 @@
 """Dispatch variants of the fused op side by side, CUDA-graph time over the base F.linear (GPU).
 
     python benchmarks/sweep_dispatch.py [MxKxNxr[@p] ...] [--rounds 3] [--variants now,before,...]
+                                        [--before MODULE]
 
 Each variant is a set of module-level settings of lora_kernels.ops.lora_linear applied while its
 callable runs (and so while its CUDA graph is captured); "now" is the code's own. Rows: training
 forward and forward + backward of (x, A, B) per shape, graph ms of base, naive PyTorch and each
 variant, and each one's ratio to base as the median of per-round ratios (rounds in turn, so the
 GPU's clock drift hits all alike; see lora_kernels._bench.interleaved_ms). Eager replay is off:
-a recorded plan does not know which variant recorded it.
+a recorded plan does not know which variant recorded it. --before MODULE adds a column for
+lora_kernels.ops.MODULE's lora_linear (a copy of the op module from an earlier commit with its
+torch.library namespace renamed, as in benchmarks/host_step.py): code no setting can reach.
 """
 import argparse
 import contextlib
+import importlib
 import statistics
 
 import torch
 
+import lora_kernels as lk
 from lora_kernels._bench import graph_time_ms, interleaved_ms, round_ratios
 from lora_kernels._bench import linear as LB
 from lora_kernels.ops import lora_linear as LL
@@ -25,6 +30,7 @@ VARIANTS = {
     "before": {"_CUBLAS_MIN_RANK": 10**9, "_GEMM_MIN_WAVE": 0.0},  # the code before this sweep's change
     "cublas_from_r33": {"_CUBLAS_MIN_RANK": 33},
     "no_wave_rule": {"_GEMM_MIN_WAVE": 0.0},
+    "split_xpass": {"_CUBLAS_ONE_XPASS": False},  # r > 64 with dropout: dA and the masked dx_lora in two passes
 }
 SHAPES = ["8192x4096x4096x128@0", "8192x4096x4096x128@0.05", "2048x4096x4096x128@0", "2048x4096x4096x128@0.05",
           "8192x14336x4096x128@0.05", "8192x2048x512x128@0", "8192x2048x512x128@0.05", "2048x5120x5120x128@0.05",
@@ -34,14 +40,17 @@ SHAPES = ["8192x4096x4096x128@0", "8192x4096x4096x128@0.05", "2048x4096x4096x128
 
 @contextlib.contextmanager
 def settings(over: dict):
-    old = {k: getattr(LL, k) for k in over}
+    """Module globals of lora_linear.py; "lk.NAME" sets lora_kernels.NAME (the bench's callables
+    look up lk.lora_linear at each call)."""
+    where = {k: (lk, k[3:]) if k.startswith("lk.") else (LL, k) for k in over}
+    old = {k: getattr(*where[k]) for k in over}
     for k, v in over.items():
-        setattr(LL, k, v)
+        setattr(*where[k], v)
     try:
         yield
     finally:
         for k, v in old.items():
-            setattr(LL, k, v)
+            setattr(*where[k], v)
 
 
 def with_settings(fn, over):
@@ -56,9 +65,12 @@ def main():
     ap.add_argument("shapes", nargs="*", default=SHAPES)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--before", default="", help="an op module copy under lora_kernels/ops/ to time beside")
     args = ap.parse_args()
+    if args.before:
+        VARIANTS[args.before] = {"lk.lora_linear": importlib.import_module(f"lora_kernels.ops.{args.before}").lora_linear}
     replay._state["ok"] = False
-    names = args.variants.split(",")
+    names = args.variants.split(",") + ([args.before] if args.before else [])
     print(f"{'case':34s} {'base ms':>8s} {'naive':>7s} " + " ".join(f"{n:>14s}" for n in names))
     for spec in args.shapes:
         shape, _, p = spec.partition("@")

@@ -404,8 +404,14 @@ std::vector<Tensor> execute(const Plan& plan, const c10::List<std::optional<Tens
       case kMm: {  // the same calls as lora_linear.py's _mm, so the same cuBLAS kernels and bits
         const Tensor a = s.transpose_a ? slots[s.src].t() : slots[s.src];
         const Tensor b = s.transpose ? slots[s.src2].t() : slots[s.src2];
-        Tensor out = s.has_dtype ? at::mm(a, b, s.dtype) : at::mm(a, b);
-        if (s.alpha != 1.0) out.mul_(s.alpha);
+        Tensor out;
+        if (!s.has_dtype && s.alpha != 1.0) {  // alpha in cuBLAS's epilogue; beta = 0 reads nothing
+          out = at::empty({a.size(0), b.size(1)}, a.options());
+          out.addmm_(a, b, 0.0, s.alpha);
+        } else {
+          out = s.has_dtype ? at::mm(a, b, s.dtype) : at::mm(a, b);
+          if (s.alpha != 1.0) out.mul_(s.alpha);
+        }
         slots[s.dst] = out;
         break;
       }

@@ -25,7 +25,8 @@ Backward, with mask = keep / (1 - p) regenerated from the seed (dropout.py has t
                                                                      cuBLAS adds dy @ W (beta = 1)
     dW = dy.T @ x (cuBLAS, only if W requires grad)   db = dy.sum(0) (only if b requires grad)
 Past r = 64 with 16-bit activations G, dB and (without dropout) dA, G @ A and the forward's S are
-cuBLAS products instead (_bwd_cublas, _CUBLAS_MIN_RANK).
+cuBLAS products instead, each scale in cuBLAS's epilogue; with dropout dA and the masked G @ A come
+from one x pass that writes both (_bwd_cublas, _CUBLAS_MIN_RANK, _CUBLAS_ONE_XPASS).
 
 The base GEMM is ~98% of the FLOPs (r / K = 0.4% extra at r = 16, K = 4096). A persistent Triton
 GEMM (TMA loads, 128 x 256 x 64 tiles, 3 stages) ran it at 97-100% of cuBLAS on an H100 at most
@@ -548,13 +549,21 @@ def _addmm_(out: torch.Tensor, a: torch.Tensor, w: torch.Tensor, transpose: bool
 def _mm(a: torch.Tensor, b: torch.Tensor, ta: bool = False, tb: bool = False, alpha: float = 1.0,
         out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """alpha * op(a) @ op(b) through cuBLAS, op(t) = t.T where its flag is set. out_dtype=fp32 with
-    16-bit operands returns cuBLAS's fp32 accumulator unrounded (aten::mm.dtype); else a's dtype."""
+    16-bit operands returns cuBLAS's fp32 accumulator unrounded (aten::mm.dtype); else a's dtype.
+    In a's dtype alpha is applied in cuBLAS's epilogue (addmm_ with beta = 0 into a fresh buffer) in
+    place of a mul_ kernel after the product: one launch less, on the GPU and on the host."""
     if out_dtype == a.dtype:
         out_dtype = None
     rec = replay.recording()
+    op_a, op_b = (a.t() if ta else a), (b.t() if tb else b)
+    if out_dtype is None and alpha != 1.0:  # (empty and addmm_ pass the recorder's ATen watch)
+        out = torch.empty((op_a.shape[0], op_b.shape[1]), dtype=a.dtype, device=a.device)
+        out.addmm_(op_a, op_b, beta=0.0, alpha=alpha)
+        if rec is not None:
+            rec.mm(out, a, ta, b, tb, alpha, out_dtype)
+        return out
     if rec is not None:
         rec.expect("mm", *(("mul_",) if alpha != 1.0 else ()))
-    op_a, op_b = (a.t() if ta else a), (b.t() if tb else b)
     if out_dtype is None:
         out = torch.mm(op_a, op_b)
     elif a.is_cuda:
@@ -1053,6 +1062,13 @@ def _fwd_triton(x, weight, A, B, scale, bias, p, seed):
 # -> 1.565x (1.690x); 8192 x 2048 -> 512 p0.05 4.377x -> 3.588x (4.282x). At r64 it changed nothing
 # at 8192 x 4096 -> 4096 (1.250x vs 1.245x) and lost at 256 x 4096 -> 4096 (2.218x -> 2.457x).
 _CUBLAS_MIN_RANK = 65
+# With dropout past r64, dA and the masked dx_lora come from one x pass (see _bwd_x's split_dx):
+# the mask's two register layouts that made the one pass slow at r16 cost little beside r128's
+# dots. H100, graph, fwd+bwd ratio to base, two passes -> one (benchmarks/sweep_dispatch.py, same
+# run, naive beside): 2048 x 2048 -> 512 r128 p0.05 4.419x -> 4.140x (naive 4.216x), p0.1 4.472x ->
+# 4.166x (4.280x); 8192 x 2048 -> 512 p0.05 3.472x -> 3.257x (4.236x); 2048 x 4096 -> 4096 p0.05
+# 1.510x -> 1.484x (1.655x).
+_CUBLAS_ONE_XPASS = True
 
 
 def _cublas_products_ok(x: torch.Tensor, R: int) -> bool:
@@ -1069,29 +1085,33 @@ def _da_buffer(R: int, K: int, device) -> torch.Tensor | None:
 
 
 def _bwd_cublas(dy, x, weight, A, B, S, seed, scale, p, need_dx):
-    """The backward with its rank-r products in cuBLAS, operands in the activations' dtype as the
-    kernels' dots take them (see _CUBLAS_MIN_RANK):
-        G = dy @ B [M, r]        dB = s * dy.T @ S [N, r] fp32
-        dA = s/(1-p) * G.T @ drop(x) [r, K] fp32        dx = dy @ W + s/(1-p) * (G @ A) * keep [M, K]
-    With dropout, dA and the masked G @ A come from the Triton passes, which regenerate the mask."""
+    """The backward with its rank-r products in cuBLAS, operands in the activations' dtype dt as
+    the kernels' dots take them, gradients in the adapters' dtype (see _CUBLAS_MIN_RANK):
+        dB = s * dy.T @ S [N, r]
+        p = 0:  Gs = s * dy @ B [M, r] in dt    dA = Gs.T @ x [r, K]    dx = dy @ W + Gs @ A [M, K]
+        p > 0:  G = dy @ B, then dA = s/(1-p) * G.T @ drop(x) and dx_lora = s/(1-p) * (G @ A) * keep
+                from one Triton x pass, which regenerates the mask (see _CUBLAS_ONE_XPASS);
+                dx = dy @ W + dx_lora
+    Every scale rides in a cuBLAS epilogue (alpha) or a kernel's, and each result is written in its
+    final dtype: no mul_ or cast kernels (each ~20-30 us of host time in an eager step)."""
     dt = x.dtype
     R, K = A.shape
-    G = _mm(dy, _cast(B, dt))  # [M, r] in dt
-    db = _mm(dy, _cast(S, dt), ta=True, alpha=scale, out_dtype=torch.float32)  # [N, r]
+    db = _mm(dy, _cast(S, dt), ta=True, alpha=scale, out_dtype=B.dtype)  # [N, r]
     if p == 0:
-        da = _mm(G, x, ta=True, alpha=scale, out_dtype=torch.float32)  # [r, K]
-    else:
-        da, _ = _bwd_x(x, A, G, seed, scale, p, False, da=_da_buffer(R, K, x.device))
+        Gs = _mm(dy, _cast(B, dt), alpha=scale)  # [M, r] in dt, scaled once for dA and dx
+        da = _mm(Gs, x, ta=True, out_dtype=A.dtype)  # [r, K]
+        if not need_dx:
+            return _new((0,), dt, x.device), da, db
+        dx = _mm(dy, weight)  # [M, K]
+        _addmm_(dx, Gs, _cast(A, dt), transpose=False)  # cuBLAS with beta = 1: dx += Gs @ A
+        return dx, da, db
+    G = _mm(dy, _cast(B, dt))  # [M, r] in dt
+    da, dx = _bwd_x(x, A, G, seed, scale, p, need_dx, split_dx=not _CUBLAS_ONE_XPASS, da=_da_buffer(R, K, x.device))
     if need_dx:
-        dx = _new(x.shape, dt, x.device)
-        if p == 0:  # dx = s * G @ A, the scale in cuBLAS's epilogue (a mul_ after it: 23 us at 8192 x 2048)
-            _addmm_(dx, G, _cast(A, dt), transpose=False, alpha=scale, beta=0.0)
-        else:
-            _expand(G, A.t(), scale * keep_scale(p), None, dx, p=p, seed=seed)  # A.t(): [K, R] view
         _addmm_(dx, dy, weight, transpose=False)  # cuBLAS with beta = 1: dx = dy @ W + dx_lora
     else:
         dx = _new((0,), dt, x.device)
-    return dx, _cast(da, A.dtype), _cast(db, B.dtype)
+    return dx, _cast(da, A.dtype), db
 
 
 def _bwd_triton(dy, x, weight, A, B, S, seed, scale, p, need_dx):
