@@ -648,13 +648,20 @@ def test_backward_products_in_cublas_past_rank_64(monkeypatch, shape, p):
     monkeypatch.setenv("LORA_KERNELS_BACKEND", "triton")
     calls = []
     real = op_mod._bwd_cublas
-    monkeypatch.setattr(op_mod, "_bwd_cublas", lambda *a: calls.append(a[3].shape[0]) or real(*a))
+
+    def spy(*a):  # the rank, and dA / dB as returned: in the adapters' dtype, not cast by autograd
+        dx, da, db = real(*a)
+        calls.append((a[3].shape[0], da.dtype, db.dtype))
+        return dx, da, db
+
+    monkeypatch.setattr(op_mod, "_bwd_cublas", spy)
     M, K, N, r = shape
     for dtype in ([torch.float16, torch.bfloat16] if ON_GPU else [torch.float16]):  # interpreter: no bf16 dot
-        calls.clear()
-        y, y_ref, leaves, refs, y_abs = run_case(M, K, N, r, dtype, p)
-        assert calls == [r], calls
-        assert_matches(dtype, y, y_ref, leaves, refs, y_abs)
+        for adt in (dtype, torch.float32):  # PEFT's default keeps adapters in fp32
+            calls.clear()
+            y, y_ref, leaves, refs, y_abs = run_case(M, K, N, r, dtype, p, adapter_dtype=adt)
+            assert calls == [(r, adt, adt)], calls
+            assert_matches(dtype, y, y_ref, leaves, refs, y_abs)
     calls.clear()
     run_case(M, K, N, 64, torch.float16, p)
     run_case(M, K, N, r, torch.float32, p)
