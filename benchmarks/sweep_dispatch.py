@@ -30,7 +30,7 @@ VARIANTS = {
     "before": {"_CUBLAS_MIN_RANK": 10**9, "_GEMM_MIN_WAVE": 0.0},  # the code before this sweep's change
     "cublas_from_r33": {"_CUBLAS_MIN_RANK": 33},
     "no_wave_rule": {"_GEMM_MIN_WAVE": 0.0},
-    "split_xpass": {"_CUBLAS_ONE_XPASS": False},  # r > 64 with dropout: dA and the masked dx_lora in two passes
+    "split_xpass": {"_ONE_XPASS_MAX_BLOCK_R": 0},  # r > 64 with dropout: dA and the masked dx_lora in two passes
 }
 SHAPES = ["8192x4096x4096x128@0", "8192x4096x4096x128@0.05", "2048x4096x4096x128@0", "2048x4096x4096x128@0.05",
           "8192x14336x4096x128@0.05", "8192x2048x512x128@0", "8192x2048x512x128@0.05", "2048x5120x5120x128@0.05",

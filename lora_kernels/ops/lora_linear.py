@@ -26,7 +26,7 @@ Backward, with mask = keep / (1 - p) regenerated from the seed (dropout.py has t
     dW = dy.T @ x (cuBLAS, only if W requires grad)   db = dy.sum(0) (only if b requires grad)
 Past r = 64 with 16-bit activations G, dB and (without dropout) dA, G @ A and the forward's S are
 cuBLAS products instead, each scale in cuBLAS's epilogue; with dropout dA and the masked G @ A come
-from one x pass that writes both (_bwd_cublas, _CUBLAS_MIN_RANK, _CUBLAS_ONE_XPASS).
+from one x pass that writes both (_bwd_cublas, _CUBLAS_MIN_RANK, _ONE_XPASS_MAX_BLOCK_R).
 
 The base GEMM is ~98% of the FLOPs (r / K = 0.4% extra at r = 16, K = 4096). A persistent Triton
 GEMM (TMA loads, 128 x 256 x 64 tiles, 3 stages) ran it at 97-100% of cuBLAS on an H100 at most
@@ -1069,8 +1069,7 @@ _CUBLAS_MIN_RANK = 65
 # 4.166x (4.280x); 8192 x 2048 -> 512 p0.05 3.472x -> 3.257x (4.236x); 2048 x 4096 -> 4096 p0.05
 # 1.510x -> 1.484x (1.655x).
 # r256 ([64, 256] G and [256, 64] A tiles beside the mask) keeps the two passes, the path measured
-# and tested there before: the one pass was not measured at r256.
-_CUBLAS_ONE_XPASS = True
+# and tested there before: the one pass was not measured at r256. (0: two passes at every rank.)
 _ONE_XPASS_MAX_BLOCK_R = 128
 
 
@@ -1093,7 +1092,7 @@ def _bwd_cublas(dy, x, weight, A, B, S, seed, scale, p, need_dx):
         dB = s * dy.T @ S [N, r]
         p = 0:  Gs = s * dy @ B [M, r] in dt    dA = Gs.T @ x [r, K]    dx = dy @ W + Gs @ A [M, K]
         p > 0:  G = dy @ B, then dA = s/(1-p) * G.T @ drop(x) and dx_lora = s/(1-p) * (G @ A) * keep
-                from one Triton x pass, which regenerates the mask (see _CUBLAS_ONE_XPASS);
+                from one Triton x pass, which regenerates the mask (see _ONE_XPASS_MAX_BLOCK_R);
                 dx = dy @ W + dx_lora
     Every scale rides in a cuBLAS epilogue (alpha) or a kernel's, and each result is written in its
     final dtype: no mul_ or cast kernels (each ~20-30 us of host time in an eager step)."""
@@ -1113,8 +1112,9 @@ def _bwd_cublas(dy, x, weight, A, B, S, seed, scale, p, need_dx):
         _addmm_(dx, dy, weight, transpose=False)  # cuBLAS with beta = 1: dx += dy @ W
         return dx, da, db
     G = _mm(dy, _cast(B, dt))  # [M, r] in dt
-    one_pass = _CUBLAS_ONE_XPASS and _block_r(R) <= _ONE_XPASS_MAX_BLOCK_R
-    da, dx = _bwd_x(x, A, G, seed, scale, p, need_dx, split_dx=not one_pass, da=_da_buffer(R, K, x.device))
+    one_pass = _block_r(R) <= _ONE_XPASS_MAX_BLOCK_R  # else _bwd_x's default (LORA_KERNELS_SPLIT_DX)
+    da, dx = _bwd_x(x, A, G, seed, scale, p, need_dx, split_dx=False if one_pass else None,
+                    da=_da_buffer(R, K, x.device))
     if need_dx:
         _addmm_(dx, dy, weight, transpose=False)  # cuBLAS with beta = 1: dx = dy @ W + dx_lora
     else:
