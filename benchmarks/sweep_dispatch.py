@@ -27,10 +27,15 @@ from lora_kernels.ops import replay
 
 VARIANTS = {
     "now": {},
-    "before": {"_CUBLAS_MIN_RANK": 10**9, "_GEMM_MIN_WAVE": 0.0},  # the code before this sweep's change
-    "cublas_from_r33": {"_CUBLAS_MIN_RANK": 33},
+    "before": {"_CUBLAS_MIN_RANK": 10**9, "_CUBLAS_MIN_RANK_FEW_ROWS": 10**9,  # before the twenty-first
+               "_GEMM_MIN_WAVE": 0.0},  # session's dispatch changes
+    "cublas_from_r65": {"_CUBLAS_MIN_RANK": 65, "_CUBLAS_MIN_RANK_FEW_ROWS": 65},  # before the few-rows rule
+    "cublas_from_r33": {"_CUBLAS_MIN_RANK": 33},  # r33-64 through cuBLAS at every row count
+    "few_rows_from_r17": {"_CUBLAS_MIN_RANK_FEW_ROWS": 17},  # r17-32 through cuBLAS too at <= 4096 rows
     "no_wave_rule": {"_GEMM_MIN_WAVE": 0.0},
     "split_xpass": {"_ONE_XPASS_MAX_BLOCK_R": 0},  # r > 64 with dropout: dA and the masked dx_lora in two passes
+    "cublas_gemm_r64": {"_GEMM_MAX_RANK": 32},  # r64: the base GEMMs in cuBLAS, the LoRA terms in the expand kernel
+    "cublas_all_r64": {"_GEMM_MAX_RANK": 32, "_CUBLAS_MIN_RANK": 33},  # r64 as r128 runs
 }
 SHAPES = ["8192x4096x4096x128@0", "8192x4096x4096x128@0.05", "2048x4096x4096x128@0", "2048x4096x4096x128@0.05",
           "8192x14336x4096x128@0.05", "8192x2048x512x128@0", "8192x2048x512x128@0.05", "2048x5120x5120x128@0.05",

@@ -634,13 +634,23 @@ def test_fused_gemm_only_with_half_a_wave_of_tiles(monkeypatch):
         assert_matches(torch.bfloat16, y, y_ref, leaves, refs, y_abs)
 
 
+def test_cublas_rank_rule():
+    """The rank-r products go to cuBLAS past r = 64, and past r = 32 at <= 4096 rows, for 16-bit
+    activations only (see _CUBLAS_MIN_RANK)."""
+    ok = lambda M, r, dt=torch.bfloat16: op_mod._cublas_products_ok(torch.empty(M, 8, dtype=dt, device="meta"), r)
+    assert [ok(4096, 32), ok(4096, 33), ok(4096, 64), ok(4097, 64), ok(4097, 65), ok(1, 33)] == \
+        [False, True, True, False, True, True]
+    assert not ok(100, 128, torch.float32) and ok(100, 128, torch.float16)
+
+
 @pytest.mark.parametrize("p", [0.0, 0.2])
-@pytest.mark.parametrize("shape", [(133, 72, 40, 65), (70, 130, 65, 128)] + (
-    [(1000, 1024, 3000, 128), (4100, 512, 520, 96)] if ON_GPU else []), ids=str)
-def test_backward_products_in_cublas_past_rank_64(monkeypatch, shape, p):
-    """16-bit activations at r > 64: G, dB, and without dropout also dA, G @ A and the forward's S
-    through cuBLAS; with dropout dA and the masked G @ A through the Triton passes. Every output and
-    gradient against float64. fp32 activations and r <= 64 keep the Triton passes."""
+@pytest.mark.parametrize("shape", [(133, 72, 40, 33), (70, 130, 65, 128)] + (
+    [(1000, 1024, 3000, 64), (4100, 512, 520, 96)] if ON_GPU else []), ids=str)
+def test_backward_products_in_cublas_past_rank_32(monkeypatch, shape, p):
+    """16-bit activations at r > 32: G, dB, and without dropout also dA, G @ A and the forward's S
+    through cuBLAS; with dropout dA and the masked G @ A through one Triton x pass. At r <= 64 the
+    forward's GEMM keeps its LoRA epilogue, fed by the cuBLAS S at p = 0. Every output and gradient
+    against float64. fp32 activations and r <= 32 keep the Triton passes."""
     from lora_kernels import _backend
 
     if not (ON_GPU or _backend.interpreting()):
@@ -655,15 +665,28 @@ def test_backward_products_in_cublas_past_rank_64(monkeypatch, shape, p):
         return dx, da, db
 
     monkeypatch.setattr(op_mod, "_bwd_cublas", spy)
+    gemms = []
+    real_gemm = op_mod._lora_gemm
+
+    def gemm_spy(a, weight, L, *rest, **kw):  # the GEMM-epilogue kernel: its L [M, r] (S in forward)
+        gemms.append(L.dtype)
+        return real_gemm(a, weight, L, *rest, **kw)
+
+    monkeypatch.setattr(op_mod, "_lora_gemm", gemm_spy)
     M, K, N, r = shape
+    # (1000, 1024, 3000, 64) on an H100: 96 output tiles of 128 x 256, so the forward keeps the
+    # GEMM-epilogue kernel (see _fused_gemm_ok) with S from cuBLAS at p = 0 or the shrink kernel
+    gemm_fwd = ON_GPU and r <= op_mod._GEMM_MAX_RANK and M >= 1000 and _gemm_kernel_runs_here()
     for dtype in ([torch.float16, torch.bfloat16] if ON_GPU else [torch.float16]):  # interpreter: no bf16 dot
         for adt in (dtype, torch.float32):  # PEFT's default keeps adapters in fp32
             calls.clear()
+            gemms.clear()
             y, y_ref, leaves, refs, y_abs = run_case(M, K, N, r, dtype, p, adapter_dtype=adt)
             assert calls == [(r, adt, adt)], calls
+            assert gemms == ([torch.float32] if gemm_fwd else []), gemms  # forward only: dx from cuBLAS
             assert_matches(dtype, y, y_ref, leaves, refs, y_abs)
     calls.clear()
-    run_case(M, K, N, 64, torch.float16, p)
+    run_case(M, K, N, 32, torch.float16, p)
     run_case(M, K, N, r, torch.float32, p)
     assert calls == []
 

@@ -24,9 +24,10 @@ Backward, with mask = keep / (1 - p) regenerated from the seed (dropout.py has t
                                                                      output) writes the LoRA term and
                                                                      cuBLAS adds dy @ W (beta = 1)
     dW = dy.T @ x (cuBLAS, only if W requires grad)   db = dy.sum(0) (only if b requires grad)
-Past r = 64 with 16-bit activations G, dB and (without dropout) dA, G @ A and the forward's S are
-cuBLAS products instead, each scale in cuBLAS's epilogue; with dropout dA and the masked G @ A come
-from one x pass that writes both (_bwd_cublas, _CUBLAS_MIN_RANK, _ONE_XPASS_MAX_BLOCK_R).
+Past r = 64 (past r = 32 with at most 4096 rows) with 16-bit activations G, dB and (without
+dropout) dA, G @ A and the forward's S are cuBLAS products instead, each scale in cuBLAS's
+epilogue; with dropout dA and the masked G @ A come from one x pass that writes both (_bwd_cublas,
+_CUBLAS_MIN_RANK, _ONE_XPASS_MAX_BLOCK_R).
 
 The base GEMM is ~98% of the FLOPs (r / K = 0.4% extra at r = 16, K = 4096). A persistent Triton
 GEMM (TMA loads, 128 x 256 x 64 tiles, 3 stages) ran it at 97-100% of cuBLAS on an H100 at most
@@ -1038,7 +1039,7 @@ def _lora_gemm(a, weight, L, rt, coef, bias, w_kmajor: bool, p: float = 0.0, see
 
 
 def _fwd_triton(x, weight, A, B, scale, bias, p, seed):
-    if p == 0 and _cublas_products_ok(x, A.shape[0]):  # r > 64 without a mask: cuBLAS (see _CUBLAS_MIN_RANK)
+    if p == 0 and _cublas_products_ok(x, A.shape[0]):  # r > 64 (few rows: r > 32) without a mask: cuBLAS (see _CUBLAS_MIN_RANK)
         S = _mm(x, _cast(A, x.dtype), tb=True, out_dtype=torch.float32)  # [M, r] fp32
     else:
         S = _shrink(x, A, p, seed)
@@ -1059,9 +1060,23 @@ def _fwd_triton(x, weight, A, B, scale, bias, p, seed):
 # 36 r128 fwd+bwd cases at p0 and p0.05. With the products in cuBLAS (benchmarks/sweep_dispatch.py,
 # graph, ratio to base, before -> after, naive in the same run): 8192 x 4096 -> 4096 r128 p0
 # 1.467x -> 1.407x (naive 1.464x), p0.05 1.534x -> 1.435x (1.577x); 2048 x 4096 -> 4096 p0.05 1.744x
-# -> 1.565x (1.690x); 8192 x 2048 -> 512 p0.05 4.377x -> 3.588x (4.282x). At r64 it changed nothing
-# at 8192 x 4096 -> 4096 (1.250x vs 1.245x) and lost at 256 x 4096 -> 4096 (2.218x -> 2.457x).
+# -> 1.565x (1.690x); 8192 x 2048 -> 512 p0.05 4.377x -> 3.588x (4.282x).
 _CUBLAS_MIN_RANK = 65
+# With few rows the rank rule starts at r33 (BLOCK_R = 64): there the Triton passes and GEMM have
+# few row blocks to spread over 132 SMs (the dy pass splits N and sums partials; the masked dgrad
+# GEMM has 16 row tiles at 2048 rows) where cuBLAS picks its tiles and split-K per shape, and the
+# r64 dA pass is far from memory-bound (8192 x 14336 -> 4096 p0, torch profiler: 288 us against
+# cuBLAS's 86 us for G.T @ x). H100, benchmarks/sweep_dispatch.py, graph, r64 fwd+bwd ratio to base,
+# r65 -> r33 rule at 2048 rows (naive): 4096 -> 4096 p0 1.319x -> 1.286x (1.540x), p0.05 1.355x ->
+# 1.312x; 14336 -> 4096 p0 1.186x -> 1.121x, p0.05 1.226x -> 1.173x; 4096 -> 14336 p0.05 1.166x ->
+# 1.102x (p0 1.108x -> 1.129x, the one loss); 5120 -> 5120 p0 1.350x -> 1.216x (1.329x), p0.05
+# 1.393x -> 1.331x (1.421x); 8192 -> 8192 p0 1.131x -> 1.077x; 2048 -> 512 p0 3.111x -> 2.680x
+# (3.245x), p0.05 3.887x -> 3.544x (4.074x); and 256 x 4096 -> 4096 p0 2.220x -> 2.044x (first
+# call). At 8192-16384 rows the same switch won and lost by up to 7% each way (8192 x 5120 -> 5120
+# p0.05 1.273x -> 1.357x, 8192 x 2048 -> 512 p0 2.246x -> 2.407x; 8192 x 4096 -> 14336 p0.05 1.205x
+# -> 1.140x, 8192 x 2048 -> 512 p0.05 3.048x -> 2.897x), so there r64 keeps the Triton path.
+_CUBLAS_MIN_RANK_FEW_ROWS = 33
+_FEW_ROWS = 4096
 # With dropout past r64, dA and the masked dx_lora come from one x pass (see _bwd_x's split_dx):
 # the mask's two register layouts that made the one pass slow at r16 cost little beside r128's
 # dots. H100, graph, fwd+bwd ratio to base, two passes -> one (benchmarks/sweep_dispatch.py, same
@@ -1074,7 +1089,8 @@ _ONE_XPASS_MAX_BLOCK_R = 128
 
 
 def _cublas_products_ok(x: torch.Tensor, R: int) -> bool:
-    return R >= _CUBLAS_MIN_RANK and x.dtype in (torch.float16, torch.bfloat16)
+    min_rank = _CUBLAS_MIN_RANK_FEW_ROWS if x.shape[0] <= _FEW_ROWS else _CUBLAS_MIN_RANK
+    return R >= min_rank and x.dtype in (torch.float16, torch.bfloat16)
 
 
 def _da_buffer(R: int, K: int, device) -> torch.Tensor | None:
