@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--json", default="", help="also write all rows to this JSON file (rewritten after each case)")
     b.add_argument("--shard", default="", metavar="I/N",
                    help="linear report: only cases I, I+N, I+2N, ... of its grid (split a long run over calls)")
+    b.add_argument("--match", default="", metavar="REGEX",
+                   help="linear report: only the grid cases whose name matches, e.g. '^2048x.* r64 '")
     b.add_argument("--graphs", action="store_true",
                    help="linear report: also time the whole grid from CUDA graphs (the quick set always is)")
     sub.add_parser("info", help="versions, device and which backend each device gets")
@@ -73,6 +75,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{k}: {v}")
         return 0
     shard = _parse_shard(parser, args.shard) if args.shard else None
+
+    try:
+        _bench.load("linear").match_cases([], args.match)  # a bad --match fails here, before any timing
+    except ValueError as e:
+        parser.error(str(e))
     print("  ".join(f"{k}={v}" for k, v in info.items()))
     names = [n for n in (args.only.split(",") if args.only else _bench.available()) if n]
     rows = []
@@ -91,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"[{name}] running{' (quick)' if args.quick else ''} ...", flush=True)
         if name == "linear":
-            mod.run(quick=args.quick, shard=shard, graphs=args.graphs or None, on_rows=save)
+            mod.run(quick=args.quick, shard=shard, graphs=args.graphs or None, on_rows=save, match=args.match)
         else:
             save(mod.run(quick=args.quick))
     if not torch.cuda.is_available():

@@ -57,6 +57,15 @@ def test_grid_shards_partition_the_grid_and_mix_sizes():
         LB.shard_cases(grid, (4, 3))
 
 
+def test_match_selects_cases_by_name():
+    grid = list(LB.full_grid())
+    picked = LB.match_cases(grid, "^2048x.* r64 ")
+    assert len(picked) == 6 * 3 and all(c.M == 2048 and c.r == 64 for c in picked)
+    assert LB.match_cases(grid, "") == grid
+    with pytest.raises(ValueError, match="regular expression"):
+        LB.match_cases(grid, "r64 (")
+
+
 def _row(case, impl, ratio, graph_ratio):
     return _bench.Row("linear", case, impl, 1.0, ratio, extra={"graph_ratio": graph_ratio})
 

@@ -19,6 +19,7 @@ Decode rows time inference (torch.no_grad, p = 0) at small M.
 from __future__ import annotations
 
 import itertools
+import re
 import statistics
 import sys
 import time
@@ -211,12 +212,25 @@ def shard_cases(cases: list, shard: tuple[int, int] | None) -> list:
     return cases[i - 1::n]
 
 
+def match_cases(cases: list, pattern: str) -> list:
+    """The cases whose name the regular expression `pattern` finds (re.search); all for ""."""
+    if not pattern:
+        return cases
+    try:
+        rx = re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"match must be a regular expression, got {pattern!r}: {e}") from None
+    return [c for c in cases if rx.search(c.name)]
+
+
 def run(quick: bool = False, shard: tuple[int, int] | None = None, graphs: bool | None = None,
-        on_rows=None) -> list[Row]:
+        on_rows=None, match: str = "") -> list[Row]:
     """The report's rows. quick: the QUICK set, else the issue's whole grid (162 cases); shard
     (i, n): every n-th case from the i-th (decode rows only in shard 1); graphs: also time from CUDA
     graphs (default: the quick set only; in the grid base, fused and naive, at a shorter repetition,
-    as the graph timings would otherwise double its run time); on_rows(rows) after each case."""
+    as the graph timings would otherwise double its run time); match: a regular expression, only
+    the cases whose name it finds (re.search, e.g. "^2048x.* r64 "; no decode rows then);
+    on_rows(rows) after each case."""
     if not torch.cuda.is_available():
         rows = _cpu_probe()
         if on_rows:
@@ -228,6 +242,7 @@ def run(quick: bool = False, shard: tuple[int, int] | None = None, graphs: bool 
     graphs = quick if graphs is None else graphs
     rows = []
     cases = shard_cases([Case(*c) for c in QUICK] if quick else list(full_grid()), shard)
+    cases = match_cases(cases, match)
     t_start = time.perf_counter()
     for i, case in enumerate(cases, 1):
         t0 = time.perf_counter()
@@ -238,7 +253,7 @@ def run(quick: bool = False, shard: tuple[int, int] | None = None, graphs: bool 
             on_rows(case_rows)
         print(f"[linear] {i}/{len(cases)} {case.name}: {time.perf_counter() - t0:.1f} s "
               f"({time.perf_counter() - t_start:.0f} s in all)", file=sys.stderr, flush=True)
-    for d in DECODE[: 2 if quick else None] if shard is None or shard[0] == 1 else ():
+    for d in DECODE[: 2 if quick else None] if (shard is None or shard[0] == 1) and not match else ():
         case_rows = time_decode(*d)
         rows.extend(case_rows)
         if on_rows:
