@@ -634,23 +634,28 @@ def test_fused_gemm_only_with_half_a_wave_of_tiles(monkeypatch):
         assert_matches(torch.bfloat16, y, y_ref, leaves, refs, y_abs)
 
 
-def test_cublas_rank_rule():
-    """The rank-r products go to cuBLAS past r = 64, and past r = 32 at <= 4096 rows, for 16-bit
-    activations only (see _CUBLAS_MIN_RANK)."""
+def test_cublas_rank_rule(monkeypatch):
+    """The rank-r products go to cuBLAS past r = 64, and past r = 32 at <= 4096 rows while a CUDA
+    graph is captured, for 16-bit activations only (see _CUBLAS_MIN_RANK_FEW_ROWS)."""
     ok = lambda M, r, dt=torch.bfloat16: op_mod._cublas_products_ok(torch.empty(M, 8, dtype=dt, device="meta"), r)
-    assert [ok(4096, 32), ok(4096, 33), ok(4096, 64), ok(4097, 64), ok(4097, 65), ok(1, 33)] == \
-        [False, True, True, False, True, True]
+    cases = [(4096, 32), (4096, 33), (4096, 64), (4097, 64), (4097, 65), (1, 33), (1, 65)]
+    monkeypatch.setattr(op_mod, "_capturing", lambda x: False)
+    assert [ok(M, r) for M, r in cases] == [False, False, False, False, True, False, True]
+    monkeypatch.setattr(op_mod, "_capturing", lambda x: True)
+    assert [ok(M, r) for M, r in cases] == [False, True, True, False, True, True, True]
     assert not ok(100, 128, torch.float32) and ok(100, 128, torch.float16)
+    assert not ok(100, 64, torch.float32)
 
 
 @pytest.mark.parametrize("p", [0.0, 0.2])
 @pytest.mark.parametrize("shape", [(133, 72, 40, 33), (70, 130, 65, 128)] + (
     [(1000, 1024, 3000, 64), (4100, 512, 520, 96)] if ON_GPU else []), ids=str)
 def test_backward_products_in_cublas_past_rank_32(monkeypatch, shape, p):
-    """16-bit activations at r > 32: G, dB, and without dropout also dA, G @ A and the forward's S
-    through cuBLAS; with dropout dA and the masked G @ A through one Triton x pass. At r <= 64 the
-    forward's GEMM keeps its LoRA epilogue, fed by the cuBLAS S at p = 0. Every output and gradient
-    against float64. fp32 activations and r <= 32 keep the Triton passes."""
+    """16-bit activations at r > 64 (r > 32 at few rows under CUDA-graph capture): G, dB, and without
+    dropout also dA, G @ A and the forward's S through cuBLAS; with dropout dA and the masked G @ A
+    through one Triton x pass. At r <= 64 the forward's GEMM keeps its LoRA epilogue, fed by the
+    cuBLAS S at p = 0. Every output and gradient against float64. fp32 activations, r <= 32 and
+    r33-64 outside a capture keep the Triton passes."""
     from lora_kernels import _backend
 
     if not (ON_GPU or _backend.interpreting()):
@@ -674,6 +679,8 @@ def test_backward_products_in_cublas_past_rank_32(monkeypatch, shape, p):
 
     monkeypatch.setattr(op_mod, "_lora_gemm", gemm_spy)
     M, K, N, r = shape
+    if r <= 64:  # r33-64 take cuBLAS only while a graph is captured: pretend (tests/test_replay.py captures)
+        monkeypatch.setattr(op_mod, "_capturing", lambda x: True)
     # (1000, 1024, 3000, 64) on an H100: 96 output tiles of 128 x 256, so the forward keeps the
     # GEMM-epilogue kernel (see _fused_gemm_ok) with S from cuBLAS at p = 0 or the shrink kernel
     gemm_fwd = ON_GPU and r <= op_mod._GEMM_MAX_RANK and M >= 1000 and _gemm_kernel_runs_here()
@@ -688,6 +695,8 @@ def test_backward_products_in_cublas_past_rank_32(monkeypatch, shape, p):
     calls.clear()
     run_case(M, K, N, 32, torch.float16, p)
     run_case(M, K, N, r, torch.float32, p)
+    monkeypatch.setattr(op_mod, "_capturing", lambda x: False)
+    run_case(M, K, N, 33, torch.float16, p)  # not captured: r33-64 keep the Triton passes
     assert calls == []
 
 

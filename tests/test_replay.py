@@ -223,6 +223,35 @@ def test_replay_is_captured_by_cuda_graphs(monkeypatch):
 
 
 @_gpu
+def test_capture_is_its_own_key_where_the_path_depends_on_it(monkeypatch):
+    """r64 at few rows: eager calls keep the Triton passes (less host time), a captured call takes the
+    cuBLAS products (less GPU time; see _CUBLAS_MIN_RANK_FEW_ROWS). The captured call must not replay
+    the eager call's plan, and its replayed graph matches the float64-checked eager results."""
+    cublas = []
+    real = op_mod._bwd_cublas
+    monkeypatch.setattr(op_mod, "_bwd_cublas", lambda *a: cublas.append(1) or real(*a))
+    x, W, A, B, b, dy = _inputs(1000, 1024, 1024, 64, bf16, bf16, True, True)
+    args = (x, W, A, B, b, 0.5, 0.0, dy, True)
+    eager = [_step(*args) for _ in range(3)]  # first sight, record, replay
+    assert cublas == [] and replay.stats["declined"] == 0, replay.last_declined
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        _step(*args)  # warm-up on the side stream (an eager call: the eager plan)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    before = replay.stats["replayed"]
+    with torch.cuda.graph(graph):
+        out = _step(*args)
+    assert replay.stats["replayed"] == before and cublas == [1], (replay.stats, cublas)  # own key: first sight
+    graph.replay()
+    torch.cuda.synchronize()
+    for name, g, w in zip(["y", "dx", "dA", "dB"], out, eager[-1]):  # other kernels: not bitwise
+        err = ((g.double() - w.double()).norm() / w.double().norm()).item()
+        assert err < 2e-2, (name, err)
+
+
+@_gpu
 def test_deterministic_mode_is_its_own_key(monkeypatch):
     """Deterministic mode sums partials in a fixed order with a cuBLAS dB: declined, still right."""
     x, W, A, B, b, dy = _inputs(2176, 512, 512, 16, bf16, bf16, True, True)

@@ -24,10 +24,10 @@ Backward, with mask = keep / (1 - p) regenerated from the seed (dropout.py has t
                                                                      output) writes the LoRA term and
                                                                      cuBLAS adds dy @ W (beta = 1)
     dW = dy.T @ x (cuBLAS, only if W requires grad)   db = dy.sum(0) (only if b requires grad)
-Past r = 64 (past r = 32 with at most 4096 rows) with 16-bit activations G, dB and (without
-dropout) dA, G @ A and the forward's S are cuBLAS products instead, each scale in cuBLAS's
-epilogue; with dropout dA and the masked G @ A come from one x pass that writes both (_bwd_cublas,
-_CUBLAS_MIN_RANK, _ONE_XPASS_MAX_BLOCK_R).
+Past r = 64 (past r = 32 with at most 4096 rows while a CUDA graph is captured) with 16-bit
+activations G, dB and (without dropout) dA, G @ A and the forward's S are cuBLAS products instead,
+each scale in cuBLAS's epilogue; with dropout dA and the masked G @ A come from one x pass that
+writes both (_bwd_cublas, _CUBLAS_MIN_RANK, _ONE_XPASS_MAX_BLOCK_R).
 
 The base GEMM is ~98% of the FLOPs (r / K = 0.4% extra at r = 16, K = 4096). A persistent Triton
 GEMM (TMA loads, 128 x 256 x 64 tiles, 3 stages) ran it at 97-100% of cuBLAS on an H100 at most
@@ -1039,7 +1039,7 @@ def _lora_gemm(a, weight, L, rt, coef, bias, w_kmajor: bool, p: float = 0.0, see
 
 
 def _fwd_triton(x, weight, A, B, scale, bias, p, seed):
-    if p == 0 and _cublas_products_ok(x, A.shape[0]):  # r > 64 (few rows: r > 32) without a mask: cuBLAS (see _CUBLAS_MIN_RANK)
+    if p == 0 and _cublas_products_ok(x, A.shape[0]):  # r > 64 (few rows, captured: r > 32) without a mask: cuBLAS (see _CUBLAS_MIN_RANK)
         S = _mm(x, _cast(A, x.dtype), tb=True, out_dtype=torch.float32)  # [M, r] fp32
     else:
         S = _shrink(x, A, p, seed)
@@ -1062,19 +1062,24 @@ def _fwd_triton(x, weight, A, B, scale, bias, p, seed):
 # 1.467x -> 1.407x (naive 1.464x), p0.05 1.534x -> 1.435x (1.577x); 2048 x 4096 -> 4096 p0.05 1.744x
 # -> 1.565x (1.690x); 8192 x 2048 -> 512 p0.05 4.377x -> 3.588x (4.282x).
 _CUBLAS_MIN_RANK = 65
-# With few rows the rank rule starts at r33 (BLOCK_R = 64): there the Triton passes and GEMM have
-# few row blocks to spread over 132 SMs (the dy pass splits N and sums partials; the masked dgrad
-# GEMM has 16 row tiles at 2048 rows) where cuBLAS picks its tiles and split-K per shape, and the
-# r64 dA pass is far from memory-bound (8192 x 14336 -> 4096 p0, torch profiler: 288 us against
-# cuBLAS's 86 us for G.T @ x). H100, benchmarks/sweep_dispatch.py, graph, r64 fwd+bwd ratio to base,
-# r65 -> r33 rule at 2048 rows (naive): 4096 -> 4096 p0 1.319x -> 1.286x (1.540x), p0.05 1.355x ->
-# 1.312x; 14336 -> 4096 p0 1.186x -> 1.121x, p0.05 1.226x -> 1.173x; 4096 -> 14336 p0.05 1.166x ->
-# 1.102x (p0 1.108x -> 1.129x, the one loss); 5120 -> 5120 p0 1.350x -> 1.216x (1.329x), p0.05
-# 1.393x -> 1.331x (1.421x); 8192 -> 8192 p0 1.131x -> 1.077x; 2048 -> 512 p0 3.111x -> 2.680x
-# (3.245x), p0.05 3.887x -> 3.544x (4.074x); and 256 x 4096 -> 4096 p0 2.220x -> 2.044x (first
-# call). At 8192-16384 rows the same switch won and lost by up to 7% each way (8192 x 5120 -> 5120
-# p0.05 1.273x -> 1.357x, 8192 x 2048 -> 512 p0 2.246x -> 2.407x; 8192 x 4096 -> 14336 p0.05 1.205x
-# -> 1.140x, 8192 x 2048 -> 512 p0.05 3.048x -> 2.897x), so there r64 keeps the Triton path.
+# With few rows, while a CUDA graph is captured, the rank rule starts at r33 (BLOCK_R = 64): there
+# the Triton passes and GEMM have few row blocks to spread over 132 SMs (the dy pass splits N and
+# sums partials; the masked dgrad GEMM has 16 row tiles at 2048 rows) where cuBLAS picks its tiles
+# and split-K per shape, and the r64 dA pass is far from memory-bound (8192 x 14336 -> 4096 p0,
+# torch profiler: 288 us against cuBLAS's 86 us for G.T @ x). H100, benchmarks/sweep_dispatch.py,
+# graph, r64 fwd+bwd ratio to base, r65 -> r33 rule at 2048 rows (naive): 4096 -> 4096 p0 1.319x ->
+# 1.286x (1.540x), p0.05 1.355x -> 1.312x; 14336 -> 4096 p0 1.186x -> 1.121x, p0.05 1.226x ->
+# 1.173x; 4096 -> 14336 p0.05 1.166x -> 1.102x (p0 1.108x -> 1.129x, the one loss); 5120 -> 5120
+# p0 1.350x -> 1.216x (1.329x), p0.05 1.393x -> 1.331x (1.421x); 8192 -> 8192 p0 1.131x -> 1.077x;
+# 2048 -> 512 p0 3.111x -> 2.680x (3.245x), p0.05 3.887x -> 3.544x (4.074x); at 4096 rows 4096 ->
+# 4096 p0.05 1.308x -> 1.240x, 2048 -> 512 p0 2.761x -> 2.315x. At 8192-16384 rows the same switch
+# won and lost by up to 7% each way (8192 x 5120 -> 5120 p0.05 1.273x -> 1.357x, 8192 x 2048 -> 512
+# p0 2.246x -> 2.407x; 8192 x 4096 -> 14336 p0.05 1.205x -> 1.140x), so there r64 keeps the Triton
+# path. Only under capture: each cuBLAS call through ATen costs far more host time than a kernel
+# launch, and an eager step at these sizes is bound by the host (benchmarks/host_step.py, H100
+# host, us per eager step, Triton path -> cuBLAS products, naive: 2048 x 5120 -> 5120 r64 p0 590 ->
+# 936 (811); 2048 x 4096 -> 4096 p0 684 -> 947 (754); p0.05 525 -> 756 (629)). A replayed graph
+# pays no host time, so there GPU time decides.
 _CUBLAS_MIN_RANK_FEW_ROWS = 33
 _FEW_ROWS = 4096
 # With dropout past r64, dA and the masked dx_lora come from one x pass (see _bwd_x's split_dx):
@@ -1088,9 +1093,19 @@ _FEW_ROWS = 4096
 _ONE_XPASS_MAX_BLOCK_R = 128
 
 
+def _few_rows_rank(x: torch.Tensor, R: int) -> bool:
+    """Whether the rank-r products of this call go to cuBLAS only while a graph is captured."""
+    return _CUBLAS_MIN_RANK_FEW_ROWS <= R < _CUBLAS_MIN_RANK and x.shape[0] <= _FEW_ROWS
+
+
+def _capturing(x: torch.Tensor) -> bool:
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def _cublas_products_ok(x: torch.Tensor, R: int) -> bool:
-    min_rank = _CUBLAS_MIN_RANK_FEW_ROWS if x.shape[0] <= _FEW_ROWS else _CUBLAS_MIN_RANK
-    return R >= min_rank and x.dtype in (torch.float16, torch.bfloat16)
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    return R >= _CUBLAS_MIN_RANK or (_few_rows_rank(x, R) and _capturing(x))
 
 
 def _da_buffer(R: int, K: int, device) -> torch.Tensor | None:
@@ -1337,9 +1352,16 @@ def _replay_ok(t: torch.Tensor) -> bool:
     return t.is_cuda and replay.available() and not _launch_hooks() and _backend.requested() != "torch"
 
 
+def _plan_flag(x: torch.Tensor, R: int) -> int:
+    """1 where the path depends on CUDA-graph capture (see _CUBLAS_MIN_RANK_FEW_ROWS) and this call
+    is captured: part of the replay key, so a captured call never replays an eager call's plan."""
+    return int(_few_rows_rank(x, R) and _capturing(x))
+
+
 def _eager_forward(x, weight, lora_A, lora_B, scale, bias, dropout_p, seed):
     if _replay_ok(x):
-        return replay.run(replay.FWD, [x, weight, lora_A, lora_B, bias, seed], [scale, dropout_p], [],
+        return replay.run(replay.FWD, [x, weight, lora_A, lora_B, bias, seed], [scale, dropout_p],
+                          [_plan_flag(x, lora_A.shape[0])],
                           _forward_impl, x, weight, lora_A, lora_B, scale, bias, dropout_p, seed)
     return _forward_impl(x, weight, lora_A, lora_B, scale, bias, dropout_p, seed)
 
@@ -1347,7 +1369,7 @@ def _eager_forward(x, weight, lora_A, lora_B, scale, bias, dropout_p, seed):
 def _eager_backward(dy, x, weight, lora_A, lora_B, s_lora, seed, scale, dropout_p, need_dx):
     if _replay_ok(dy):
         return replay.run(replay.BWD, [dy, x, weight, lora_A, lora_B, s_lora, seed], [scale, dropout_p],
-                          [int(need_dx)], _backward_impl, dy, x, weight, lora_A, lora_B, s_lora, seed, scale,
+                          [int(need_dx), _plan_flag(x, lora_A.shape[0])], _backward_impl, dy, x, weight, lora_A, lora_B, s_lora, seed, scale,
                           dropout_p, need_dx)
     return _backward_impl(dy, x, weight, lora_A, lora_B, s_lora, seed, scale, dropout_p, need_dx)
 
