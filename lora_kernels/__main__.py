@@ -75,7 +75,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{k}: {v}")
         return 0
     shard = _parse_shard(parser, args.shard) if args.shard else None
-
     try:
         _bench.load("linear").match_cases([], args.match)  # a bad --match fails here, before any timing
     except ValueError as e:

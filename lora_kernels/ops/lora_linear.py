@@ -1039,7 +1039,8 @@ def _lora_gemm(a, weight, L, rt, coef, bias, w_kmajor: bool, p: float = 0.0, see
 
 
 def _fwd_triton(x, weight, A, B, scale, bias, p, seed):
-    if p == 0 and _cublas_products_ok(x, A.shape[0]):  # r > 64 (few rows, captured: r > 32) without a mask: cuBLAS (see _CUBLAS_MIN_RANK)
+    # r > 64 (few rows, captured: r > 32) without a mask: cuBLAS (see _CUBLAS_MIN_RANK)
+    if p == 0 and _cublas_products_ok(x, A.shape[0]):
         S = _mm(x, _cast(A, x.dtype), tb=True, out_dtype=torch.float32)  # [M, r] fp32
     else:
         S = _shrink(x, A, p, seed)
@@ -1369,8 +1370,8 @@ def _eager_forward(x, weight, lora_A, lora_B, scale, bias, dropout_p, seed):
 def _eager_backward(dy, x, weight, lora_A, lora_B, s_lora, seed, scale, dropout_p, need_dx):
     if _replay_ok(dy):
         return replay.run(replay.BWD, [dy, x, weight, lora_A, lora_B, s_lora, seed], [scale, dropout_p],
-                          [int(need_dx), _plan_flag(x, lora_A.shape[0])], _backward_impl, dy, x, weight, lora_A, lora_B, s_lora, seed, scale,
-                          dropout_p, need_dx)
+                          [int(need_dx), _plan_flag(x, lora_A.shape[0])], _backward_impl,
+                          dy, x, weight, lora_A, lora_B, s_lora, seed, scale, dropout_p, need_dx)
     return _backward_impl(dy, x, weight, lora_A, lora_B, s_lora, seed, scale, dropout_p, need_dx)
 
 
