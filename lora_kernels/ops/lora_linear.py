@@ -1094,19 +1094,20 @@ _FEW_ROWS = 4096
 _ONE_XPASS_MAX_BLOCK_R = 128
 
 
-def _few_rows_rank(x: torch.Tensor, R: int) -> bool:
-    """Whether the rank-r products of this call go to cuBLAS only while a graph is captured."""
-    return _CUBLAS_MIN_RANK_FEW_ROWS <= R < _CUBLAS_MIN_RANK and x.shape[0] <= _FEW_ROWS
-
-
 def _capturing(x: torch.Tensor) -> bool:
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _few_rows_captured(x: torch.Tensor, R: int) -> bool:
+    """r33-64 at <= 4096 rows while a CUDA graph is captured (see _CUBLAS_MIN_RANK_FEW_ROWS): the one
+    case where the path depends on capture, so it is also part of the eager calls' replay key."""
+    return _CUBLAS_MIN_RANK_FEW_ROWS <= R < _CUBLAS_MIN_RANK and x.shape[0] <= _FEW_ROWS and _capturing(x)
 
 
 def _cublas_products_ok(x: torch.Tensor, R: int) -> bool:
     if x.dtype not in (torch.float16, torch.bfloat16):
         return False
-    return R >= _CUBLAS_MIN_RANK or (_few_rows_rank(x, R) and _capturing(x))
+    return R >= _CUBLAS_MIN_RANK or _few_rows_captured(x, R)
 
 
 def _da_buffer(R: int, K: int, device) -> torch.Tensor | None:
@@ -1353,16 +1354,10 @@ def _replay_ok(t: torch.Tensor) -> bool:
     return t.is_cuda and replay.available() and not _launch_hooks() and _backend.requested() != "torch"
 
 
-def _plan_flag(x: torch.Tensor, R: int) -> int:
-    """1 where the path depends on CUDA-graph capture (see _CUBLAS_MIN_RANK_FEW_ROWS) and this call
-    is captured: part of the replay key, so a captured call never replays an eager call's plan."""
-    return int(_few_rows_rank(x, R) and _capturing(x))
-
-
 def _eager_forward(x, weight, lora_A, lora_B, scale, bias, dropout_p, seed):
     if _replay_ok(x):
         return replay.run(replay.FWD, [x, weight, lora_A, lora_B, bias, seed], [scale, dropout_p],
-                          [_plan_flag(x, lora_A.shape[0])],
+                          [int(_few_rows_captured(x, lora_A.shape[0]))],  # a captured call: its own plan
                           _forward_impl, x, weight, lora_A, lora_B, scale, bias, dropout_p, seed)
     return _forward_impl(x, weight, lora_A, lora_B, scale, bias, dropout_p, seed)
 
@@ -1370,7 +1365,7 @@ def _eager_forward(x, weight, lora_A, lora_B, scale, bias, dropout_p, seed):
 def _eager_backward(dy, x, weight, lora_A, lora_B, s_lora, seed, scale, dropout_p, need_dx):
     if _replay_ok(dy):
         return replay.run(replay.BWD, [dy, x, weight, lora_A, lora_B, s_lora, seed], [scale, dropout_p],
-                          [int(need_dx), _plan_flag(x, lora_A.shape[0])], _backward_impl,
+                          [int(need_dx), int(_few_rows_captured(x, lora_A.shape[0]))], _backward_impl,
                           dy, x, weight, lora_A, lora_B, s_lora, seed, scale, dropout_p, need_dx)
     return _backward_impl(dy, x, weight, lora_A, lora_B, s_lora, seed, scale, dropout_p, need_dx)
 
