@@ -26,6 +26,9 @@ def main(shapes=SHAPES, cfgs=TMA_CFGS, ps=(0.05, 0.0)):
             ref = L._shrink(x, A, p, seed)
             t0 = triton.testing.do_bench_cudagraph(lambda: L._shrink(x, A, p, seed), rep=40)
             line = [f"M{M} K{K} r{R} p{p:g}: pointer {t0 * 1e3:6.1f} us ({M * K * 2 / t0 / 1e9:4.2f} TB/s)"]
+            if p == ps[0]:  # what reading x alone costs here: torch's row sums (fp32 accumulation)
+                tr = triton.testing.do_bench_cudagraph(lambda: torch.sum(x, 1, dtype=torch.float32), rep=40)
+                line.append(f"read roofline: torch.sum(x, 1) {tr * 1e3:6.1f} us ({M * K * 2 / tr / 1e9:4.2f})")
             for cfg in cfgs:
                 c = L._Cfg(*cfg)
                 try:

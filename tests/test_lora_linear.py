@@ -717,6 +717,52 @@ def test_tma_shrink_kernel_matches_float64(cfg, p):
         assert rel_err(S, ref, (x.double().abs() * mult) @ A.double().abs().t()) < TOL[dt][0], (M, K, r, dt)
 
 
+def _bit_weights(first: int, length: int) -> torch.Tensor:
+    """[16, length] fp32: row j holds 2^i at column first + 8 j + i (i < 8), zeros elsewhere, so a
+    product with 0/1 flags gives each row's 8 flags as the bits of an exact integer (sums of
+    distinct powers of two below 2^8 are exact in fp32 and in the 16-bit dtypes' products)."""
+    w = torch.zeros(16, length)
+    for j in range(16):
+        for i in range(8):
+            w[j, first + 8 * j + i] = 2.0**i
+    return w
+
+
+def _flags(values: torch.Tensor, scale: float) -> torch.Tensor:
+    """[..., 16] integers (times `scale`) -> [..., 128] 0/1 flags, bit i of entry j at 8 j + i."""
+    ints = (values.double() / scale).round().long()
+    assert torch.allclose(values.double(), ints.double() * scale, rtol=1e-6, atol=0), "not integers"
+    bits = (ints.unsqueeze(-1) >> torch.arange(8, device=ints.device)) & 1
+    return bits.flatten(-2).bool()
+
+
+@pytest.mark.skipif(not _gemm_kernel_runs_here(), reason="needs an sm_90 GPU or the Triton interpreter")
+@pytest.mark.parametrize("p", [1 / 2**16, 0.05, 0.5, 0.7, 1 - 1 / 2**16])
+def test_masked_passes_apply_the_documented_mask_bit_for_bit(p):
+    """The shrink (pointer and TMA kernels) and the TMA dA pass drop exactly dropout_mask's
+    elements: x = 1 and power-of-two adapters turn every output into 8 keep flags. Thresholds on
+    both sides of 2^15 and at both ends, which the kernels' packed 16-bit compare handles apart."""
+    M, K = 1200, 264  # ragged rows; columns 136.. cross several Philox groups and a K tile
+    seed = torch.tensor([13579], dtype=torch.int64, device=DEVICE)
+    mask = lk.dropout_mask(seed, M, K, p, device=DEVICE)
+    ks = keep_scale(p)
+    for dt in [torch.float16, torch.bfloat16] if ON_GPU else [torch.float16]:
+        x = torch.ones(M, K, device=DEVICE, dtype=dt)
+        for first in (0, 136):  # columns first .. first + 127
+            A = _bit_weights(first, K).to(device=DEVICE, dtype=dt)
+            cols = slice(first, first + 128)
+            shrinks = {"pointer": op_mod._shrink(x, A, p, seed, op_mod._shrink_cfg(M, 16, True))}
+            for cfg in (op_mod._TMA_SHRINK_DROPOUT_CFG, op_mod._TMA_SHRINK_DROPOUT_SMALL_A_CFG):
+                shrinks[f"tma {cfg}"] = op_mod._shrink_tma(x, A, p, seed, cfg)
+            for name, S in shrinks.items():
+                assert torch.equal(_flags(S, ks), mask[:, cols]), (name, dt, first)
+        # dA = s ks G.T @ (x keep): G's column j holds 2^i at row first + 8 j + i -> rows' flags
+        for first in (0, 1064):
+            G = _bit_weights(first, M).t().contiguous().to(DEVICE)  # [M, 16] fp32
+            dA = op_mod._bwd_xa_tma(x, G, seed, 0.5, p, op_mod._XPASS_TMA_CFG)  # [16, K]
+            assert torch.equal(_flags(dA.t(), 0.5 * ks).t(), mask[first:first + 128]), (dt, first)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not (ON_GPU and _gemm_kernel_runs_here()), reason="the TMA shrink runs on sm_90 only")
 def test_lora_linear_takes_the_tma_shrink_at_many_rows(monkeypatch):
