@@ -722,9 +722,8 @@ def _bit_weights(first: int, length: int) -> torch.Tensor:
     product with 0/1 flags gives each row's 8 flags as the bits of an exact integer (sums of
     distinct powers of two below 2^8 are exact in fp32 and in the 16-bit dtypes' products)."""
     w = torch.zeros(16, length)
-    for j in range(16):
-        for i in range(8):
-            w[j, first + 8 * j + i] = 2.0**i
+    cols = first + torch.arange(128).view(16, 8)  # row j: columns first + 8 j .. first + 8 j + 7
+    w.scatter_(1, cols, (2.0 ** torch.arange(8.0)).expand(16, 8))
     return w
 
 
@@ -741,7 +740,7 @@ def _flags(values: torch.Tensor, scale: float) -> torch.Tensor:
 def test_masked_passes_apply_the_documented_mask_bit_for_bit(p):
     """The shrink (pointer and TMA kernels) and the TMA dA pass drop exactly dropout_mask's
     elements: x = 1 and power-of-two adapters turn every output into 8 keep flags. Thresholds on
-    both sides of 2^15 and at both ends, which the kernels' packed 16-bit compare handles apart."""
+    both sides of 2^15 (the top bit of the 16-bit draws) and at both ends of the range."""
     M, K = 1200, 264  # ragged rows; columns 136.. cross several Philox groups and a K tile
     seed = torch.tensor([13579], dtype=torch.int64, device=DEVICE)
     mask = lk.dropout_mask(seed, M, K, p, device=DEVICE)
