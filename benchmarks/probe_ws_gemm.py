@@ -68,6 +68,9 @@ def main():
     ap.add_argument("--r", type=int, default=16)
     args = ap.parse_args()
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
+    if not torch.cuda.is_available():
+        print("no GPU: nothing to measure")
+        return
     triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  r{args.r}")
