@@ -9,7 +9,8 @@ difference to the base: where the LoRA overhead of a training step goes, kernel 
 Then the CUDA-graph time of each (median, three rounds in turn, so drift hits all alike).
 --before MODULE[,MODULE...]: also copies of the op module (lora_kernels.ops.MODULE, each with its
 torch.library namespace renamed so all can load), to compare a change against the code before it,
-or variants of it, in one run.
+or variants of it, in one run. Replay from C++ is then off: its plans are keyed by the call alone,
+so one module's recorded plan would otherwise serve the others' calls too.
 --fwd: the training forward alone (x, A, B require grad; no backward) instead of the step.
 """
 import argparse
@@ -22,6 +23,7 @@ import triton.testing
 from torch.profiler import ProfilerActivity, profile
 
 import lora_kernels as lk
+from lora_kernels.ops import replay
 
 
 def kernel_us(fn, steps: int) -> dict:
@@ -48,6 +50,14 @@ def main():
     ap.add_argument("--fwd", action="store_true", help="time the training forward alone")
     args = ap.parse_args()
     others = {name: importlib.import_module(f"lora_kernels.ops.{name}") for name in (args.before or "").split(",") if name}
+    if others:
+        # Eager calls replayed from C++ (ops/replay.py) look their plan up by the call's tensors and
+        # scalars alone, in one table per process: a module copy's call would replay the plan the
+        # first module recorded, and time that module's kernels twice. Each copy runs its own
+        # Python path instead; the GPU work is the same kernels either way.
+        replay._MODE = "0"
+        replay._state["ok"] = False
+        print("(--before: eager replay from C++ off, so that each module runs its own kernels)")
     dt, dev = torch.bfloat16, "cuda"
     for shape in args.shapes:
         M, K, N, r = (int(v) for v in shape.split("x"))
