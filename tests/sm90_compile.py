@@ -22,6 +22,10 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from lora_kernels.ops import lora_linear as L  # noqa: E402
 
+if L.HAS_GLUON:
+    from triton.experimental.gluon import language as gl  # noqa: E402
+    from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
+
 SMEM_LIMIT = 232448  # bytes of shared memory one block may use on sm_90
 FLOAT_ARGS = {"inv_keep", "scale", "coef"}
 M_BIG = 8192
@@ -80,6 +84,21 @@ def _builds(ranks=(16, 64, 128, 256), dtypes=(("bf16", "bf16"), ("bf16", "fp32")
                 "HOIST_RT": L._block_r(R) == 16, "TRIGGER": masked})
 
 
+    if L.HAS_GLUON:  # the forward's warp-specialized Gluon GEMM at r <= 32, both of its configs
+        gdt = {"bf16": gl.bfloat16, "fp16": gl.float16}
+        for R, (xdt, adt), one_wave in itertools.product(sorted({min(R, 32) for R in ranks}), dtypes, (False, True)):
+            if xdt == "fp32":
+                continue
+            BR = L._block_r(R)
+            stages, split = L._gluon_gemm_cfg(BR, one_wave)
+            c = L._Cfg(128, 256, 8, stages)
+            blocks = {"a_desc": [128, 64], "w_desc": [256, 64], "y_desc": [128, 256 // split]}
+            ptrs = {k: f"tensordesc<{xdt}[{v[0]},{v[1]}],{gl.NVMMASharedLayout.get_default_for(v, gdt[xdt])!r}>"
+                    for k, v in blocks.items()}
+            ptrs.update({"l_ptr": "fp32", "r_ptr": adt, "bias_ptr": xdt})
+            yield ("gemm_ws", R, xdt, adt, one_wave, c, ptrs,
+                   {"HAS_BIAS": True, "BLOCK_R": BR, "GROUP_M": L._GEMM_GROUP_M, "STAGES": stages, "num_warps": 8})
+
     tma_ranks = sorted({R for R in ranks if R <= L._TMA_SHRINK_MAX_RANK} | {L._TMA_SHRINK_MAX_RANK})
     for R, (xdt, adt), drop in itertools.product(tma_ranks, dtypes, (False, True)):
         if xdt == "fp32":
@@ -102,16 +121,20 @@ def _builds(ranks=(16, 64, 128, 256), dtypes=(("bf16", "bf16"), ("bf16", "fp32")
                 "WAIT_END": True})
 
 
-KERNELS = {"gemm": "_lora_gemm_kernel", "xa_tma": "_lora_bwd_xa_tma_kernel", "shrink_tma": "_lora_shrink_tma_kernel", "shrink": "_lora_shrink_kernel", "x": "_lora_bwd_x_kernel", "expand": "_lora_expand_kernel",
+KERNELS = {"gemm": "_lora_gemm_kernel", "gemm_ws": "lora_gemm_ws_kernel", "xa_tma": "_lora_bwd_xa_tma_kernel", "shrink_tma": "_lora_shrink_tma_kernel", "shrink": "_lora_shrink_kernel", "x": "_lora_bwd_x_kernel", "expand": "_lora_expand_kernel",
            "dy": "_lora_bwd_dy_kernel"}
 
 
 def _compile(build):
     name, R, xdt, adt, drop, cfg, ptrs, consts = build
     kernel = getattr(L, KERNELS[name])
-    src = ASTSource(fn=kernel, signature=_signature(kernel, ptrs, consts), constexprs=consts)
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    if name == "gemm_ws":  # Gluon: its own source type; 12 warps at 168 registers, as _lora_gemm launches it
+        src = GluonASTSource(kernel, _signature(kernel, ptrs, consts), constexprs=consts)
+        options = {"num_warps": 8, "maxnreg": 168}
+    else:
+        src = ASTSource(fn=kernel, signature=_signature(kernel, ptrs, consts), constexprs=consts)
+        options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(k.asm["cubin"])

@@ -576,6 +576,54 @@ def test_lora_gemm_kernel_matches_float64(shape, mode):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not (ON_GPU and _gemm_kernel_runs_here() and op_mod.HAS_GLUON),
+                    reason="the Gluon GEMM kernel runs on sm_90 only (Gluon has no interpreter)")
+@pytest.mark.parametrize("shape", [(300, 136, 520, 5), (129, 72, 40, 16), (256, 64, 256, 1), (2000, 200, 3000, 24),
+                                   (4100, 512, 4104, 16)], ids=str)
+def test_gluon_gemm_kernel_matches_float64(monkeypatch, shape):
+    """With LORA_KERNELS_GLUON_GEMM=1 the forward GEMM at r <= 32 runs as the warp-specialized Gluon
+    kernel (one wave of tiles: 4 stages and a sliced epilogue; several: 3 stages; r 17-32: BLOCK_R
+    32), not the Triton one, and matches float64 for both 16-bit dtypes, with and without bias, Rt a strided view of B [N, r] in
+    the activations' dtype or fp32 (PEFT's adapters). The default (the switch off) gives the Triton
+    kernel, which must agree to rounding."""
+    from torch._library.triton import set_wrap_triton_enabled
+
+    M, K_RED, N_OUT, r = shape
+    monkeypatch.setattr(op_mod, "_GLUON_GEMM", True)  # opt-in (LORA_KERNELS_GLUON_GEMM=1)
+    launched = []
+    real_launch = op_mod._launch
+    monkeypatch.setattr(op_mod, "_launch", lambda kernel, *a, **k: launched.append(kernel) or real_launch(kernel, *a, **k))
+    g = torch.Generator().manual_seed(torch.randint(0, 2**31, ()).item())
+    for dt, adt, with_bias in ((torch.bfloat16, torch.float32, True), (torch.float16, torch.float16, False),
+                               (torch.bfloat16, torch.bfloat16, False)):
+        a = torch.randn(M, K_RED, generator=g).to(DEVICE, dt)
+        W = (torch.randn(N_OUT, K_RED, generator=g) / K_RED**0.5).to(DEVICE, dt)
+        L = torch.randn(M, r, generator=g).to(DEVICE)  # fp32, as S is
+        B = (torch.randn(N_OUT, r, generator=g) / r**0.5).to(DEVICE, adt)
+        bias = torch.randn(N_OUT, generator=g).to(DEVICE, dt) if with_bias else None
+        coef = 0.7
+        launched.clear()
+        with set_wrap_triton_enabled(False):  # as the op's eager path launches (under torch.compile: cuBLAS)
+            out = op_mod._lora_gemm(a, W, L, B.t(), coef, bias, True)
+        assert launched == [op_mod.lora_gemm_ws_kernel], launched
+        # the kernel's rounding: (coef L) and B in the activations' dtype, fp32 accumulation
+        Lq = (coef * L).to(dt).double()
+        ref = a.double() @ W.double().t() + Lq @ B.to(dt).double().t() + (bias.double() if with_bias else 0.0)
+        scale_ref = (a.double().abs() @ W.double().abs().t() + Lq.abs() @ B.double().abs().t()
+                     + (bias.double().abs() if with_bias else 0.0))
+        assert out.shape == (M, N_OUT) and out.dtype == dt
+        assert rel_err(out, ref, scale_ref) < TOL[dt][0], (dt, adt, with_bias)
+        assert rel_err(out, a.double() @ W.double().t()) > 10 * TOL[dt][0]  # the LoRA term is there
+        monkeypatch.setattr(op_mod, "_GLUON_GEMM", False)
+        launched.clear()
+        with set_wrap_triton_enabled(False):
+            other = op_mod._lora_gemm(a, W, L, B.t(), coef, bias, True)
+        monkeypatch.setattr(op_mod, "_GLUON_GEMM", True)
+        assert launched == [op_mod._lora_gemm_kernel], launched
+        assert rel_err(out, other.double(), scale_ref) < TOL[dt][0]
+
+
+@pytest.mark.gpu
 @pytest.mark.skipif(not (ON_GPU and _gemm_kernel_runs_here()), reason="the fused GEMM path runs on sm_90 only")
 @pytest.mark.parametrize("shape", [(300, 136, 520, 5), (1000, 1032, 264, 16), (4100, 512, 4104, 64),
                                    (300, 136, 517, 5)], ids=str)

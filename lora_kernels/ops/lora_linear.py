@@ -35,7 +35,8 @@ training shapes measured (82-90% at 4096 -> 14336 and 1024 -> 1024; benchmarks/p
 so the LoRA expansion rides in its epilogue instead of costing one more write and one more read of
 y [M, N]; the op came out faster than with cuBLAS at every shape measured. Where that kernel does not
 run (fp32, other GPUs, unaligned rows, r > 64, ragged N or K: see _GEMM_MIN_TILE_USE, fewer tiles
-than half the SMs: _GEMM_MIN_WAVE, under torch.compile) cuBLAS keeps the GEMM.
+than half the SMs: _GEMM_MIN_WAVE, under torch.compile) cuBLAS keeps the GEMM. A warp-specialized
+Gluon version of the forward GEMM (gluon_gemm.py) runs where LORA_KERNELS_GLUON_GEMM=1 asks for it.
 
 Precision: the LoRA products run on tensor cores with operands in the activations' dtype and fp32
 accumulation. With 16-bit activations and fp32 adapters (PEFT's default), A, B, S and G are rounded
@@ -59,6 +60,10 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from .. import _backend
 from . import replay
 from .dropout import PHILOX_ROUNDS, draw_seed, dropout_mask, keep_scale, keep_threshold
+from .gluon_gemm import HAS_GLUON
+
+if HAS_GLUON:
+    from .gluon_gemm import GluonTensorDescriptor, gl, lora_gemm_ws_kernel, nvmma_desc
 
 try:
     import triton
@@ -637,8 +642,8 @@ def _launch_key(args) -> tuple:
             key.append((a == 1, a % 16 == 0, -(2**31) <= a < 2**31))
         elif isinstance(a, torch.Tensor):
             key.append((a.dtype, a.data_ptr() % 16 == 0))
-        elif isinstance(a, TensorDescriptor):
-            key.append((a.base.dtype, tuple(a.block_shape)))
+        elif isinstance(a, TensorDescriptor) or HAS_GLUON and isinstance(a, GluonTensorDescriptor):
+            key.append((t, a.base.dtype, tuple(a.block_shape)))  # (a Gluon one's layout follows from these)
         else:
             key.append(t)
     return tuple(key)
@@ -1008,6 +1013,35 @@ def _gemm_cfg(masked: bool, tile: _Cfg | None = None) -> tuple[_Cfg, int]:
     return tile, (max(1, tile.block_b // 64) if masked else 1)
 
 
+# LORA_KERNELS_GLUON_GEMM=1: the forward (W K-major, no mask, no dependent launch) as the
+# warp-specialized Gluon kernel (gluon_gemm.py) at r <= 32 (past that its epilogue's operands spill:
+# offline sm_90 compile, r64, 96 bytes of stack). Off by default: inside the op it was not faster than
+# the Triton kernel on an H100 (graph us, 8192 x 4096 -> 4096 forward 465.3 against 453.1; 1024 ->
+# 1024 41.3 against 42.0); fed by TMA with L and B already in the activations' dtype, as in
+# benchmarks/probe_gluon_gemm.py, it was (see gluon_gemm.py).
+_GLUON_GEMM = os.environ.get("LORA_KERNELS_GLUON_GEMM", "0") == "1"
+_GLUON_GEMM_MAX_BLOCK_R = 32
+
+
+def _gluon_gemm_ok(a: torch.Tensor, R: int, w_kmajor: bool, p: float, trigger: bool) -> bool:
+    """Whether _lora_gemm's call runs as lora_gemm_ws_kernel (it already passed _fused_gemm_ok)."""
+    return (_GLUON_GEMM and HAS_GLUON and w_kmajor and p == 0 and not trigger and a.is_cuda
+            and a.dtype in (torch.float16, torch.bfloat16) and _block_r(R) <= _GLUON_GEMM_MAX_BLOCK_R
+            and not is_wrap_triton_enabled())
+
+
+def _gluon_gemm_cfg(block_r: int, one_wave: bool) -> tuple[int, int]:
+    """(stages, epilogue column slices) of lora_gemm_ws_kernel. One tile per CTA (a single wave):
+    nothing follows the epilogue, so its output buffer can shrink to a quarter for a 4th stage; H100,
+    8192 x 2048 -> 512 (128 tiles): 27.1 us against 30.4 at 3 stages, cuBLAS 27.5. Several tiles per
+    CTA: 3 stages beside a whole-tile output buffer (8192 x 4096 -> 14336: 1423 against 1479 us at 4
+    stages). Shared memory (offline sm_90 compile): 220 KB at r16 either way; r32's [32, 256] Rt
+    buffer takes half the output buffer's place."""
+    if block_r == 16:
+        return (4, 4) if one_wave else (3, 1)
+    return 3, 2
+
+
 def _lora_gemm(a, weight, L, rt, coef, bias, w_kmajor: bool, p: float = 0.0, seed=None,
                cfg: _Cfg | None = None, bk: int | None = None, epi_split: int | None = None,
                group_m: int | None = None, trigger: bool = False) -> torch.Tensor:
@@ -1018,15 +1052,27 @@ def _lora_gemm(a, weight, L, rt, coef, bias, w_kmajor: bool, p: float = 0.0, see
     trigger: the next launch may start at once (programmatic dependent launch, see _pdl_ok)"""
     M, K_RED = a.shape
     R, N_OUT = rt.shape
+    swept = cfg is not None or bk is not None or epi_split is not None or group_m is not None
     cfg, split = _gemm_cfg(p > 0, cfg)
     epi_split = epi_split or split
     BM, BN, BK = cfg.block_a, cfg.block_b, bk or _GEMM_BK
     out = _new((M, N_OUT), a.dtype, a.device)
+    tiles = _cdiv(M, BM) * _cdiv(N_OUT, BN)
+    grid = min(tiles, _sm_count_of(a.device))
+    if not swept and _gluon_gemm_ok(a, R, w_kmajor, p, trigger):
+        BR = _block_r(R)
+        stages, epi = _gluon_gemm_cfg(BR, tiles <= grid)
+        gdt = gl.bfloat16 if a.dtype == torch.bfloat16 else gl.float16
+        _launch(lora_gemm_ws_kernel, (grid, 1),
+                nvmma_desc(a, [BM, BK], gdt), nvmma_desc(weight, [BN, BK], gdt), nvmma_desc(out, [BM, BN // epi], gdt),
+                L, rt, bias if bias is not None else out,
+                M, N_OUT, R, rt.stride(0), rt.stride(1), coef,
+                HAS_BIAS=bias is not None, BLOCK_R=BR, GROUP_M=_GEMM_GROUP_M, STAGES=stages,
+                num_warps=8, maxnreg=168)  # 12 warps x 168 registers fill the SM's 64 K; the MMA warps take 232
+        return out
     a_desc = _desc(a, [BM, BK])
     w_desc = _desc(weight, [BN, BK] if w_kmajor else [BK, BN])
     y_desc = _desc(out, [BM, BN // epi_split])
-    tiles = _cdiv(M, BM) * _cdiv(N_OUT, BN)
-    grid = min(tiles, _sm_count_of(a.device))
     _launch(_lora_gemm_kernel, (grid, 1),
             a_desc, w_desc, y_desc, L, rt, bias if bias is not None else out, seed if seed is not None else out,
             M, N_OUT, K_RED, R, rt.stride(0), rt.stride(1),

@@ -1,0 +1,185 @@
+"""The forward LoRA GEMM as a warp-specialized Hopper kernel, written in Gluon (sm_90, 16-bit x).
+
+    y = x @ W.T + coef * L @ Rt + bias     x [M, K], W [N, K], L [M, R] fp32, Rt [R, N] (any strides), bias [N]
+    (forward: L = S = drop(x) @ A.T, Rt = B.T, coef = s)
+
+Why a second GEMM kernel: `_lora_gemm_kernel` (Triton, one partition of 8 warps) runs each tile's
+epilogue between its main loop and the next tile's first TMA loads, so every tile pays a pipeline
+fill. Triton's own warp specialization ran 9-32% slower (benchmarks/probe_ws_gemm.py). Gluon states
+the schedule: one load warp keeps a STAGES-deep ring of x and W tiles full through TMA and runs into
+the next tile while the two consumer warpgroups (64 rows each) finish this one's epilogue. Same
+tiles as the Triton kernel ([128, 256] x 64, GROUP_M-grouped persistent order).
+
+Status (H100, graph us, ratio to cuBLAS F.linear in the same rounds, benchmarks/probe_gluon_gemm.py):
+with L = bf16(s S) and B [N, r] loaded by the load warp through TMA, the probe's kernel ran
+8192 x 1024 -> 1024 at 0.996-1.051x and 8192 x 2048 -> 512 at 0.986-1.000x (4 stages), where the
+Triton kernel ran 1.090-1.104x and 1.103-1.147x; 8192 x 4096 -> 4096 0.97-1.00x against 1.00-1.06x.
+This kernel takes the package's operands as they are (L fp32, Rt of any dtype and strides) by
+pointer loads, scales and rounds them in registers and copies Rt to shared memory: that costs it
+the lead (1.114x at 1024 -> 1024, 1.018x at the headline). So it runs only where
+LORA_KERNELS_GLUON_GEMM=1 asks for it (lora_linear._gluon_gemm_ok); the next step is the probe's
+feed: the shrink writing bf16(s S) beside S, and B in the activations' dtype.
+
+Gluon does not run under TRITON_INTERPRET: the CPU tests run the Triton kernel; the GPU tests run this.
+"""
+from __future__ import annotations
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                  warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonTensorDescriptor
+
+    HAS_GLUON = True
+except Exception:  # an older Triton: the Triton GEMM kernel serves every call
+    HAS_GLUON = False
+
+
+if HAS_GLUON:
+    @gluon.jit
+    def _tile_of(tile, num_m, num_n, GROUP_M: gl.constexpr):
+        """(row tile, column tile) of persistent tile number `tile`, in groups of GROUP_M row tiles (as
+        lora_linear._tile_coords: the CTAs working at one time share a few W column tiles in L2)."""
+        per_group = GROUP_M * num_n
+        first_m = (tile // per_group) * GROUP_M
+        rows = gl.minimum(num_m - first_m, GROUP_M)
+        return first_m + (tile % per_group) % rows, (tile % per_group) // rows
+
+    @gluon.jit
+    def _halves(t, ROWS: gl.constexpr, COLS: gl.constexpr):
+        """t [ROWS, COLS] -> (left, right) [ROWS, COLS / 2]: a register renaming, no data movement."""
+        return t.reshape([ROWS, 2, COLS // 2]).permute((0, 2, 1)).split()
+
+    @gluon.jit
+    def _load_partition(a_desc, w_desc, a_bufs, w_bufs, ready, empty, num_m, num_n, k_steps, GROUP_M: gl.constexpr):
+        """One warp: the TMA loads of every tile of this CTA, up to STAGES steps ahead of the MMAs."""
+        STAGES: gl.constexpr = a_bufs.shape[0]
+        BM: gl.constexpr = a_desc.block_type.shape[0]
+        BK: gl.constexpr = a_desc.block_type.shape[1]
+        BN: gl.constexpr = w_desc.block_type.shape[0]
+        i = 0  # ring step over all tiles of this CTA
+        for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
+            pid_m, pid_n = _tile_of(tile, num_m, num_n, GROUP_M)
+            for kk in range(k_steps):
+                s = i % STAGES
+                # a slot is free once its MMA retired; a barrier starts in phase 0, so the first pass
+                # over the ring waits on phase 1, which counts as complete
+                mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
+                mbarrier.expect(ready.index(s), a_desc.block_type.nbytes + w_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(a_desc, [pid_m * BM, kk * BK], ready.index(s), a_bufs.index(s))
+                tma.async_copy_global_to_shared(w_desc, [pid_n * BN, kk * BK], ready.index(s), w_bufs.index(s))
+                i += 1
+
+    @gluon.jit
+    def _mma_partition(y_desc, l_ptr, r_ptr, bias_ptr, a_bufs, w_bufs, rt_smem, c_smem, ready, empty,
+                       M, N_OUT, R, stride_rr, stride_rc, coef, num_m, num_n, k_steps,
+                       HAS_BIAS: gl.constexpr, BLOCK_R: gl.constexpr, GROUP_M: gl.constexpr, num_warps: gl.constexpr):
+        """The default partition, 8 warps (two warpgroups of 64 rows): the wgmma chain, the LoRA term
+        as one more MMA (acc += (coef L) [BM, R] @ Rt [R, BN], K = R: a quarter K step at r16), the
+        bias, and y's store through TMA."""
+        STAGES: gl.constexpr = a_bufs.shape[0]
+        BM: gl.constexpr = a_bufs.shape[1]
+        BN: gl.constexpr = w_bufs.shape[1]
+        EPI_SPLIT: gl.constexpr = BN // y_desc.block_type.shape[1]
+        dt: gl.constexpr = y_desc.dtype
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                             instr_shape=[16, BN, 16])
+        l_op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+        # L [BM, BLOCK_R] and Rt [BLOCK_R, BN] come in by pointer loads (any adapter dtype and strides)
+        l_layout: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [num_warps, 1], [1, 0])
+        rt_layout: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [num_warps, 1], [1, 0])
+        offs_r_l = gl.arange(0, BLOCK_R, layout=gl.SliceLayout(0, l_layout))
+        offs_r_rt = gl.arange(0, BLOCK_R, layout=gl.SliceLayout(1, rt_layout))
+        i = 0
+        for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
+            pid_m, pid_n = _tile_of(tile, num_m, num_n, GROUP_M)
+            m0 = pid_m * BM
+            n0 = pid_n * BN
+            # the epilogue's small operands are loaded first: the main loop hides their latency
+            rows = m0.to(gl.int64) + gl.arange(0, BM, layout=gl.SliceLayout(1, l_layout))
+            l = gl.load(l_ptr + rows[:, None] * R + offs_r_l[None, :],
+                        mask=(rows < M)[:, None] & (offs_r_l < R)[None, :], other=0.0)
+            cols = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, rt_layout))
+            rt = gl.load(r_ptr + offs_r_rt[:, None] * stride_rr + cols[None, :].to(gl.int64) * stride_rc,
+                         mask=(offs_r_rt < R)[:, None] & (cols < N_OUT)[None, :], other=0.0)
+
+            acc = gl.zeros([BM, BN], gl.float32, acc_layout)
+            for kk in range(k_steps):
+                s = i % STAGES
+                mbarrier.wait(ready.index(s), (i // STAGES) & 1)
+                acc = warpgroup_mma(a_bufs.index(s), w_bufs.index(s).permute((1, 0)), acc, is_async=True)
+                # one MMA in flight: the previous step's has retired, so its slot goes back to the loader
+                acc = warpgroup_mma_wait(1, deps=(acc, ))
+                mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), pred=kk > 0)
+                i += 1
+            acc = warpgroup_mma_wait(0, deps=(acc, ))
+            mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES))
+
+            # operands in the activations' dtype, as in the Triton kernel: (coef L) rounded, Rt rounded
+            l_op = gl.convert_layout((l * coef).to(dt), l_op_layout)
+            rt_smem.store(rt.to(dt))
+            fence_async_shared()
+            acc = warpgroup_mma(l_op, rt_smem, acc)
+            if HAS_BIAS:
+                bcols = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, acc_layout))
+                acc += gl.load(bias_ptr + bcols, mask=bcols < N_OUT, other=0.0).to(gl.float32)[None, :]
+            out = acc.to(dt)
+            if EPI_SPLIT == 1:
+                tma.store_wait(pendings=0)  # the previous tile's store has left c_smem
+                c_smem.store(out)
+                fence_async_shared()
+                tma.async_copy_shared_to_global(y_desc, [m0, n0], c_smem)
+            else:  # column slices through a [BM, BN / EPI_SPLIT] buffer: the shared memory of a 4th stage
+                parts = _halves(out, BM, BN)
+                if EPI_SPLIT == 4:
+                    parts = _halves(parts[0], BM, BN // 2) + _halves(parts[1], BM, BN // 2)
+                for h in gl.static_range(EPI_SPLIT):
+                    tma.store_wait(pendings=0)
+                    c_smem.store(parts[h])
+                    fence_async_shared()
+                    tma.async_copy_shared_to_global(y_desc, [m0, n0 + h * (BN // EPI_SPLIT)], c_smem)
+        tma.store_wait(pendings=0)
+
+    @gluon.jit
+    def lora_gemm_ws_kernel(
+        a_desc, w_desc, y_desc,  # TMA descriptors: x [M, K] block [BM, BK]; W [N, K] block [BN, BK]; y [M, N] block [BM, BN / EPI_SPLIT]
+        l_ptr, r_ptr, bias_ptr,  # L [M, R] fp32 contiguous; Rt[r, c] at r_ptr + r*stride_rr + c*stride_rc; bias [N]
+        M, N_OUT, R, stride_rr, stride_rc, coef,
+        HAS_BIAS: gl.constexpr, BLOCK_R: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
+        num_warps: gl.constexpr,
+    ):
+        """y = x @ W.T + coef * L @ Rt + bias: persistent (one CTA per SM), a load warp beside 8 MMA warps."""
+        BM: gl.constexpr = a_desc.block_type.shape[0]
+        BK: gl.constexpr = a_desc.block_type.shape[1]
+        BN: gl.constexpr = w_desc.block_type.shape[0]
+        dt: gl.constexpr = a_desc.dtype
+        gl.static_assert(num_warps == 8, "two consumer warpgroups of 64 rows")
+        num_m = gl.cdiv(M, BM)
+        num_n = gl.cdiv(N_OUT, BN)
+        k_steps = gl.cdiv(a_desc.shape[1], BK)
+
+        a_bufs = gl.allocate_shared_memory(dt, [STAGES, BM, BK], a_desc.layout)
+        w_bufs = gl.allocate_shared_memory(dt, [STAGES, BN, BK], w_desc.layout)
+        rt_smem = gl.allocate_shared_memory(dt, [BLOCK_R, BN], gl.NVMMASharedLayout.get_default_for([BLOCK_R, BN], dt))
+        c_smem = gl.allocate_shared_memory(dt, y_desc.block_type.shape, y_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for s in gl.static_range(STAGES):
+            mbarrier.init(ready.index(s), count=1)
+            mbarrier.init(empty.index(s), count=1)
+
+        gl.warp_specialize([
+            (_mma_partition, (y_desc, l_ptr, r_ptr, bias_ptr, a_bufs, w_bufs, rt_smem, c_smem, ready, empty,
+                              M, N_OUT, R, stride_rr, stride_rc, coef, num_m, num_n, k_steps,
+                              HAS_BIAS, BLOCK_R, GROUP_M, num_warps)),
+            (_load_partition, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, num_m, num_n, k_steps, GROUP_M)),
+        ], [1], [40])
+
+    def nvmma_desc(t, block_shape: list, gl_dtype) -> "GluonTensorDescriptor":
+        """A Gluon TMA descriptor over t (contiguous rows, 16-byte aligned: the caller checked) without
+        the dataclass's checks, as lora_linear._desc does for Triton's."""
+        d = object.__new__(GluonTensorDescriptor)
+        d.base, d.shape, d.strides, d.block_shape, d.padding = t, t.shape, t.stride(), block_shape, "zero"
+        d.layout = gl.NVMMASharedLayout.get_default_for(block_shape, gl_dtype)
+        return d
