@@ -17,9 +17,11 @@ Gluon (triton.experimental.gluon, Triton 3.6) states the schedule itself:
   (acc += L @ B^T: K = r, the cost of a quarter K step at r16), and stores y through TMA.
 
 L is s S rounded to the activations' dtype, as the package kernel rounds it; here it is made by the
-caller (a [M, r] cast, 256 KB at the headline), outside the timed kernel.
+caller (a [M, r] cast, 256 KB at the headline), outside the timed kernel. Beside it: the package's
+Triton kernel and its Gluon kernel (lora_kernels/ops/gluon_gemm.py, the same schedule with L fp32 and
+B.T loaded by pointer in the MMA warps), as `_lora_gemm` dispatches them.
 Prints CUDA-graph us per kernel, the median of interleaved rounds, its ratio to cuBLAS's F.linear
-in the same rounds, and the largest difference from the package kernel's output.
+in the same rounds, and each kernel's largest difference from float64.
 """
 import argparse
 import statistics
