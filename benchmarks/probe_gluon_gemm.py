@@ -36,22 +36,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from lora_kernels.ops.gluon_gemm import _halves, _tile_of  # the package kernel's tile order and slices
+
 _GL_DTYPE = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
-
-
-@gluon.jit
-def _tile_of(tile, num_m, num_n, GROUP_M: gl.constexpr):
-    """(row tile, column tile) of tile number `tile` in groups of GROUP_M row tiles, as _tile_coords."""
-    per_group = GROUP_M * num_n
-    first_m = (tile // per_group) * GROUP_M
-    rows = gl.minimum(num_m - first_m, GROUP_M)
-    return first_m + (tile % per_group) % rows, (tile % per_group) // rows
-
-
-@gluon.jit
-def _halves(t, ROWS: gl.constexpr, COLS: gl.constexpr):
-    """t [ROWS, COLS] -> (left, right) [ROWS, COLS / 2]: a register renaming."""
-    return t.reshape([ROWS, 2, COLS // 2]).permute((0, 2, 1)).split()
 
 
 @gluon.jit
