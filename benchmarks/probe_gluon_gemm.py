@@ -32,11 +32,11 @@ import triton
 import triton.testing
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
-                                                              warpgroup_mma_wait)
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from lora_kernels.ops.gluon_gemm import _halves, _tile_of  # the package kernel's tile order and slices
+from lora_kernels._bench import interleaved_ms
+from lora_kernels.ops.gluon_gemm import _halves, _tile_of, mma_steps  # the package kernel's pieces
 
 _GL_DTYPE = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 
@@ -77,7 +77,6 @@ def _load_partition(a_desc, w_desc, l_desc, b_desc, a_bufs, w_bufs, l_buf, b_buf
 def _mma_partition(y_desc, a_bufs, w_bufs, l_buf, b_buf, c_smem, ready, empty, l_ready, l_empty,
                    num_m, num_n, k_steps, GROUP_M: gl.constexpr, num_warps: gl.constexpr):
     """The default partition (num_warps = 8: two warpgroups of 64 rows): wgmma chain, LoRA MMA, store."""
-    STAGES: gl.constexpr = a_bufs.shape[0]
     BM: gl.constexpr = y_desc.block_type.shape[0]
     BN: gl.constexpr = w_bufs.shape[1]
     EPI_SPLIT: gl.constexpr = BN // y_desc.block_type.shape[1]
@@ -88,17 +87,7 @@ def _mma_partition(y_desc, a_bufs, w_bufs, l_buf, b_buf, c_smem, ready, empty, l
     t = 0
     for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
         pid_m, pid_n = _tile_of(tile, num_m, num_n, GROUP_M)
-        acc = gl.zeros([BM, BN], gl.float32, acc_layout)
-        for kk in range(k_steps):
-            s = i % STAGES
-            mbarrier.wait(ready.index(s), (i // STAGES) & 1)
-            acc = warpgroup_mma(a_bufs.index(s), w_bufs.index(s).permute((1, 0)), acc, is_async=True)
-            # keep one MMA in flight: the previous step's has now retired, so its slot is free
-            acc = warpgroup_mma_wait(1, deps=(acc, ))
-            mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), pred=kk > 0)
-            i += 1
-        acc = warpgroup_mma_wait(0, deps=(acc, ))
-        mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES))
+        acc, i = mma_steps(gl.zeros([BM, BN], gl.float32, acc_layout), a_bufs, w_bufs, ready, empty, i, k_steps)
         # the LoRA term: acc += L [BM, r] @ B[BN, r]^T, one more MMA of K = r
         mbarrier.wait(l_ready, t & 1)
         acc = warpgroup_mma(l_buf, b_buf.permute((1, 0)), acc)
@@ -231,13 +220,8 @@ def main():
                 continue
             cands[name] = (lambda st=stages, g=gm, sp=split: gluon_lora_gemm(x, W, Lb, B, stages=st, group_m=g,
                                                                              epi_split=sp))
-        times = {k: [] for k in cands}
         with set_wrap_triton_enabled(False):
-            for rnd in range(args.rounds):
-                keys = list(cands)
-                keys = keys[rnd % len(keys):] + keys[:rnd % len(keys)]
-                for k in keys:
-                    times[k].append(triton.testing.do_bench_cudagraph(cands[k], rep=50) * 1e3)
+            times = interleaved_ms(cands, lambda fn: triton.testing.do_bench_cudagraph(fn, rep=50) * 1e3, args.rounds)
         base = statistics.median(times["cuBLAS F.linear"])
         print(f"{M}x{K}->{N} r{args.r} (largest |y - float64| of the package kernel and the Gluon ones):")
         for k, t in times.items():

@@ -25,6 +25,7 @@ import triton.language as tl
 import triton.testing
 from torch._library.triton import set_wrap_triton_enabled
 
+from lora_kernels._bench import interleaved_ms
 from lora_kernels.ops import lora_linear as L
 from lora_kernels.ops.lora_linear import _tile_coords
 
@@ -103,13 +104,8 @@ def main():
                 print(f"  {name}: FAILED {type(e).__name__}: {str(e)[:160]}")
                 continue
             cands[name] = run
-        times = {k: [] for k in cands}
         with set_wrap_triton_enabled(False):
-            for rnd in range(args.rounds):
-                keys = list(cands)
-                keys = keys[rnd % len(keys):] + keys[:rnd % len(keys)]
-                for k in keys:
-                    times[k].append(triton.testing.do_bench_cudagraph(cands[k], rep=50) * 1e3)
+            times = interleaved_ms(cands, lambda fn: triton.testing.do_bench_cudagraph(fn, rep=50) * 1e3, args.rounds)
         base = statistics.median(times["cuBLAS F.linear"])
         print(f"{M}x{K}->{N}:")
         for k, t in times.items():

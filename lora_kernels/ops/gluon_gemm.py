@@ -72,13 +72,30 @@ if HAS_GLUON:
                 i += 1
 
     @gluon.jit
+    def mma_steps(acc, a_bufs, w_bufs, ready, empty, i, k_steps):
+        """acc + the tile's k_steps ring slots, x [BM, BK] @ W [BN, BK]^T each, as the MMA warps run
+        them: one MMA in flight, each slot handed back to the load warp as its MMA retires.
+        i: the ring step counter over the CTA's tiles; returns (acc, i advanced by k_steps)."""
+        STAGES: gl.constexpr = a_bufs.shape[0]
+        for kk in range(k_steps):
+            s = i % STAGES
+            mbarrier.wait(ready.index(s), (i // STAGES) & 1)
+            acc = warpgroup_mma(a_bufs.index(s), w_bufs.index(s).permute((1, 0)), acc, is_async=True)
+            # the previous step's MMA has retired now: its slot goes back to the load warp
+            acc = warpgroup_mma_wait(1, deps=(acc, ))
+            mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), pred=kk > 0)
+            i += 1
+        acc = warpgroup_mma_wait(0, deps=(acc, ))
+        mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES))
+        return acc, i
+
+    @gluon.jit
     def _mma_partition(y_desc, l_ptr, r_ptr, bias_ptr, a_bufs, w_bufs, rt_smem, c_smem, ready, empty,
                        M, N_OUT, R, stride_rr, stride_rc, coef, num_m, num_n, k_steps,
                        HAS_BIAS: gl.constexpr, BLOCK_R: gl.constexpr, GROUP_M: gl.constexpr, num_warps: gl.constexpr):
         """The default partition, 8 warps (two warpgroups of 64 rows): the wgmma chain, the LoRA term
         as one more MMA (acc += (coef L) [BM, R] @ Rt [R, BN], K = R: a quarter K step at r16), the
         bias, and y's store through TMA."""
-        STAGES: gl.constexpr = a_bufs.shape[0]
         BM: gl.constexpr = a_bufs.shape[1]
         BN: gl.constexpr = w_bufs.shape[1]
         EPI_SPLIT: gl.constexpr = BN // y_desc.block_type.shape[1]
@@ -104,17 +121,7 @@ if HAS_GLUON:
             rt = gl.load(r_ptr + offs_r_rt[:, None] * stride_rr + cols[None, :].to(gl.int64) * stride_rc,
                          mask=(offs_r_rt < R)[:, None] & (cols < N_OUT)[None, :], other=0.0)
 
-            acc = gl.zeros([BM, BN], gl.float32, acc_layout)
-            for kk in range(k_steps):
-                s = i % STAGES
-                mbarrier.wait(ready.index(s), (i // STAGES) & 1)
-                acc = warpgroup_mma(a_bufs.index(s), w_bufs.index(s).permute((1, 0)), acc, is_async=True)
-                # one MMA in flight: the previous step's has retired, so its slot goes back to the loader
-                acc = warpgroup_mma_wait(1, deps=(acc, ))
-                mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), pred=kk > 0)
-                i += 1
-            acc = warpgroup_mma_wait(0, deps=(acc, ))
-            mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES))
+            acc, i = mma_steps(gl.zeros([BM, BN], gl.float32, acc_layout), a_bufs, w_bufs, ready, empty, i, k_steps)
 
             # operands in the activations' dtype, as in the Triton kernel: (coef L) rounded, Rt rounded
             l_op = gl.convert_layout((l * coef).to(dt), l_op_layout)
