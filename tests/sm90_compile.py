@@ -27,7 +27,7 @@ if L.HAS_GLUON:
     from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
 
 SMEM_LIMIT = 232448  # bytes of shared memory one block may use on sm_90
-FLOAT_ARGS = {"inv_keep", "scale", "coef"}
+FLOAT_ARGS = {"inv_keep", "scale", "coef", "lb_scale"}
 M_BIG = 8192
 
 
@@ -88,16 +88,17 @@ def _builds(ranks=(16, 64, 128, 256), dtypes=(("bf16", "bf16"), ("bf16", "fp32")
         gdt = {"bf16": gl.bfloat16, "fp16": gl.float16}
         for R, (xdt, adt), one_wave in itertools.product(sorted({min(R, 32) for R in ranks}), dtypes, (False, True)):
             if xdt == "fp32":
-                continue
+                continue  # (L and B come in x's dtype whatever the adapters')
             BR = L._block_r(R)
             stages, split = L._gluon_gemm_cfg(BR, one_wave)
             c = L._Cfg(128, 256, 8, stages)
-            blocks = {"a_desc": [128, 64], "w_desc": [256, 64], "y_desc": [128, 256 // split]}
+            blocks = {"a_desc": [128, 64], "w_desc": [256, 64], "l_desc": [128, BR], "b_desc": [256, BR],
+                      "y_desc": [128, 256 // split]}
             ptrs = {k: f"tensordesc<{xdt}[{v[0]},{v[1]}],{gl.NVMMASharedLayout.get_default_for(v, gdt[xdt])!r}>"
                     for k, v in blocks.items()}
-            ptrs.update({"l_ptr": "fp32", "r_ptr": adt, "bias_ptr": xdt})
+            ptrs["bias_ptr"] = xdt
             yield ("gemm_ws", R, xdt, adt, one_wave, c, ptrs,
-                   {"HAS_BIAS": True, "BLOCK_R": BR, "GROUP_M": L._GEMM_GROUP_M, "STAGES": stages, "num_warps": 8})
+                   {"HAS_BIAS": True, "GROUP_M": L._GEMM_GROUP_M, "STAGES": stages, "num_warps": 8})
 
     tma_ranks = sorted({R for R in ranks if R <= L._TMA_SHRINK_MAX_RANK} | {L._TMA_SHRINK_MAX_RANK})
     for R, (xdt, adt), drop in itertools.product(tma_ranks, dtypes, (False, True)):
@@ -105,9 +106,10 @@ def _builds(ranks=(16, 64, 128, 256), dtypes=(("bf16", "bf16"), ("bf16", "fp32")
             continue  # the TMA shrink runs for 16-bit activations only
         for c in (L._TMA_SHRINK_DROPOUT_CFG, L._TMA_SHRINK_DROPOUT_SMALL_A_CFG, L._TMA_SHRINK_CFG):
             ptrs = {"x_desc": f"tensordesc<{xdt}[{c.block_a},{c.block_b}]>", "a_ptr": adt, "s_ptr": "fp32",
-                    "seed_ptr": "i64"}
-            yield ("shrink_tma", R, xdt, adt, drop, c, ptrs,
-                   {"HAS_DROPOUT": drop, "BLOCK_M": c.block_a, "BLOCK_K": c.block_b, "BLOCK_R": L._block_r(R)})
+                    "seed_ptr": "i64", "lb_ptr": xdt}
+            yield ("shrink_tma", R, xdt, adt, drop, c, ptrs,  # with the Gluon GEMM's L operand: the larger build
+                   {"HAS_DROPOUT": drop, "WRITE_LB": True, "BLOCK_M": c.block_a, "BLOCK_K": c.block_b,
+                    "BLOCK_R": L._block_r(R)})
 
 
     for R, (xdt, adt) in itertools.product(tma_ranks, dtypes):

@@ -575,52 +575,84 @@ def test_lora_gemm_kernel_matches_float64(shape, mode):
             assert rel_err(out, base + coef * L.double() @ rt.double()) > 10 * TOL[dt][0]
 
 
+def _spy_fused_gemms(monkeypatch) -> list:
+    """A list that records each fused GEMM the op runs: True for the forward's (the Triton kernel or
+    the Gluon one), False for the dgrad's."""
+    calls = []
+    real, real_ws = op_mod._lora_gemm, op_mod._lora_gemm_ws
+    monkeypatch.setattr(op_mod, "_lora_gemm", lambda *a, **k: calls.append(k["w_kmajor"]) or real(*a, **k))
+    monkeypatch.setattr(op_mod, "_lora_gemm_ws", lambda *a, **k: calls.append(True) or real_ws(*a, **k))
+    return calls
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not (ON_GPU and _gemm_kernel_runs_here() and op_mod.HAS_GLUON),
                     reason="the Gluon GEMM kernel runs on sm_90 only (Gluon has no interpreter)")
-@pytest.mark.parametrize("shape", [(300, 136, 520, 5), (129, 72, 40, 16), (256, 64, 256, 1), (2000, 200, 3000, 24),
-                                   (4100, 512, 4104, 16)], ids=str)
+@pytest.mark.parametrize("shape", [(300, 136, 520, 8), (129, 72, 40, 16), (2000, 200, 3000, 24),
+                                   (4100, 512, 4104, 16), (256, 64, 256, 32)], ids=str)
 def test_gluon_gemm_kernel_matches_float64(monkeypatch, shape):
-    """With LORA_KERNELS_GLUON_GEMM=1 the forward GEMM at r <= 32 runs as the warp-specialized Gluon
-    kernel (one wave of tiles: 4 stages and a sliced epilogue; several: 3 stages; r 17-32: BLOCK_R
-    32), not the Triton one, and matches float64 for both 16-bit dtypes, with and without bias, Rt a strided view of B [N, r] in
-    the activations' dtype or fp32 (PEFT's adapters). The default (the switch off) gives the Triton
-    kernel, which must agree to rounding."""
+    """lora_gemm_ws_kernel (LORA_KERNELS_GLUON_GEMM=1) against float64 for both 16-bit dtypes, with
+    and without bias, B in the activations' dtype or fp32 (PEFT's adapters: cast by _gluon_gemm_b),
+    at ragged M, K and N; one wave of tiles (4 stages, sliced epilogue) and several (3 stages);
+    r 8 (L and B read as zeros past r), 16, 24 and 32. It must agree with the Triton kernel, which
+    rounds its operands the same way."""
     from torch._library.triton import set_wrap_triton_enabled
 
     M, K_RED, N_OUT, r = shape
-    monkeypatch.setattr(op_mod, "_GLUON_GEMM", True)  # opt-in (LORA_KERNELS_GLUON_GEMM=1)
-    launched = []
-    real_launch = op_mod._launch
-    monkeypatch.setattr(op_mod, "_launch", lambda kernel, *a, **k: launched.append(kernel) or real_launch(kernel, *a, **k))
+    monkeypatch.setattr(op_mod, "_GLUON_GEMM", True)
+    BR = op_mod._block_r(r)
     g = torch.Generator().manual_seed(torch.randint(0, 2**31, ()).item())
     for dt, adt, with_bias in ((torch.bfloat16, torch.float32, True), (torch.float16, torch.float16, False),
                                (torch.bfloat16, torch.bfloat16, False)):
         a = torch.randn(M, K_RED, generator=g).to(DEVICE, dt)
         W = (torch.randn(N_OUT, K_RED, generator=g) / K_RED**0.5).to(DEVICE, dt)
-        L = torch.randn(M, r, generator=g).to(DEVICE)  # fp32, as S is
+        S = torch.randn(M, r, generator=g).to(DEVICE)  # fp32, as the shrink writes it
         B = (torch.randn(N_OUT, r, generator=g) / r**0.5).to(DEVICE, adt)
         bias = torch.randn(N_OUT, generator=g).to(DEVICE, dt) if with_bias else None
         coef = 0.7
-        launched.clear()
+        Lb = torch.full((M, BR), float("nan"), device=DEVICE, dtype=dt)  # as the shrink writes it: zeros past r
+        Lb[:, r:] = 0
+        Lb[:, :r] = (coef * S).to(dt)
         with set_wrap_triton_enabled(False):  # as the op's eager path launches (under torch.compile: cuBLAS)
-            out = op_mod._lora_gemm(a, W, L, B.t(), coef, bias, True)
-        assert launched == [op_mod.lora_gemm_ws_kernel], launched
-        # the kernel's rounding: (coef L) and B in the activations' dtype, fp32 accumulation
-        Lq = (coef * L).to(dt).double()
+            Bq = op_mod._gluon_gemm_b(a, B)
+            assert Bq is not None and Bq.dtype == dt
+            out = op_mod._lora_gemm_ws(a, W, Lb, Bq, bias)
+        Lq = Lb[:, :r].double()
         ref = a.double() @ W.double().t() + Lq @ B.to(dt).double().t() + (bias.double() if with_bias else 0.0)
         scale_ref = (a.double().abs() @ W.double().abs().t() + Lq.abs() @ B.double().abs().t()
                      + (bias.double().abs() if with_bias else 0.0))
         assert out.shape == (M, N_OUT) and out.dtype == dt
         assert rel_err(out, ref, scale_ref) < TOL[dt][0], (dt, adt, with_bias)
         assert rel_err(out, a.double() @ W.double().t()) > 10 * TOL[dt][0]  # the LoRA term is there
-        monkeypatch.setattr(op_mod, "_GLUON_GEMM", False)
-        launched.clear()
-        with set_wrap_triton_enabled(False):
-            other = op_mod._lora_gemm(a, W, L, B.t(), coef, bias, True)
-        monkeypatch.setattr(op_mod, "_GLUON_GEMM", True)
-        assert launched == [op_mod._lora_gemm_kernel], launched
+        other = op_mod._lora_gemm(a, W, S, B.t(), coef, bias, True)  # the Triton kernel
         assert rel_err(out, other.double(), scale_ref) < TOL[dt][0]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (ON_GPU and _gemm_kernel_runs_here() and op_mod.HAS_GLUON),
+                    reason="the Gluon GEMM kernel runs on sm_90 only (Gluon has no interpreter)")
+@pytest.mark.parametrize("shape", [(4100, 512, 1024, 16), (3000, 320, 1280, 24), (2400, 256, 1536, 8),
+                                   (3000, 320, 1280, 12)], ids=str)
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_lora_linear_forward_takes_the_gluon_gemm(monkeypatch, shape, p):
+    """With LORA_KERNELS_GLUON_GEMM=1, lora_linear's forward at r % 8 == 0 and r <= 32 runs the TMA
+    shrink writing L = s S in x's dtype and then lora_gemm_ws_kernel; every output and gradient
+    against float64, with fp32 adapters too. r = 12 (B's rows not 16-byte multiples) keeps the
+    Triton GEMM."""
+    monkeypatch.setattr(op_mod, "_GLUON_GEMM", True)
+    launched = []
+    real_launch = op_mod._launch
+    monkeypatch.setattr(op_mod, "_launch", lambda kernel, *a, **k: launched.append((kernel, k)) or real_launch(kernel, *a, **k))
+    M, K, N, r = shape
+    for dtype, adt, bias in ((torch.bfloat16, None, True), (torch.float16, torch.float32, False)):
+        launched.clear()
+        y, y_ref, leaves, refs, y_abs = run_case(M, K, N, r, dtype, p, bias=bias, adapter_dtype=adt)
+        kernels = [k for k, _ in launched]
+        gluon = r % 8 == 0
+        assert (op_mod.lora_gemm_ws_kernel in kernels) == gluon, kernels
+        shrink = [meta for k, meta in launched if k is op_mod._lora_shrink_tma_kernel]
+        assert len(shrink) == 1 and shrink[0]["WRITE_LB"] == gluon, kernels
+        assert_matches(dtype, y, y_ref, leaves, refs, y_abs)
 
 
 @pytest.mark.gpu
@@ -632,9 +664,7 @@ def test_lora_linear_takes_the_fused_gemm_and_matches_float64(monkeypatch, shape
     """lora_linear at >= FUSED_GEMM_MIN_ROWS rows: forward and dx through the GEMM-epilogue kernel,
     every output and gradient against float64, for bias / no bias and both 16-bit dtypes. With N = 517
     the rows of y and dy are not 16-byte aligned for TMA: both go the cuBLAS way, not a crash."""
-    calls = []
-    real = op_mod._lora_gemm
-    monkeypatch.setattr(op_mod, "_lora_gemm", lambda *a, **k: calls.append(k["w_kmajor"]) or real(*a, **k))
+    calls = _spy_fused_gemms(monkeypatch)
     monkeypatch.setattr(op_mod, "_GEMM_MIN_TILE_USE", 0.0)  # ragged N and K on purpose: the tiles' edges
     monkeypatch.setattr(op_mod, "_GEMM_MIN_WAVE", 0.0)  # and few tiles
     M, K, N, r = shape
@@ -651,9 +681,7 @@ def test_lora_linear_takes_the_fused_gemm_and_matches_float64(monkeypatch, shape
 def test_fused_gemm_only_where_its_tiles_fit_the_feature_dims(monkeypatch):
     """Ragged N or K (more than 5% of the [128, 256] x 64 tiles empty) take cuBLAS, which picks its
     tiles per shape; ragged M does not matter. Each way, every output against float64."""
-    calls = []
-    real = op_mod._lora_gemm
-    monkeypatch.setattr(op_mod, "_lora_gemm", lambda *a, **k: calls.append(k["w_kmajor"]) or real(*a, **k))
+    calls = _spy_fused_gemms(monkeypatch)
     monkeypatch.setattr(op_mod, "_GEMM_MIN_WAVE", 0.0)  # (few tiles: the next test)
     for (M, K, N), want in (((300, 512, 512), [True, False]), ((300, 512, 1056), [False]),
                             ((300, 1056, 512), [True]), ((300, 1032, 2056), [])):
@@ -668,9 +696,7 @@ def test_fused_gemm_only_where_its_tiles_fit_the_feature_dims(monkeypatch):
 def test_fused_gemm_only_with_half_a_wave_of_tiles(monkeypatch):
     """Fewer [128, 256] output tiles than half the SMs take cuBLAS (which picks smaller tiles), per
     GEMM: the forward's tiles are rows x N, the dgrad's rows x K. Each way, against float64."""
-    calls = []
-    real = op_mod._lora_gemm
-    monkeypatch.setattr(op_mod, "_lora_gemm", lambda *a, **k: calls.append(k["w_kmajor"]) or real(*a, **k))
+    calls = _spy_fused_gemms(monkeypatch)
     half_wave = 0.5 * op_mod._sm_count_of(torch.device(DEVICE))
     rows = 128 * math.ceil(half_wave / 2)  # 2 column tiles of 256: exactly half a wave or more
     for (M, K, N) in ((rows, 512, 512), (rows - 128, 512, 512), (rows - 128, 1024, 512), (256, 4096, 4096)):
@@ -753,7 +779,9 @@ def test_backward_products_in_cublas_past_rank_32(monkeypatch, shape, p):
 @pytest.mark.parametrize("cfg", [dataclasses.astuple(c) for c in (op_mod._TMA_SHRINK_DROPOUT_CFG, op_mod._TMA_SHRINK_CFG,
                                                                     op_mod._TMA_SHRINK_DROPOUT_SMALL_A_CFG)], ids=str)
 def test_tma_shrink_kernel_matches_float64(cfg, p):
-    """S = drop(x) @ A.T through the TMA-load shrink, ragged M and K (x's tiles zero-filled past them)."""
+    """S = drop(x) @ A.T through the TMA-load shrink, ragged M and K (x's tiles zero-filled past them);
+    with lb, also the forward Gluon GEMM's operand lb = s S in x's dtype, zeros past r, bit for bit
+    the rounding the Triton GEMM applies to S."""
     shapes = [(300, 136, 5), (1000, 1032, 16), (130, 520, 32)] if ON_GPU else [(70, 264, 5), (33, 136, 16)]
     for (M, K, r), dt in itertools.product(shapes, [torch.float16, torch.bfloat16] if ON_GPU else [torch.float16]):
         x, _, A, _, _ = make_inputs(M, K, 8, r, dt, bias=False)
@@ -763,6 +791,12 @@ def test_tma_shrink_kernel_matches_float64(cfg, p):
         ref = (x.double() * mult) @ A.double().t()
         assert S.shape == (M, r) and S.dtype == torch.float32
         assert rel_err(S, ref, (x.double().abs() * mult) @ A.double().abs().t()) < TOL[dt][0], (M, K, r, dt)
+        BR = op_mod._block_r(r)
+        lb = torch.full((M, BR), float("nan"), dtype=dt, device=DEVICE)
+        S2 = op_mod._shrink_tma(x, A, p, seed if p > 0 else None, op_mod._Cfg(*cfg), lb=lb, lb_scale=0.375)
+        assert torch.equal(S2, S), (M, K, r, dt)  # (one CTA per row block: the same sums in the same order)
+        assert torch.equal(lb[:, :r], (S * 0.375).to(dt)), (M, K, r, dt)
+        assert torch.equal(lb[:, r:], torch.zeros_like(lb[:, r:])), (M, K, r, dt)
 
 
 def _bit_weights(first: int, length: int) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """The forward LoRA GEMM as a warp-specialized Hopper kernel, written in Gluon (sm_90, 16-bit x).
 
-    y = x @ W.T + coef * L @ Rt + bias     x [M, K], W [N, K], L [M, R] fp32, Rt [R, N] (any strides), bias [N]
-    (forward: L = S = drop(x) @ A.T, Rt = B.T, coef = s)
+    y = x @ W.T + L @ B.T + bias     x [M, K], W [N, K], L [M, BLOCK_R] = s S (S = drop(x) @ A.T),
+                                     B [N, r], bias [N]; all in x's dtype but the bias
 
 Why a second GEMM kernel: `_lora_gemm_kernel` (Triton, one partition of 8 warps) runs each tile's
 epilogue between its main loop and the next tile's first TMA loads, so every tile pays a pipeline
@@ -10,19 +10,21 @@ the schedule: one load warp keeps a STAGES-deep ring of x and W tiles full throu
 the next tile while the two consumer warpgroups (64 rows each) finish this one's epilogue. Same
 tiles as the Triton kernel ([128, 256] x 64, GROUP_M-grouped persistent order).
 
-Status (H100, graph us, ratio to cuBLAS F.linear in the same rounds, benchmarks/probe_gluon_gemm.py):
-with L = bf16(s S) and B [N, r] loaded by the load warp through TMA, the probe's kernel ran
-8192 x 1024 -> 1024 at 0.996-1.051x and 8192 x 2048 -> 512 at 0.986-1.000x (4 stages), where the
-Triton kernel ran 1.090-1.104x and 1.103-1.147x; 8192 x 4096 -> 4096 0.97-1.00x against 1.00-1.06x.
-This kernel takes the package's operands as they are (L fp32, Rt of any dtype and strides) by
-pointer loads, scales and rounds them in registers and copies Rt to shared memory: that costs it
-the lead (1.114x at 1024 -> 1024, 1.018x at the headline). So it runs only where
-LORA_KERNELS_GLUON_GEMM=1 asks for it (lora_linear._gluon_gemm_ok); the next step is the probe's
-feed: the shrink writing bf16(s S) beside S, and B in the activations' dtype.
+The LoRA operands come in through TMA too, by the load warp, one slot per tile after the tile's
+K steps: L = s S rounded to x's dtype (the TMA shrink writes it beside S, zeros past r) and B [N, r]
+in x's dtype. An earlier version loaded S (fp32) and B.T by pointer in the MMA warps, scaled and
+rounded them in registers and copied B.T to shared memory per tile: 1.018x / 1.114x / 1.052x
+cuBLAS at the three shapes below, and not faster than the Triton kernel inside the op.
+
+H100, graph us, ratio to cuBLAS F.linear in the same rounds (benchmarks/probe_gluon_gemm.py, r16):
+8192 x 4096 -> 4096 0.998x (Triton kernel 1.076x), 8192 x 1024 -> 1024 1.033x (1.115x), 8192 x
+2048 -> 512 1.011x (1.096x).
 
 Gluon does not run under TRITON_INTERPRET: the CPU tests run the Triton kernel; the GPU tests run this.
 """
 from __future__ import annotations
+
+import functools
 
 try:
     from triton.experimental import gluon
@@ -52,13 +54,16 @@ if HAS_GLUON:
         return t.reshape([ROWS, 2, COLS // 2]).permute((0, 2, 1)).split()
 
     @gluon.jit
-    def _load_partition(a_desc, w_desc, a_bufs, w_bufs, ready, empty, num_m, num_n, k_steps, GROUP_M: gl.constexpr):
-        """One warp: the TMA loads of every tile of this CTA, up to STAGES steps ahead of the MMAs."""
+    def _load_partition(a_desc, w_desc, l_desc, b_desc, a_bufs, w_bufs, l_buf, b_buf, ready, empty, l_ready, l_empty,
+                        num_m, num_n, k_steps, GROUP_M: gl.constexpr):
+        """One warp: the TMA loads of every tile of this CTA, up to STAGES steps ahead of the MMAs,
+        and after each tile's K steps its LoRA operands L [BM, R] and B [BN, R] (one slot)."""
         STAGES: gl.constexpr = a_bufs.shape[0]
         BM: gl.constexpr = a_desc.block_type.shape[0]
         BK: gl.constexpr = a_desc.block_type.shape[1]
         BN: gl.constexpr = w_desc.block_type.shape[0]
         i = 0  # ring step over all tiles of this CTA
+        t = 0  # tile count of this CTA: the LoRA slot's phase
         for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
             pid_m, pid_n = _tile_of(tile, num_m, num_n, GROUP_M)
             for kk in range(k_steps):
@@ -70,9 +75,16 @@ if HAS_GLUON:
                 tma.async_copy_global_to_shared(a_desc, [pid_m * BM, kk * BK], ready.index(s), a_bufs.index(s))
                 tma.async_copy_global_to_shared(w_desc, [pid_n * BN, kk * BK], ready.index(s), w_bufs.index(s))
                 i += 1
+            # after the tile's K loads: waiting here for the MMA warps to free the LoRA slot (they
+            # do when the tile's main loop is over) never holds the ring back
+            mbarrier.wait(l_empty, (t & 1) ^ 1)
+            mbarrier.expect(l_ready, l_desc.block_type.nbytes + b_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(l_desc, [pid_m * BM, 0], l_ready, l_buf)
+            tma.async_copy_global_to_shared(b_desc, [pid_n * BN, 0], l_ready, b_buf)
+            t += 1
 
     @gluon.jit
-    def mma_steps(acc, a_bufs, w_bufs, ready, empty, i, k_steps):
+    def _mma_steps(acc, a_bufs, w_bufs, ready, empty, i, k_steps):
         """acc + the tile's k_steps ring slots, x [BM, BK] @ W [BN, BK]^T each, as the MMA warps run
         them: one MMA in flight, each slot handed back to the load warp as its MMA retires.
         i: the ring step counter over the CTA's tiles; returns (acc, i advanced by k_steps)."""
@@ -90,44 +102,29 @@ if HAS_GLUON:
         return acc, i
 
     @gluon.jit
-    def _mma_partition(y_desc, l_ptr, r_ptr, bias_ptr, a_bufs, w_bufs, rt_smem, c_smem, ready, empty,
-                       M, N_OUT, R, stride_rr, stride_rc, coef, num_m, num_n, k_steps,
-                       HAS_BIAS: gl.constexpr, BLOCK_R: gl.constexpr, GROUP_M: gl.constexpr, num_warps: gl.constexpr):
+    def _mma_partition(y_desc, bias_ptr, a_bufs, w_bufs, l_buf, b_buf, c_smem, ready, empty, l_ready, l_empty,
+                       N_OUT, num_m, num_n, k_steps, HAS_BIAS: gl.constexpr, GROUP_M: gl.constexpr,
+                       num_warps: gl.constexpr):
         """The default partition, 8 warps (two warpgroups of 64 rows): the wgmma chain, the LoRA term
-        as one more MMA (acc += (coef L) [BM, R] @ Rt [R, BN], K = R: a quarter K step at r16), the
-        bias, and y's store through TMA."""
+        as one more MMA from shared memory (acc += L [BM, R] @ B [BN, R]^T, K = R: a quarter K step
+        at r16), the bias, and y's store through TMA."""
         BM: gl.constexpr = a_bufs.shape[1]
         BN: gl.constexpr = w_bufs.shape[1]
         EPI_SPLIT: gl.constexpr = BN // y_desc.block_type.shape[1]
         dt: gl.constexpr = y_desc.dtype
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                              instr_shape=[16, BN, 16])
-        l_op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
-        # L [BM, BLOCK_R] and Rt [BLOCK_R, BN] come in by pointer loads (any adapter dtype and strides)
-        l_layout: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [num_warps, 1], [1, 0])
-        rt_layout: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [num_warps, 1], [1, 0])
-        offs_r_l = gl.arange(0, BLOCK_R, layout=gl.SliceLayout(0, l_layout))
-        offs_r_rt = gl.arange(0, BLOCK_R, layout=gl.SliceLayout(1, rt_layout))
         i = 0
+        t = 0
         for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
             pid_m, pid_n = _tile_of(tile, num_m, num_n, GROUP_M)
             m0 = pid_m * BM
             n0 = pid_n * BN
-            # the epilogue's small operands are loaded first: the main loop hides their latency
-            rows = m0.to(gl.int64) + gl.arange(0, BM, layout=gl.SliceLayout(1, l_layout))
-            l = gl.load(l_ptr + rows[:, None] * R + offs_r_l[None, :],
-                        mask=(rows < M)[:, None] & (offs_r_l < R)[None, :], other=0.0)
-            cols = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, rt_layout))
-            rt = gl.load(r_ptr + offs_r_rt[:, None] * stride_rr + cols[None, :].to(gl.int64) * stride_rc,
-                         mask=(offs_r_rt < R)[:, None] & (cols < N_OUT)[None, :], other=0.0)
-
-            acc, i = mma_steps(gl.zeros([BM, BN], gl.float32, acc_layout), a_bufs, w_bufs, ready, empty, i, k_steps)
-
-            # operands in the activations' dtype, as in the Triton kernel: (coef L) rounded, Rt rounded
-            l_op = gl.convert_layout((l * coef).to(dt), l_op_layout)
-            rt_smem.store(rt.to(dt))
-            fence_async_shared()
-            acc = warpgroup_mma(l_op, rt_smem, acc)
+            acc, i = _mma_steps(gl.zeros([BM, BN], gl.float32, acc_layout), a_bufs, w_bufs, ready, empty, i, k_steps)
+            mbarrier.wait(l_ready, t & 1)
+            acc = warpgroup_mma(l_buf, b_buf.permute((1, 0)), acc)  # synchronous: the slot is read when it returns
+            mbarrier.arrive(l_empty)
+            t += 1
             if HAS_BIAS:
                 bcols = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, acc_layout))
                 acc += gl.load(bias_ptr + bcols, mask=bcols < N_OUT, other=0.0).to(gl.float32)[None, :]
@@ -150,43 +147,53 @@ if HAS_GLUON:
 
     @gluon.jit
     def lora_gemm_ws_kernel(
-        a_desc, w_desc, y_desc,  # TMA descriptors: x [M, K] block [BM, BK]; W [N, K] block [BN, BK]; y [M, N] block [BM, BN / EPI_SPLIT]
-        l_ptr, r_ptr, bias_ptr,  # L [M, R] fp32 contiguous; Rt[r, c] at r_ptr + r*stride_rr + c*stride_rc; bias [N]
-        M, N_OUT, R, stride_rr, stride_rc, coef,
-        HAS_BIAS: gl.constexpr, BLOCK_R: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
-        num_warps: gl.constexpr,
+        a_desc, w_desc, l_desc, b_desc, y_desc,  # TMA descriptors: x [M, K] block [BM, BK]; W [N, K] block [BN, BK];
+                                                 # L [M, R] block [BM, BLOCK_R]; B [N, R] block [BN, BLOCK_R];
+                                                 # y [M, N] block [BM, BN / EPI_SPLIT]
+        bias_ptr, N_OUT,  # bias [N]
+        HAS_BIAS: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
     ):
-        """y = x @ W.T + coef * L @ Rt + bias: persistent (one CTA per SM), a load warp beside 8 MMA warps."""
+        """y = x @ W.T + L @ B.T + bias: persistent (one CTA per SM), a load warp beside 8 MMA warps.
+        L and B are in x's dtype (L = the shrink's s S, rounded); R past the data reads as zeros."""
         BM: gl.constexpr = a_desc.block_type.shape[0]
         BK: gl.constexpr = a_desc.block_type.shape[1]
         BN: gl.constexpr = w_desc.block_type.shape[0]
         dt: gl.constexpr = a_desc.dtype
         gl.static_assert(num_warps == 8, "two consumer warpgroups of 64 rows")
-        num_m = gl.cdiv(M, BM)
+        num_m = gl.cdiv(a_desc.shape[0], BM)
         num_n = gl.cdiv(N_OUT, BN)
         k_steps = gl.cdiv(a_desc.shape[1], BK)
 
         a_bufs = gl.allocate_shared_memory(dt, [STAGES, BM, BK], a_desc.layout)
         w_bufs = gl.allocate_shared_memory(dt, [STAGES, BN, BK], w_desc.layout)
-        rt_smem = gl.allocate_shared_memory(dt, [BLOCK_R, BN], gl.NVMMASharedLayout.get_default_for([BLOCK_R, BN], dt))
+        l_buf = gl.allocate_shared_memory(dt, l_desc.block_type.shape, l_desc.layout)
+        b_buf = gl.allocate_shared_memory(dt, b_desc.block_type.shape, b_desc.layout)
         c_smem = gl.allocate_shared_memory(dt, y_desc.block_type.shape, y_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        l_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        l_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         for s in gl.static_range(STAGES):
             mbarrier.init(ready.index(s), count=1)
             mbarrier.init(empty.index(s), count=1)
+        mbarrier.init(l_ready, count=1)
+        mbarrier.init(l_empty, count=1)
 
         gl.warp_specialize([
-            (_mma_partition, (y_desc, l_ptr, r_ptr, bias_ptr, a_bufs, w_bufs, rt_smem, c_smem, ready, empty,
-                              M, N_OUT, R, stride_rr, stride_rc, coef, num_m, num_n, k_steps,
-                              HAS_BIAS, BLOCK_R, GROUP_M, num_warps)),
-            (_load_partition, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, num_m, num_n, k_steps, GROUP_M)),
+            (_mma_partition, (y_desc, bias_ptr, a_bufs, w_bufs, l_buf, b_buf, c_smem, ready, empty, l_ready, l_empty,
+                              N_OUT, num_m, num_n, k_steps, HAS_BIAS, GROUP_M, num_warps)),
+            (_load_partition, (a_desc, w_desc, l_desc, b_desc, a_bufs, w_bufs, l_buf, b_buf, ready, empty,
+                               l_ready, l_empty, num_m, num_n, k_steps, GROUP_M)),
         ], [1], [40])
+
+    @functools.lru_cache(maxsize=None)
+    def _nvmma_layout(block_shape: tuple, gl_dtype):
+        return gl.NVMMASharedLayout.get_default_for(list(block_shape), gl_dtype)
 
     def nvmma_desc(t, block_shape: list, gl_dtype) -> "GluonTensorDescriptor":
         """A Gluon TMA descriptor over t (contiguous rows, 16-byte aligned: the caller checked) without
-        the dataclass's checks, as lora_linear._desc does for Triton's."""
+        the dataclass's checks, as lora_linear._desc does for Triton's (host time: 5 a forward)."""
         d = object.__new__(GluonTensorDescriptor)
         d.base, d.shape, d.strides, d.block_shape, d.padding = t, t.shape, t.stride(), block_shape, "zero"
-        d.layout = gl.NVMMASharedLayout.get_default_for(block_shape, gl_dtype)
+        d.layout = _nvmma_layout(tuple(block_shape), gl_dtype)
         return d

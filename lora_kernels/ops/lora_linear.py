@@ -35,8 +35,9 @@ training shapes measured (82-90% at 4096 -> 14336 and 1024 -> 1024; benchmarks/p
 so the LoRA expansion rides in its epilogue instead of costing one more write and one more read of
 y [M, N]; the op came out faster than with cuBLAS at every shape measured. Where that kernel does not
 run (fp32, other GPUs, unaligned rows, r > 64, ragged N or K: see _GEMM_MIN_TILE_USE, fewer tiles
-than half the SMs: _GEMM_MIN_WAVE, under torch.compile) cuBLAS keeps the GEMM. A warp-specialized
-Gluon version of the forward GEMM (gluon_gemm.py) runs where LORA_KERNELS_GLUON_GEMM=1 asks for it.
+than half the SMs: _GEMM_MIN_WAVE, under torch.compile) cuBLAS keeps the GEMM. The forward's GEMM
+runs as a warp-specialized Gluon kernel (gluon_gemm.py) at r <= 32, r % 8 == 0, where the TMA shrink
+writes its L operand (see _gluon_gemm_b; LORA_KERNELS_GLUON_GEMM=0: the Triton kernel).
 
 Precision: the LoRA products run on tensor cores with operands in the activations' dtype and fp32
 accumulation. With 16-bit activations and fp32 adapters (PEFT's default), A, B, S and G are rounded
@@ -234,14 +235,17 @@ if HAS_TRITON:
 
     @triton.jit
     def _lora_shrink_tma_kernel(
-        x_desc, a_ptr, s_ptr, seed_ptr,  # x TMA descriptor [M, K] (block [BLOCK_M, BLOCK_K]), A [R, K], S [M, R] fp32, seed [1]
+        x_desc, a_ptr, s_ptr, seed_ptr, lb_ptr,  # x TMA descriptor [M, K] (block [BLOCK_M, BLOCK_K]), A [R, K],
+                                                 # S [M, R] fp32, seed [1], Lb [M, BLOCK_R] in x's dtype
         M, K, R, stride_ar, stride_ak,
-        keep_thr, inv_keep,
-        HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+        keep_thr, inv_keep, lb_scale,
+        HAS_DROPOUT: tl.constexpr, WRITE_LB: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
         """S[rows] = drop(x[rows]) @ A.T with x's tiles brought in by TMA (zero-filled past M and K):
         one bulk copy per [BLOCK_M, BLOCK_K] tile instead of per-thread loads, so a CTA keeps
-        num_stages whole tiles in flight."""
+        num_stages whole tiles in flight. WRITE_LB: also Lb = lb_scale * S rounded to x's dtype,
+        zeros past R: the operand the forward's Gluon GEMM loads through TMA (256 KB at 8192 rows, r16)."""
         m0 = tl.program_id(0) * BLOCK_M
         rows = m0.to(tl.int64) + tl.arange(0, BLOCK_M)
         offs_r = tl.arange(0, BLOCK_R)
@@ -260,6 +264,9 @@ if HAS_TRITON:
         if HAS_DROPOUT:
             acc = acc * inv_keep
         tl.store(s_ptr + rows[:, None] * R + offs_r[None, :], acc, mask=(rows < M)[:, None] & r_ok[None, :])
+        if WRITE_LB:  # A's rows past R were loaded as zeros: so are acc's columns past R
+            tl.store(lb_ptr + rows[:, None] * BLOCK_R + offs_r[None, :], (acc * lb_scale).to(x_desc.dtype),
+                     mask=(rows < M)[:, None])
 
     @triton.jit
     def _store_da(da_ptr, da, offs_r, cols, pid_s, R, K, ATOMIC: tl.constexpr):
@@ -688,16 +695,17 @@ def _desc(t: torch.Tensor, block_shape: list) -> "TensorDescriptor":
     return d
 
 
-def _shrink_tma(x, A, p, seed, cfg: _Cfg) -> torch.Tensor:
-    """S = drop(x) @ A.T -> [M, R] fp32 through _lora_shrink_tma_kernel.   x [M, K] (TMA-readable), A [R, K]"""
+def _shrink_tma(x, A, p, seed, cfg: _Cfg, lb: torch.Tensor | None = None, lb_scale: float = 1.0) -> torch.Tensor:
+    """S = drop(x) @ A.T -> [M, R] fp32 through _lora_shrink_tma_kernel.   x [M, K] (TMA-readable), A [R, K]
+    lb: also written, lb = lb_scale * S in x's dtype, [M, BLOCK_R] contiguous (zeros past R)"""
     M, K = x.shape
     R = A.shape[0]
     S = _new((M, R), torch.float32, x.device)
     _launch(_lora_shrink_tma_kernel, (_cdiv(M, cfg.block_a), 1),
-            _desc(x, [cfg.block_a, cfg.block_b]), A, S, seed if seed is not None else S,
+            _desc(x, [cfg.block_a, cfg.block_b]), A, S, seed if seed is not None else S, lb if lb is not None else x,
             M, K, R, A.stride(0), A.stride(1),
-            keep_threshold(p), keep_scale(p),
-            HAS_DROPOUT=p > 0, BLOCK_M=cfg.block_a, BLOCK_K=cfg.block_b, BLOCK_R=_block_r(R),
+            keep_threshold(p), keep_scale(p), lb_scale,
+            HAS_DROPOUT=p > 0, WRITE_LB=lb is not None, BLOCK_M=cfg.block_a, BLOCK_K=cfg.block_b, BLOCK_R=_block_r(R),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return S
 
@@ -1013,21 +1021,26 @@ def _gemm_cfg(masked: bool, tile: _Cfg | None = None) -> tuple[_Cfg, int]:
     return tile, (max(1, tile.block_b // 64) if masked else 1)
 
 
-# LORA_KERNELS_GLUON_GEMM=1: the forward (W K-major, no mask, no dependent launch) as the
-# warp-specialized Gluon kernel (gluon_gemm.py) at r <= 32 (past that its epilogue's operands spill:
-# offline sm_90 compile, r64, 96 bytes of stack). Off by default: inside the op it was not faster than
-# the Triton kernel on an H100 (graph us, 8192 x 4096 -> 4096 forward 465.3 against 453.1; 1024 ->
-# 1024 41.3 against 42.0); fed by TMA with L and B already in the activations' dtype, as in
-# benchmarks/probe_gluon_gemm.py, it was (see gluon_gemm.py).
-_GLUON_GEMM = os.environ.get("LORA_KERNELS_GLUON_GEMM", "0") == "1"
+# The forward GEMM as the warp-specialized Gluon kernel (gluon_gemm.py) at r <= 32 (past that its
+# operands do not fit beside 3 stages) with r % 8 == 0 (B's rows, r * 2 bytes, must be 16-byte
+# multiples for TMA), where the TMA shrink runs: it writes the kernel's L operand, s S in x's dtype,
+# beside S. H100, bf16, r16, p0.05, training forward, graph us (benchmarks/breakdown_lora_linear.py,
+# Triton GEMM -> this, same run): 8192 x 4096 -> 4096 453.0 -> 438.7 (base 392.9), 8192 x 1024 ->
+# 1024 42.5 -> 40.3 (27.6), 8192 x 2048 -> 512 47.7 -> 47.4 (27.6). LORA_KERNELS_GLUON_GEMM=0: off.
+_GLUON_GEMM = os.environ.get("LORA_KERNELS_GLUON_GEMM", "1") != "0"
 _GLUON_GEMM_MAX_BLOCK_R = 32
 
 
-def _gluon_gemm_ok(a: torch.Tensor, R: int, w_kmajor: bool, p: float, trigger: bool) -> bool:
-    """Whether _lora_gemm's call runs as lora_gemm_ws_kernel (it already passed _fused_gemm_ok)."""
-    return (_GLUON_GEMM and HAS_GLUON and w_kmajor and p == 0 and not trigger and a.is_cuda
-            and a.dtype in (torch.float16, torch.bfloat16) and _block_r(R) <= _GLUON_GEMM_MAX_BLOCK_R
-            and not is_wrap_triton_enabled())
+def _gluon_gemm_b(x: torch.Tensor, B: torch.Tensor) -> torch.Tensor | None:
+    """B [N, r] as lora_gemm_ws_kernel loads it (x's dtype, TMA-readable), or None where the forward
+    GEMM stays the Triton kernel. The caller has checked _fused_gemm_ok and the TMA shrink's tiles."""
+    R = B.shape[1]
+    if not (_GLUON_GEMM and HAS_GLUON and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+            and _block_r(R) <= _GLUON_GEMM_MAX_BLOCK_R and R % 8 == 0 and B.stride(1) == 1 and B.stride(0) == R
+            and not is_wrap_triton_enabled()):
+        return None
+    Bq = _cast(B, x.dtype)  # fp32 adapters: a [N, r] copy (128 KB at N = 4096, r16)
+    return Bq if _tma_ok(Bq) else None
 
 
 def _gluon_gemm_cfg(block_r: int, one_wave: bool) -> tuple[int, int]:
@@ -1035,11 +1048,34 @@ def _gluon_gemm_cfg(block_r: int, one_wave: bool) -> tuple[int, int]:
     nothing follows the epilogue, so its output buffer can shrink to a quarter for a 4th stage; H100,
     8192 x 2048 -> 512 (128 tiles): 27.1 us against 30.4 at 3 stages, cuBLAS 27.5. Several tiles per
     CTA: 3 stages beside a whole-tile output buffer (8192 x 4096 -> 14336: 1423 against 1479 us at 4
-    stages). Shared memory (offline sm_90 compile): 220 KB at r16 either way; r32's [32, 256] Rt
-    buffer takes half the output buffer's place."""
+    stages). Shared memory (offline sm_90 compile): 220 KB at r16 either way (3 x 48 KB stages + 64 KB
+    output buffer or 4 stages + 16 KB, and 12 KB of L and B tiles); at r32, 24 KB of L and B tiles
+    leave half the output buffer beside 3 stages."""
     if block_r == 16:
         return (4, 4) if one_wave else (3, 1)
     return 3, 2
+
+
+def _lora_gemm_ws(a, weight, Lb, Bq, bias, cfg: tuple[int, int] | None = None) -> torch.Tensor:
+    """out = a @ W.T + Lb @ Bq.T + bias -> [M, N] in a's dtype through lora_gemm_ws_kernel (sm_90).
+    a [M, K], weight [N, K] (TMA-readable), Lb [M, BLOCK_R] = (s S) in a's dtype (zeros past r),
+    Bq [N, r] in a's dtype (_gluon_gemm_b), bias [N] or None
+    cfg: (stages, epilogue column slices) other than _gluon_gemm_cfg's, for sweeps"""
+    M, N_OUT = a.shape[0], weight.shape[0]
+    BR = _block_r(Bq.shape[1])
+    BM, BN, BK = _GEMM_TILE.block_a, _GEMM_TILE.block_b, _GEMM_BK
+    out = _new((M, N_OUT), a.dtype, a.device)
+    tiles = _cdiv(M, BM) * _cdiv(N_OUT, BN)
+    grid = min(tiles, _sm_count_of(a.device))
+    stages, epi = cfg or _gluon_gemm_cfg(BR, tiles <= grid)
+    gdt = gl.bfloat16 if a.dtype == torch.bfloat16 else gl.float16
+    _launch(lora_gemm_ws_kernel, (grid, 1),
+            nvmma_desc(a, [BM, BK], gdt), nvmma_desc(weight, [BN, BK], gdt), nvmma_desc(Lb, [BM, BR], gdt),
+            nvmma_desc(Bq, [BN, BR], gdt), nvmma_desc(out, [BM, BN // epi], gdt),
+            bias if bias is not None else out, N_OUT,
+            HAS_BIAS=bias is not None, GROUP_M=_GEMM_GROUP_M, STAGES=stages,
+            num_warps=8, maxnreg=168)  # 12 warps x 168 registers fill the SM's 64 K; the MMA warps take 232
+    return out
 
 
 def _lora_gemm(a, weight, L, rt, coef, bias, w_kmajor: bool, p: float = 0.0, seed=None,
@@ -1052,24 +1088,12 @@ def _lora_gemm(a, weight, L, rt, coef, bias, w_kmajor: bool, p: float = 0.0, see
     trigger: the next launch may start at once (programmatic dependent launch, see _pdl_ok)"""
     M, K_RED = a.shape
     R, N_OUT = rt.shape
-    swept = cfg is not None or bk is not None or epi_split is not None or group_m is not None
     cfg, split = _gemm_cfg(p > 0, cfg)
     epi_split = epi_split or split
     BM, BN, BK = cfg.block_a, cfg.block_b, bk or _GEMM_BK
     out = _new((M, N_OUT), a.dtype, a.device)
     tiles = _cdiv(M, BM) * _cdiv(N_OUT, BN)
     grid = min(tiles, _sm_count_of(a.device))
-    if not swept and _gluon_gemm_ok(a, R, w_kmajor, p, trigger):
-        BR = _block_r(R)
-        stages, epi = _gluon_gemm_cfg(BR, tiles <= grid)
-        gdt = gl.bfloat16 if a.dtype == torch.bfloat16 else gl.float16
-        _launch(lora_gemm_ws_kernel, (grid, 1),
-                nvmma_desc(a, [BM, BK], gdt), nvmma_desc(weight, [BN, BK], gdt), nvmma_desc(out, [BM, BN // epi], gdt),
-                L, rt, bias if bias is not None else out,
-                M, N_OUT, R, rt.stride(0), rt.stride(1), coef,
-                HAS_BIAS=bias is not None, BLOCK_R=BR, GROUP_M=_GEMM_GROUP_M, STAGES=stages,
-                num_warps=8, maxnreg=168)  # 12 warps x 168 registers fill the SM's 64 K; the MMA warps take 232
-        return out
     a_desc = _desc(a, [BM, BK])
     w_desc = _desc(weight, [BN, BK] if w_kmajor else [BK, BN])
     y_desc = _desc(out, [BM, BN // epi_split])
@@ -1085,12 +1109,19 @@ def _lora_gemm(a, weight, L, rt, coef, bias, w_kmajor: bool, p: float = 0.0, see
 
 
 def _fwd_triton(x, weight, A, B, scale, bias, p, seed):
+    fused = _fused_gemm_ok(x, weight, A.shape[0], weight.shape[0])
     # r > 64 (few rows, captured: r > 32) without a mask: cuBLAS (see _CUBLAS_MIN_RANK)
     if p == 0 and _cublas_products_ok(x, A.shape[0]):
         S = _mm(x, _cast(A, x.dtype), tb=True, out_dtype=torch.float32)  # [M, r] fp32
     else:
+        tma_cfg = _tma_shrink_cfg(x, A, p) if fused else None
+        Bq = _gluon_gemm_b(x, B) if tma_cfg is not None else None
+        if Bq is not None:  # the Gluon GEMM, its L operand (s S in x's dtype) written by the shrink
+            Lb = _new((x.shape[0], _block_r(A.shape[0])), x.dtype, x.device)
+            S = _shrink_tma(x, A, p, seed, tma_cfg, lb=Lb, lb_scale=scale)
+            return _lora_gemm_ws(x, weight, Lb, Bq, bias), S
         S = _shrink(x, A, p, seed)
-    if _fused_gemm_ok(x, weight, A.shape[0], weight.shape[0]):
+    if fused:
         return _lora_gemm(x, weight, S, B.t(), scale, bias, w_kmajor=True), S
     y = _new((x.shape[0], weight.shape[0]), x.dtype, x.device)
     _expand(S, B, scale, bias, y)
