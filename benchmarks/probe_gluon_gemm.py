@@ -15,14 +15,13 @@ dispatcher's pick marked), the median of interleaved rounds, its ratio to cuBLAS
 same rounds, and each kernel's largest difference from float64.
 """
 import argparse
-import statistics
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.testing
 
-from lora_kernels._bench import interleaved_ms
+from lora_kernels._bench import interleaved_ms, print_against
 
 
 def main():
@@ -65,12 +64,8 @@ def main():
                     print(f"  {k}: FAILED {type(e).__name__}: {str(e)[:300]}")
                     del cands[k]
             times = interleaved_ms(cands, lambda fn: triton.testing.do_bench_cudagraph(fn, rep=50) * 1e3, args.rounds)
-        base = statistics.median(times["cuBLAS F.linear"])
-        print(f"{M}x{K}->{N} r{args.r} (largest |y - float64|):")
-        for k, t in times.items():
-            med = statistics.median(t)
-            err = f"  max err {errs[k]:.3g}" if k in errs else ""
-            print(f"  {k:28s} {med:8.1f} us  {med / base:6.3f}x cuBLAS  (rounds {min(t):.1f}-{max(t):.1f}){err}")
+        print_against(f"{M}x{K}->{N} r{args.r} (largest |y - float64|):", times, "cuBLAS F.linear",
+                      {k: f"max err {e:.3g}" for k, e in errs.items()})
 
 
 if __name__ == "__main__":

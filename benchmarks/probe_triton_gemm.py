@@ -16,14 +16,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _tile_coords(tile, num_m, num_n, GROUP_M: tl.constexpr):
-    # grouped order: GROUP_M row tiles share each W column tile while it is hot in L2
-    per_group = GROUP_M * num_n
-    first_m = (tile // per_group) * GROUP_M
-    rows = tl.minimum(num_m - first_m, GROUP_M)
-    return first_m + (tile % per_group) % rows, (tile % per_group) // rows
+from lora_kernels.ops.lora_linear import _tile_coords  # grouped persistent tile order
 
 
 @triton.jit

@@ -16,7 +16,6 @@ Prints CUDA-graph us per kernel, the median of interleaved rounds, its ratio to 
 in the same rounds, and the largest difference from the package kernel's output.
 """
 import argparse
-import statistics
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +24,7 @@ import triton.language as tl
 import triton.testing
 from torch._library.triton import set_wrap_triton_enabled
 
-from lora_kernels._bench import interleaved_ms
+from lora_kernels._bench import interleaved_ms, print_against
 from lora_kernels.ops import lora_linear as L
 from lora_kernels.ops.lora_linear import _tile_coords
 
@@ -106,12 +105,7 @@ def main():
             cands[name] = run
         with set_wrap_triton_enabled(False):
             times = interleaved_ms(cands, lambda fn: triton.testing.do_bench_cudagraph(fn, rep=50) * 1e3, args.rounds)
-        base = statistics.median(times["cuBLAS F.linear"])
-        print(f"{M}x{K}->{N}:")
-        for k, t in times.items():
-            med = statistics.median(t)
-            err = f"  max diff {errs[k]:.3g}" if k in errs else ""
-            print(f"  {k:28s} {med:8.1f} us  {med / base:6.3f}x cuBLAS  (rounds {min(t):.1f}-{max(t):.1f}){err}")
+        print_against(f"{M}x{K}->{N}:", times, "cuBLAS F.linear", {k: f"max diff {e:.3g}" for k, e in errs.items()})
 
 
 if __name__ == "__main__":

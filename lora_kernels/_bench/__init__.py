@@ -7,6 +7,7 @@ measured in the same run. The pytest-benchmark suite in benchmarks/ times the sa
 from __future__ import annotations
 
 import importlib
+import statistics
 from dataclasses import dataclass, field
 
 MODULES = ("linear", "multi", "e2e")
@@ -64,6 +65,17 @@ def interleaved_ms(fns: dict, timer, rounds: int) -> dict:
         for name in order[k % len(order):] + order[:k % len(order)]:
             out[name].append(timer(fns[name]))
     return out
+
+
+def print_against(title: str, times: dict, base: str, notes: dict | None = None) -> None:
+    """Print interleaved_ms's times as one line per callable: median us, its ratio to the median of
+    `base` (same rounds), the rounds' range, and notes[name] if any (e.g. a difference from float64)."""
+    ref = statistics.median(times[base])
+    print(title)
+    for k, t in times.items():
+        med = statistics.median(t)
+        note = f"  {notes[k]}" if notes and k in notes else ""
+        print(f"  {k:28s} {med:8.1f} us  {med / ref:6.3f}x {base}  (rounds {min(t):.1f}-{max(t):.1f}){note}")
 
 
 def round_ratios(times: list, base: list) -> list | None:

@@ -1114,13 +1114,16 @@ def _fwd_triton(x, weight, A, B, scale, bias, p, seed):
     if p == 0 and _cublas_products_ok(x, A.shape[0]):
         S = _mm(x, _cast(A, x.dtype), tb=True, out_dtype=torch.float32)  # [M, r] fp32
     else:
-        tma_cfg = _tma_shrink_cfg(x, A, p) if fused else None
-        Bq = _gluon_gemm_b(x, B) if tma_cfg is not None else None
-        if Bq is not None:  # the Gluon GEMM, its L operand (s S in x's dtype) written by the shrink
-            Lb = _new((x.shape[0], _block_r(A.shape[0])), x.dtype, x.device)
+        tma_cfg = _tma_shrink_cfg(x, A, p)  # (what _shrink would look up: once here)
+        if tma_cfg is None:
+            S = _shrink(x, A, p, seed, _shrink_cfg(x.shape[0], A.shape[0], p > 0))
+        else:
+            Bq = _gluon_gemm_b(x, B) if fused else None
+            # the Gluon GEMM: its L operand (s S in x's dtype) written by the shrink beside S
+            Lb = _new((x.shape[0], _block_r(A.shape[0])), x.dtype, x.device) if Bq is not None else None
             S = _shrink_tma(x, A, p, seed, tma_cfg, lb=Lb, lb_scale=scale)
-            return _lora_gemm_ws(x, weight, Lb, Bq, bias), S
-        S = _shrink(x, A, p, seed)
+            if Lb is not None:
+                return _lora_gemm_ws(x, weight, Lb, Bq, bias), S
     if fused:
         return _lora_gemm(x, weight, S, B.t(), scale, bias, w_kmajor=True), S
     y = _new((x.shape[0], weight.shape[0]), x.dtype, x.device)
