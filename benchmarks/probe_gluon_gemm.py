@@ -1,6 +1,9 @@
-"""The forward LoRA GEMM y = x W^T + s S B^T: the package's Gluon and Triton kernels against cuBLAS. (GPU, sm_90)
+"""The fused LoRA GEMMs, the package's Gluon and Triton kernels against cuBLAS. (GPU, sm_90)
 
-    python benchmarks/probe_gluon_gemm.py [--shapes MxKxN,...] [--rounds 3] [--r 16]
+    python benchmarks/probe_gluon_gemm.py [--shapes MxKxN,...] [--rounds 3] [--r 16] [--dgrad --p 0.05]
+
+Forward: y = x W^T + s S B^T against F.linear(x, W). --dgrad: dx = dy W + keep * (c G A), dy [M, K]
+(K = the layer's N), W [K, N] (dx has the layer's K = N here columns), against torch.mm(dy, W), at p = 0 and --p.
 
 `_lora_gemm_kernel` (Triton, 8 warps, persistent) runs each tile's epilogue between its main loop
 and the next tile's first TMA loads, so each tile pays one pipeline fill (7.8 tiles per CTA at the
@@ -33,7 +36,11 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--configs", default="3x1,4x4", help="Gluon kernel (stages)x(epilogue slices) to time")
+    ap.add_argument("--dgrad", action="store_true", help="the backward's dgrad GEMM instead of the forward's")
+    ap.add_argument("--p", type=float, default=0.05, help="--dgrad: the dropout probability of the masked runs")
     args = ap.parse_args()
+    if args.dgrad:
+        return dgrad(args)
     torch.manual_seed(0)
     dev = "cuda"
     configs = [tuple(int(v) for v in c.split("x")) for c in args.configs.split(",")]
@@ -65,6 +72,44 @@ def main():
                     del cands[k]
             times = interleaved_ms(cands, lambda fn: triton.testing.do_bench_cudagraph(fn, rep=50) * 1e3, args.rounds)
         print_against(f"{M}x{K}->{N} r{args.r} (largest |y - float64|):", times, "cuBLAS F.linear",
+                      {k: f"max err {e:.3g}" for k, e in errs.items()})
+
+
+def dgrad(args):
+    from torch._library.triton import set_wrap_triton_enabled
+    from lora_kernels.ops import lora_linear as LL
+    from lora_kernels.ops.dropout import dropout_mask
+
+    torch.manual_seed(0)
+    dev = "cuda"
+    BR = LL._block_r(args.r)
+    seed = torch.tensor([123456789], dtype=torch.int64, device=dev)
+    for shape in args.shapes.split(","):
+        M, K, N = (int(v) for v in shape.split("x"))
+        dy = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+        W = torch.randn(K, N, device=dev, dtype=torch.bfloat16) / K ** 0.5
+        G = torch.randn(M, args.r, device=dev, dtype=torch.float32)
+        A = torch.randn(args.r, N, device=dev, dtype=torch.bfloat16) / args.r ** 0.5
+        c = 2.0
+        Gs = torch.zeros(M, BR, device=dev, dtype=torch.bfloat16)
+        Gs[:, :args.r] = (G * c).to(torch.bfloat16)  # as the dy pass writes it
+        lora = Gs[:, :args.r].double() @ A.double()
+        exact = {0.0: dy.double() @ W.double() + lora}
+        exact[args.p] = dy.double() @ W.double() + lora * dropout_mask(seed, M, N, args.p, device=dev).double()
+        cands = {"cuBLAS dy @ W": lambda: torch.mm(dy, W)}
+        for p in (0.0, args.p):
+            cands[f"Triton p{p:g}"] = lambda p=p: LL._lora_gemm(dy, W, G, A, c, None, w_kmajor=False, p=p, seed=seed)
+            cands[f"Gluon p{p:g}"] = lambda p=p: LL._lora_dgrad_ws(dy, W, Gs, A, p, seed)
+        errs = {}
+        with set_wrap_triton_enabled(False):
+            for k in list(cands)[1:]:
+                try:
+                    errs[k] = (cands[k]().double() - exact[float(k.split(" p")[1])]).abs().max().item()
+                except Exception as e:
+                    print(f"  {k}: FAILED {type(e).__name__}: {str(e)[:300]}")
+                    del cands[k]
+            times = interleaved_ms(cands, lambda fn: triton.testing.do_bench_cudagraph(fn, rep=50) * 1e3, args.rounds)
+        print_against(f"dgrad {M}x{K}->{N} r{args.r} (largest |dx - float64|):", times, "cuBLAS dy @ W",
                       {k: f"max err {e:.3g}" for k, e in errs.items()})
 
 

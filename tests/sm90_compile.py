@@ -27,7 +27,7 @@ if L.HAS_GLUON:
     from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
 
 SMEM_LIMIT = 232448  # bytes of shared memory one block may use on sm_90
-FLOAT_ARGS = {"inv_keep", "scale", "coef", "lb_scale"}
+FLOAT_ARGS = {"inv_keep", "scale", "coef", "lb_scale", "gs_scale"}
 M_BIG = 8192
 
 
@@ -65,8 +65,8 @@ def _builds(ranks=(16, 64, 128, 256), dtypes=(("bf16", "bf16"), ("bf16", "fp32")
         if drop:
             continue
         c = L._dy_cfg(M_BIG, R, adt == "fp32" and xdt != "fp32")
-        yield ("dy", R, xdt, adt, drop, c, {"dy_ptr": xdt, "b_ptr": adt},
-               {"COMPUTE_DB": True, "DOT_PRECISION": prec, "BLOCK_M": c.block_a, "BLOCK_N": c.block_b, "BLOCK_R": BR})
+        yield ("dy", R, xdt, adt, drop, c, {"dy_ptr": xdt, "b_ptr": adt, "gs_ptr": xdt},
+               {"COMPUTE_DB": True, "WRITE_GS": True, "DOT_PRECISION": prec, "BLOCK_M": c.block_a, "BLOCK_N": c.block_b, "BLOCK_R": BR})
 
 
     for R, (xdt, adt), masked in itertools.product(ranks, dtypes, (False, True)):
@@ -99,6 +99,15 @@ def _builds(ranks=(16, 64, 128, 256), dtypes=(("bf16", "bf16"), ("bf16", "fp32")
             ptrs["bias_ptr"] = xdt
             yield ("gemm_ws", R, xdt, adt, one_wave, c, ptrs,
                    {"HAS_BIAS": True, "GROUP_M": L._GEMM_GROUP_M, "STAGES": stages, "num_warps": 8})
+            # the dgrad (masked: the mask's bits beside the LoRA slot), in the same two configs
+            blocks = {"dy_desc": [128, 64], "w_desc": [64, 256], "l_desc": [128, BR], "r_desc": [BR, 256],
+                      "y_desc": [128, 256 // split]}
+            ptrs = {k: f"tensordesc<{xdt}[{v[0]},{v[1]}],{gl.NVMMASharedLayout.get_default_for(v, gdt[xdt])!r}>"
+                    for k, v in blocks.items()}
+            ptrs["seed_ptr"] = "i64"
+            yield ("dgrad_ws", R, xdt, adt, one_wave, c, ptrs,
+                   {"MASKED": True, "ROUNDS": 7, "GROUP_M": L._GEMM_GROUP_M, "STAGES": stages, "TRIGGER": True,
+                    "num_warps": 8})
 
     tma_ranks = sorted({R for R in ranks if R <= L._TMA_SHRINK_MAX_RANK} | {L._TMA_SHRINK_MAX_RANK})
     for R, (xdt, adt), drop in itertools.product(tma_ranks, dtypes, (False, True)):
@@ -123,14 +132,14 @@ def _builds(ranks=(16, 64, 128, 256), dtypes=(("bf16", "bf16"), ("bf16", "fp32")
                 "WAIT_END": True})
 
 
-KERNELS = {"gemm": "_lora_gemm_kernel", "gemm_ws": "lora_gemm_ws_kernel", "xa_tma": "_lora_bwd_xa_tma_kernel", "shrink_tma": "_lora_shrink_tma_kernel", "shrink": "_lora_shrink_kernel", "x": "_lora_bwd_x_kernel", "expand": "_lora_expand_kernel",
+KERNELS = {"gemm": "_lora_gemm_kernel", "gemm_ws": "lora_gemm_ws_kernel", "dgrad_ws": "lora_dgrad_ws_kernel", "xa_tma": "_lora_bwd_xa_tma_kernel", "shrink_tma": "_lora_shrink_tma_kernel", "shrink": "_lora_shrink_kernel", "x": "_lora_bwd_x_kernel", "expand": "_lora_expand_kernel",
            "dy": "_lora_bwd_dy_kernel"}
 
 
 def _compile(build):
     name, R, xdt, adt, drop, cfg, ptrs, consts = build
     kernel = getattr(L, KERNELS[name])
-    if name == "gemm_ws":  # Gluon: its own source type; 12 warps at 168 registers, as _lora_gemm launches it
+    if name in ("gemm_ws", "dgrad_ws"):  # Gluon: its own source type; 12 warps at 168 registers, as launched
         src = GluonASTSource(kernel, _signature(kernel, ptrs, consts), constexprs=consts)
         options = {"num_warps": 8, "maxnreg": 168}
     else:

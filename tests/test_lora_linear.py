@@ -576,12 +576,13 @@ def test_lora_gemm_kernel_matches_float64(shape, mode):
 
 
 def _spy_fused_gemms(monkeypatch) -> list:
-    """A list that records each fused GEMM the op runs: True for the forward's (the Triton kernel or
-    the Gluon one), False for the dgrad's."""
+    """A list that records each fused GEMM the op runs: True for the forward's, False for the dgrad's
+    (the Triton kernel or the Gluon one either way)."""
     calls = []
-    real, real_ws = op_mod._lora_gemm, op_mod._lora_gemm_ws
+    real, real_ws, real_dgrad = op_mod._lora_gemm, op_mod._lora_gemm_ws, op_mod._lora_dgrad_ws
     monkeypatch.setattr(op_mod, "_lora_gemm", lambda *a, **k: calls.append(k["w_kmajor"]) or real(*a, **k))
     monkeypatch.setattr(op_mod, "_lora_gemm_ws", lambda *a, **k: calls.append(True) or real_ws(*a, **k))
+    monkeypatch.setattr(op_mod, "_lora_dgrad_ws", lambda *a, **k: calls.append(False) or real_dgrad(*a, **k))
     return calls
 
 
@@ -626,6 +627,102 @@ def test_gluon_gemm_kernel_matches_float64(monkeypatch, shape):
         assert rel_err(out, a.double() @ W.double().t()) > 10 * TOL[dt][0]  # the LoRA term is there
         other = op_mod._lora_gemm(a, W, S, B.t(), coef, bias, True)  # the Triton kernel
         assert rel_err(out, other.double(), scale_ref) < TOL[dt][0]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (ON_GPU and _gemm_kernel_runs_here() and op_mod.HAS_GLUON),
+                    reason="the Gluon dgrad kernel runs on sm_90 only (Gluon has no interpreter)")
+@pytest.mark.parametrize("shape", [(300, 136, 520, 8), (129, 72, 40, 16), (2000, 200, 3000, 24),
+                                   (4100, 1024, 4104, 16), (1000, 512, 2056, 5), (256, 64, 256, 32)], ids=str)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_gluon_dgrad_kernel_matches_float64(shape, p):
+    """lora_dgrad_ws_kernel: dx = dy @ W + keep * (Gs @ A) against float64 for both 16-bit dtypes, A in
+    the activations' dtype or fp32 (cast by _gluon_dgrad_a), ragged M, K_RED and K_OUT, r 5 and 8
+    (Gs and A read as zeros past r) to 32; one wave of tiles and several a CTA (4100 x 1024 -> 4104:
+    the next tiles' masks drawn between K steps; 72 or 136 deep: fewer K steps than stages, the
+    mask after the loads). It must agree with the Triton kernel, which rounds G the same way."""
+    from torch._library.triton import set_wrap_triton_enabled
+
+    M, K_RED, K_OUT, r = shape
+    BR = op_mod._block_r(r)
+    g = torch.Generator().manual_seed(torch.randint(0, 2**31, ()).item())
+    seed = torch.tensor([int(torch.randint(0, 2**62, (), generator=g))], dtype=torch.int64, device=DEVICE)
+    coef = 0.7
+    for dt, adt in ((torch.bfloat16, torch.float32), (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16)):
+        dy = torch.randn(M, K_RED, generator=g).to(DEVICE, dt)
+        W = (torch.randn(K_RED, K_OUT, generator=g) / K_RED**0.5).to(DEVICE, dt)
+        G = torch.randn(M, r, generator=g).to(DEVICE)  # fp32, as the dy pass writes it
+        A = (torch.randn(r, K_OUT, generator=g) / r**0.5).to(DEVICE, adt)
+        Gs = torch.full((M, BR), float("nan"), device=DEVICE, dtype=dt)  # as the dy pass writes it: zeros past r
+        Gs[:, r:] = 0
+        Gs[:, :r] = (coef * G).to(dt)
+        with set_wrap_triton_enabled(False):  # as the op's eager path launches (under torch.compile: cuBLAS)
+            Aq = op_mod._gluon_dgrad_a(dy, A)
+            assert Aq is not None and Aq.dtype == dt
+            dx = op_mod._lora_dgrad_ws(dy, W, Gs, Aq, p, seed if p > 0 else None)
+        base = dy.double() @ W.double()
+        lora = Gs[:, :r].double() @ A.to(dt).double()
+        keep = lk.dropout_mask(seed, M, K_OUT, p, device=DEVICE).double() if p > 0 else 1.0
+        ref = base + lora * keep
+        scale_ref = dy.double().abs() @ W.double().abs() + Gs[:, :r].double().abs() @ A.to(dt).double().abs()
+        assert dx.shape == (M, K_OUT) and dx.dtype == dt
+        assert rel_err(dx, ref, scale_ref) < TOL[dt][0], (dt, adt)
+        assert rel_err(dx, base) > 10 * TOL[dt][0]  # the LoRA term is there
+        if p > 0:  # and the mask matters
+            assert rel_err(dx, base + lora) > 10 * TOL[dt][0]
+        other = op_mod._lora_gemm(dy, W, G, A, coef, None, False, p=p, seed=seed if p > 0 else None)  # Triton
+        assert rel_err(dx, other.double(), scale_ref) < TOL[dt][0]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (ON_GPU and _gemm_kernel_runs_here() and op_mod.HAS_GLUON),
+                    reason="the Gluon dgrad kernel runs on sm_90 only (Gluon has no interpreter)")
+@pytest.mark.parametrize("p", [1 / 2**16, 0.05, 0.5, 1 - 1 / 2**16])
+def test_gluon_dgrad_applies_the_documented_mask_bit_for_bit(p):
+    """dy = 0 and Gs @ A = 1 make the Gluon dgrad's output its keep mask, which must be dropout_mask's
+    bits exactly: thresholds on both sides of 2^15 and at both ends; one tile a CTA and several
+    (each next tile's mask drawn between the current tile's K steps or after them)."""
+    from torch._library.triton import set_wrap_triton_enabled
+
+    seed = torch.tensor([13579], dtype=torch.int64, device=DEVICE)
+    for (M, K_RED, K_OUT), dt in itertools.product([(1200, 64, 264), (8200, 1024, 1032), (8200, 64, 1032)],
+                                                   (torch.bfloat16, torch.float16)):
+        dy = torch.zeros(M, K_RED, device=DEVICE, dtype=dt)
+        W = torch.zeros(K_RED, K_OUT, device=DEVICE, dtype=dt)
+        Gs = torch.zeros(M, 16, device=DEVICE, dtype=dt)
+        Gs[:, 0] = 1
+        A = torch.ones(8, K_OUT, device=DEVICE, dtype=dt)
+        with set_wrap_triton_enabled(False):
+            dx = op_mod._lora_dgrad_ws(dy, W, Gs, A, p, seed)
+        mask = lk.dropout_mask(seed, M, K_OUT, p, device=DEVICE)
+        assert torch.equal(dx, mask.to(dt)), (M, K_RED, K_OUT, dt, (dx != mask.to(dt)).sum().item())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (ON_GPU and _gemm_kernel_runs_here() and op_mod.HAS_GLUON),
+                    reason="the Gluon dgrad kernel runs on sm_90 only (Gluon has no interpreter)")
+@pytest.mark.parametrize("shape", [(4100, 1024, 512, 16), (3000, 1280, 768, 24), (2400, 1536, 1024, 8),
+                                   (3000, 1280, 768, 40)], ids=str)
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_lora_linear_backward_takes_the_gluon_dgrad(monkeypatch, shape, p):
+    """lora_linear's backward at r <= 32 on the fused path runs the dy pass (with Gs = s/(1-p) G in x's
+    dtype, from the kernel or, with the N range split at these row counts, from the summed G) and then
+    lora_dgrad_ws_kernel; every output and gradient against float64, with fp32
+    adapters too. r = 40 keeps the Triton GEMM."""
+    launched = []
+    real_launch = op_mod._launch
+    monkeypatch.setattr(op_mod, "_launch", lambda kernel, *a, **k: launched.append((kernel, k)) or real_launch(kernel, *a, **k))
+    M, K, N, r = shape
+    for dtype, adt, bias in ((torch.bfloat16, None, True), (torch.float16, torch.float32, False)):
+        launched.clear()
+        y, y_ref, leaves, refs, y_abs = run_case(M, K, N, r, dtype, p, bias=bias, adapter_dtype=adt)
+        kernels = [k for k, _ in launched]
+        gluon = r <= 32
+        assert (op_mod.lora_dgrad_ws_kernel in kernels) == gluon, kernels
+        assert (op_mod._lora_gemm_kernel in kernels) == (not gluon), kernels  # (the forward: Gluon at r % 8 == 0)
+        dy_pass = [meta for k, meta in launched if k is op_mod._lora_bwd_dy_kernel]
+        assert len(dy_pass) == 1 and (gluon or not dy_pass[0]["WRITE_GS"]), kernels  # (split: Gs from the sum)
+        assert_matches(dtype, y, y_ref, leaves, refs, y_abs)
 
 
 @pytest.mark.gpu
@@ -797,6 +894,30 @@ def test_tma_shrink_kernel_matches_float64(cfg, p):
         assert torch.equal(S2, S), (M, K, r, dt)  # (one CTA per row block: the same sums in the same order)
         assert torch.equal(lb[:, :r], (S * 0.375).to(dt)), (M, K, r, dt)
         assert torch.equal(lb[:, r:], torch.zeros_like(lb[:, r:])), (M, K, r, dt)
+
+
+def test_dy_pass_matches_float64_and_writes_gs():
+    """The dy pass: G = dy @ B and dB = s dy.T @ S against float64, and with gs also Gs = c G rounded to
+    dy's dtype, zeros past r, bit for bit the rounding the Triton dgrad GEMM applies to G: written by
+    the kernel (one split) or from the summed G (few row blocks: the N range split)."""
+    from lora_kernels import _backend
+
+    if not (ON_GPU or _backend.interpreting()):
+        pytest.skip("needs a GPU or the Triton interpreter")
+    shapes = [(300, 136, 5), (8200, 264, 16), (130, 1032, 32)] if ON_GPU else [(300, 72, 5), (70, 136, 16)]
+    for (M, N, r), dt in itertools.product(shapes, [torch.float16, torch.bfloat16] if ON_GPU else [torch.float16]):
+        g = torch.Generator().manual_seed(torch.randint(0, 2**31, ()).item())
+        dy = torch.randn(M, N, generator=g).to(DEVICE, dt)
+        B = (torch.randn(N, r, generator=g) / r**0.5).to(DEVICE, dt)
+        S = torch.randn(M, r, generator=g).to(DEVICE)
+        BR = op_mod._block_r(r)
+        gs = torch.full((M, BR), float("nan"), dtype=dt, device=DEVICE)
+        G, db = op_mod._bwd_dy(dy, B, S, 0.5, dt, False, gs=gs, gs_scale=0.375)
+        assert rel_err(G, dy.double() @ B.double(), dy.double().abs() @ B.double().abs()) < TOL[dt][0], (M, N, r, dt)
+        ref_db = 0.5 * dy.double().t() @ S.to(dt).double()
+        assert rel_err(db, ref_db, 0.5 * dy.double().abs().t() @ S.to(dt).double().abs()) < TOL[dt][0], (M, N, r, dt)
+        assert torch.equal(gs[:, :r], (G * 0.375).to(dt)), (M, N, r, dt)
+        assert torch.equal(gs[:, r:], torch.zeros_like(gs[:, r:])), (M, N, r, dt)
 
 
 def _bit_weights(first: int, length: int) -> torch.Tensor:

@@ -54,18 +54,53 @@ if HAS_GLUON:
         return t.reshape([ROWS, 2, COLS // 2]).permute((0, 2, 1)).split()
 
     @gluon.jit
-    def _load_partition(a_desc, w_desc, l_desc, b_desc, a_bufs, w_bufs, l_buf, b_buf, ready, empty, l_ready, l_empty,
-                        num_m, num_n, k_steps, GROUP_M: gl.constexpr):
+    def _store_tile(y_desc, c_smem, out, m0, n0):
+        """out [BM, BN] -> y[m0:, n0:] through TMA, via c_smem [BM, BN / EPI_SPLIT]: whole, or in column
+        slices (a smaller buffer: the shared memory of a 4th stage). Waits for the previous store first."""
+        BM: gl.constexpr = out.shape[0]
+        BN: gl.constexpr = out.shape[1]
+        EPI_SPLIT: gl.constexpr = BN // y_desc.block_type.shape[1]
+        if EPI_SPLIT == 1:
+            tma.store_wait(pendings=0)  # the previous tile's store has left c_smem
+            c_smem.store(out)
+            fence_async_shared()
+            tma.async_copy_shared_to_global(y_desc, [m0, n0], c_smem)
+        else:
+            parts = _halves(out, BM, BN)
+            if EPI_SPLIT == 4:
+                parts = _halves(parts[0], BM, BN // 2) + _halves(parts[1], BM, BN // 2)
+            for h in gl.static_range(EPI_SPLIT):
+                tma.store_wait(pendings=0)
+                c_smem.store(parts[h])
+                fence_async_shared()
+                tma.async_copy_shared_to_global(y_desc, [m0, n0 + h * (BN // EPI_SPLIT)], c_smem)
+
+    @gluon.jit
+    def _load_lora(l_desc, r_desc, l_buf, r_buf, l_ready, l_empty, m0, n0, t, DGRAD: gl.constexpr):
+        """The LoRA slot of tile number t: L [BM, BR] at rows m0 and the up-projection's tile at
+        columns n0 (forward: B [BN, BR] rows; dgrad: A [BR, BN] columns), once the MMA warps freed it."""
+        mbarrier.wait(l_empty, (t & 1) ^ 1)
+        mbarrier.expect(l_ready, l_desc.block_type.nbytes + r_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(l_desc, [m0, 0], l_ready, l_buf)
+        tma.async_copy_global_to_shared(r_desc, [0, n0] if DGRAD else [n0, 0], l_ready, r_buf)
+
+    @gluon.jit
+    def _load_partition(a_desc, w_desc, l_desc, r_desc, a_bufs, w_bufs, l_buf, r_buf, ready, empty, l_ready, l_empty,
+                        num_m, num_n, k_steps, GROUP_M: gl.constexpr, DGRAD: gl.constexpr):
         """One warp: the TMA loads of every tile of this CTA, up to STAGES steps ahead of the MMAs,
-        and after each tile's K steps its LoRA operands L [BM, R] and B [BN, R] (one slot)."""
+        and each tile's LoRA operands (one slot): after its K steps in the forward (the epilogue adds
+        them), before them in the dgrad (the MMA warps start the tile with them).
+        W's tiles: [BN, BK] of W [N, K] (forward, y = x @ W.T) or [BK, BN] of W [N, K] (dgrad, dx = dy @ W)."""
         STAGES: gl.constexpr = a_bufs.shape[0]
         BM: gl.constexpr = a_desc.block_type.shape[0]
         BK: gl.constexpr = a_desc.block_type.shape[1]
-        BN: gl.constexpr = w_desc.block_type.shape[0]
+        BN: gl.constexpr = w_desc.block_type.shape[1] if DGRAD else w_desc.block_type.shape[0]
         i = 0  # ring step over all tiles of this CTA
         t = 0  # tile count of this CTA: the LoRA slot's phase
         for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
             pid_m, pid_n = _tile_of(tile, num_m, num_n, GROUP_M)
+            if DGRAD:
+                _load_lora(l_desc, r_desc, l_buf, r_buf, l_ready, l_empty, pid_m * BM, pid_n * BN, t, DGRAD)
             for kk in range(k_steps):
                 s = i % STAGES
                 # a slot is free once its MMA retired; a barrier starts in phase 0, so the first pass
@@ -73,26 +108,26 @@ if HAS_GLUON:
                 mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
                 mbarrier.expect(ready.index(s), a_desc.block_type.nbytes + w_desc.block_type.nbytes)
                 tma.async_copy_global_to_shared(a_desc, [pid_m * BM, kk * BK], ready.index(s), a_bufs.index(s))
-                tma.async_copy_global_to_shared(w_desc, [pid_n * BN, kk * BK], ready.index(s), w_bufs.index(s))
+                tma.async_copy_global_to_shared(w_desc, [kk * BK, pid_n * BN] if DGRAD else [pid_n * BN, kk * BK],
+                                                ready.index(s), w_bufs.index(s))
                 i += 1
-            # after the tile's K loads: waiting here for the MMA warps to free the LoRA slot (they
-            # do when the tile's main loop is over) never holds the ring back
-            mbarrier.wait(l_empty, (t & 1) ^ 1)
-            mbarrier.expect(l_ready, l_desc.block_type.nbytes + b_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(l_desc, [pid_m * BM, 0], l_ready, l_buf)
-            tma.async_copy_global_to_shared(b_desc, [pid_n * BN, 0], l_ready, b_buf)
+            if not DGRAD:
+                # after the tile's K loads: waiting here for the MMA warps to free the LoRA slot (they
+                # do when the tile's main loop is over) never holds the ring back
+                _load_lora(l_desc, r_desc, l_buf, r_buf, l_ready, l_empty, pid_m * BM, pid_n * BN, t, DGRAD)
             t += 1
 
     @gluon.jit
-    def _mma_steps(acc, a_bufs, w_bufs, ready, empty, i, k_steps):
-        """acc + the tile's k_steps ring slots, x [BM, BK] @ W [BN, BK]^T each, as the MMA warps run
-        them: one MMA in flight, each slot handed back to the load warp as its MMA retires.
+    def _mma_steps(acc, a_bufs, w_bufs, ready, empty, i, k_steps, W_KMAJOR: gl.constexpr = True):
+        """acc + the tile's k_steps ring slots, a [BM, BK] @ (W [BN, BK]^T or W [BK, BN]) each, as the
+        MMA warps run them: one MMA in flight, each slot handed back to the load warp as its MMA retires.
         i: the ring step counter over the CTA's tiles; returns (acc, i advanced by k_steps)."""
         STAGES: gl.constexpr = a_bufs.shape[0]
         for kk in range(k_steps):
             s = i % STAGES
             mbarrier.wait(ready.index(s), (i // STAGES) & 1)
-            acc = warpgroup_mma(a_bufs.index(s), w_bufs.index(s).permute((1, 0)), acc, is_async=True)
+            w = w_bufs.index(s).permute((1, 0)) if W_KMAJOR else w_bufs.index(s)
+            acc = warpgroup_mma(a_bufs.index(s), w, acc, is_async=True)
             # the previous step's MMA has retired now: its slot goes back to the load warp
             acc = warpgroup_mma_wait(1, deps=(acc, ))
             mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), pred=kk > 0)
@@ -110,7 +145,6 @@ if HAS_GLUON:
         at r16), the bias, and y's store through TMA."""
         BM: gl.constexpr = a_bufs.shape[1]
         BN: gl.constexpr = w_bufs.shape[1]
-        EPI_SPLIT: gl.constexpr = BN // y_desc.block_type.shape[1]
         dt: gl.constexpr = y_desc.dtype
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                              instr_shape=[16, BN, 16])
@@ -128,21 +162,7 @@ if HAS_GLUON:
             if HAS_BIAS:
                 bcols = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, acc_layout))
                 acc += gl.load(bias_ptr + bcols, mask=bcols < N_OUT, other=0.0).to(gl.float32)[None, :]
-            out = acc.to(dt)
-            if EPI_SPLIT == 1:
-                tma.store_wait(pendings=0)  # the previous tile's store has left c_smem
-                c_smem.store(out)
-                fence_async_shared()
-                tma.async_copy_shared_to_global(y_desc, [m0, n0], c_smem)
-            else:  # column slices through a [BM, BN / EPI_SPLIT] buffer: the shared memory of a 4th stage
-                parts = _halves(out, BM, BN)
-                if EPI_SPLIT == 4:
-                    parts = _halves(parts[0], BM, BN // 2) + _halves(parts[1], BM, BN // 2)
-                for h in gl.static_range(EPI_SPLIT):
-                    tma.store_wait(pendings=0)
-                    c_smem.store(parts[h])
-                    fence_async_shared()
-                    tma.async_copy_shared_to_global(y_desc, [m0, n0 + h * (BN // EPI_SPLIT)], c_smem)
+            _store_tile(y_desc, c_smem, acc.to(dt), m0, n0)
         tma.store_wait(pendings=0)
 
     @gluon.jit
@@ -183,8 +203,215 @@ if HAS_GLUON:
             (_mma_partition, (y_desc, bias_ptr, a_bufs, w_bufs, l_buf, b_buf, c_smem, ready, empty, l_ready, l_empty,
                               N_OUT, num_m, num_n, k_steps, HAS_BIAS, GROUP_M, num_warps)),
             (_load_partition, (a_desc, w_desc, l_desc, b_desc, a_bufs, w_bufs, l_buf, b_buf, ready, empty,
-                               l_ready, l_empty, num_m, num_n, k_steps, GROUP_M)),
+                               l_ready, l_empty, num_m, num_n, k_steps, GROUP_M, False)),
         ], [1], [40])
+
+    # ------------------------------------------------------------------------------------------
+    # The dgrad: dx = dy @ W + keep * (Gs @ A), the mask drawn by warps of its own
+    # ------------------------------------------------------------------------------------------
+    @gluon.jit
+    def _philox(seed_lo, seed_hi, c0, c1, c2, c3, ROUNDS: gl.constexpr):
+        """Philox4x32 on uint32 tensors, bit for bit tl.philox and dropout._philox4x32."""
+        k0 = seed_lo
+        k1 = seed_hi
+        for _ in gl.static_range(ROUNDS):
+            a0 = c0
+            a2 = c2
+            c0 = gl.umulhi(a2, 0xCD9E8D57) ^ c1 ^ k0
+            c2 = gl.umulhi(a0, 0xD2511F53) ^ c3 ^ k1
+            c1 = a2 * 0xCD9E8D57
+            c3 = a0 * 0xD2511F53
+            k0 = k0 + 0x9E3779B9
+            k1 = k1 + 0xBB67AE85
+        return c0, c1, c2, c3
+
+    @gluon.jit
+    def _keep_pairs(r, keep_thr):
+        """2 bits per 32-bit Philox word: bit 0 keeps the column of its low 16 bits, bit 1 the high's."""
+        lo = ((r & 0xFFFF).to(gl.int32) >= keep_thr).to(gl.int32)
+        hi = ((r >> 16).to(gl.int32) >= keep_thr).to(gl.int32)
+        return lo + 2 * hi
+
+    @gluon.jit
+    def _mask_chunk(m_buf, c, pid_m, pid_n, seed_lo, seed_hi, keep_thr, BM: gl.constexpr, BN: gl.constexpr,
+                    ROUNDS: gl.constexpr):
+        """Rows c RC .. c RC + RC - 1 of the keep mask of tile (pid_m, pid_n) into m_buf: 512 Philox calls,
+        4 a thread of the 4 load warps. m_buf [4 BM / RC, RC, BN / 128] int32, word (q BM / RC + c, r, h)
+        bit 2 jj + b = keep(row m0 + c RC + r, column n0 + 128 h + 8 jj + 2 q + b): in the wgmma
+        accumulator a thread with lane % 4 = q holds columns 8 J + 2 q + {0, 1}, the two 16-bit halves
+        of word q of group J's Philox call, so it reads 32 of its 64 bits of a row in one word."""
+        RC: gl.constexpr = m_buf.shape[1]
+        H: gl.constexpr = BN // 128
+        NC: gl.constexpr = BM // RC
+        layout: gl.constexpr = gl.BlockedLayout([1, 1, 4], [4, 2, 4], [4, 1, 1], [2, 1, 0])  # [RC, H, 16]
+        r3 = gl.expand_dims(gl.expand_dims(gl.arange(0, RC, layout=gl.SliceLayout(1, gl.SliceLayout(2, layout))), 1), 2)
+        h3 = gl.expand_dims(gl.expand_dims(gl.arange(0, H, layout=gl.SliceLayout(0, gl.SliceLayout(2, layout))), 0), 2)
+        j3 = gl.expand_dims(gl.expand_dims(gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, layout))), 0), 1)
+        c0 = (pid_n * (BN // 8) + h3 * 16 + j3 + 0 * r3).to(gl.uint32)  # [RC, H, 16]: the 8-column group
+        rows = pid_m.to(gl.int64) * BM + c * RC + r3  # [RC, 1, 1]
+        c1 = (rows & 0xFFFFFFFF).to(gl.uint32)
+        r0, r1, r2, r3w = _philox(seed_lo, seed_hi, c0, c1, (rows >> 32).to(gl.uint32), 0 * c1, ROUNDS)
+        shift = 2 * j3
+        m_buf.index(c).store(gl.sum(_keep_pairs(r0, keep_thr) << shift, axis=2))
+        m_buf.index(NC + c).store(gl.sum(_keep_pairs(r1, keep_thr) << shift, axis=2))
+        m_buf.index(2 * NC + c).store(gl.sum(_keep_pairs(r2, keep_thr) << shift, axis=2))
+        m_buf.index(3 * NC + c).store(gl.sum(_keep_pairs(r3w, keep_thr) << shift, axis=2))
+
+    @gluon.jit
+    def _dgrad_load_partition(a_desc, w_desc, l_desc, r_desc, a_bufs, w_bufs, l_buf, r_buf, m_buf, ready, empty,
+                              l_ready, l_empty, m_ready, m_empty, seed_ptr, keep_thr, num_m, num_n, k_steps,
+                              MASKED: gl.constexpr, GROUP_M: gl.constexpr, ROUNDS: gl.constexpr):
+        """4 warps: the TMA loads as in _load_partition (the LoRA slot first), and between them the
+        dropout mask of the CTA's next tile, one row chunk every (K steps - STAGES) / 8 steps from the
+        STAGES-th on (the MMA warps have taken this tile's mask by then), the rest after the tile's loads. The first
+        tile's mask comes whole after its first STAGES loads. The mask's 4096 Philox calls a [128, 256]
+        tile would otherwise stall the tensor cores: the Triton dgrad GEMM draws it in its epilogue
+        and ran ~30 us over cuBLAS at 8192 x 4096 -> 4096 (H100)."""
+        STAGES: gl.constexpr = a_bufs.shape[0]
+        BM: gl.constexpr = a_desc.block_type.shape[0]
+        BK: gl.constexpr = a_desc.block_type.shape[1]
+        BN: gl.constexpr = w_desc.block_type.shape[1]
+        NC: gl.constexpr = BM // m_buf.shape[1]
+        seed = gl.load(seed_ptr).to(gl.int64)  # (no mask: any tensor, never used)
+        seed_lo = (seed & 0xFFFFFFFF).to(gl.uint32)
+        seed_hi = ((seed >> 32) & 0xFFFFFFFF).to(gl.uint32)
+        first_loads = gl.minimum(k_steps, STAGES)
+        spread = gl.maximum((k_steps - STAGES) // NC, 1)  # K steps between chunks: ~1 chunk per step would drain the ring
+        i = 0
+        t = 0
+        for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
+            pid_m, pid_n = _tile_of(tile, num_m, num_n, GROUP_M)
+            nxt = tile + gl.num_programs(0)
+            next_m, next_n = _tile_of(nxt, num_m, num_n, GROUP_M)
+            has_next = nxt < num_m * num_n
+            _load_lora(l_desc, r_desc, l_buf, r_buf, l_ready, l_empty, pid_m * BM, pid_n * BN, t, True)
+            for kk in range(k_steps):
+                s = i % STAGES
+                mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
+                mbarrier.expect(ready.index(s), a_desc.block_type.nbytes + w_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(a_desc, [pid_m * BM, kk * BK], ready.index(s), a_bufs.index(s))
+                tma.async_copy_global_to_shared(w_desc, [kk * BK, pid_n * BN], ready.index(s), w_bufs.index(s))
+                i += 1
+                if MASKED:
+                    if t == 0 and kk == first_loads - 1:  # the first tile's mask: the MMA warps wait for it
+                        mbarrier.wait(m_empty, 1)
+                        for c in range(NC):
+                            _mask_chunk(m_buf, c, pid_m, pid_n, seed_lo, seed_hi, keep_thr, BM, BN, ROUNDS)
+                        mbarrier.arrive(m_ready)
+                    rel = kk - STAGES
+                    c = rel // spread
+                    if has_next and rel >= 0 and rel % spread == 0 and c < NC:
+                        if c == 0:
+                            mbarrier.wait(m_empty, (t & 1))  # the MMA warps took mask t (phase t + 1 ^ 1)
+                        _mask_chunk(m_buf, c, next_m, next_n, seed_lo, seed_hi, keep_thr, BM, BN, ROUNDS)
+                        if c == NC - 1:
+                            mbarrier.arrive(m_ready)
+            if MASKED and has_next:  # chunks the K steps left over (k_steps < STAGES + NC)
+                done = gl.minimum(gl.cdiv(gl.maximum(k_steps - STAGES, 0), spread), NC)
+                if done == 0:
+                    mbarrier.wait(m_empty, (t & 1))
+                for c in range(done, NC):
+                    _mask_chunk(m_buf, c, next_m, next_n, seed_lo, seed_hi, keep_thr, BM, BN, ROUNDS)
+                if done < NC:
+                    mbarrier.arrive(m_ready)
+            t += 1
+
+    @gluon.jit
+    def _dgrad_mma_partition(y_desc, a_bufs, w_bufs, l_buf, r_buf, m_buf, c_smem, ready, empty, l_ready, l_empty,
+                             m_ready, m_empty, num_m, num_n, k_steps, MASKED: gl.constexpr, GROUP_M: gl.constexpr,
+                             num_warps: gl.constexpr):
+        """The default partition, 8 warps: each tile starts with its LoRA term, acc = Gs [BM, BR] @
+        A [BR, BN] (one MMA from shared memory), masked in registers from m_buf's bits, and then
+        accumulates the main loop's dy @ W onto it: the mask touches the LoRA term only, at no
+        register cost beside the accumulator."""
+        BM: gl.constexpr = a_bufs.shape[1]
+        BN: gl.constexpr = w_bufs.shape[2]
+        H: gl.constexpr = BN // 128
+        dt: gl.constexpr = y_desc.dtype
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                             instr_shape=[16, BN, 16])
+        zeros = gl.zeros([BM, BN], gl.float32, acc_layout)
+        # the accumulator viewed as [q, r, h, jj, b] (column 128 h + 8 jj + 2 q + b): a renaming
+        p5: gl.constexpr = zeros.reshape([BM, H, 16, 4, 2]).permute((3, 0, 1, 2, 4)).type.layout
+        words_layout: gl.constexpr = gl.SliceLayout(3, gl.SliceLayout(4, p5))  # [4, BM, H]
+        jj = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(0, gl.SliceLayout(0, gl.SliceLayout(4, p5)))))
+        bb = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(0, gl.SliceLayout(0, gl.SliceLayout(0, p5)))))
+        jj5 = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(jj, 0), 0), 0), 4)  # [1, 1, 1, 16, 1]
+        bb5 = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(bb, 0), 0), 0), 0)  # [1, 1, 1, 1, 2]
+        shift = 2 * jj5 + bb5  # [1, 1, 1, 16, 2]: the bit of column (jj, b) in its word
+        i = 0
+        t = 0
+        for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
+            pid_m, pid_n = _tile_of(tile, num_m, num_n, GROUP_M)
+            mbarrier.wait(l_ready, t & 1)
+            acc = warpgroup_mma(l_buf, r_buf, zeros)  # synchronous: the slot is read when it returns
+            mbarrier.arrive(l_empty)
+            if MASKED:
+                mbarrier.wait(m_ready, t & 1)
+                words = m_buf._reinterpret(gl.int32, [4, BM, H], gl.SwizzledSharedLayout(1, 1, 1, order=[2, 1, 0])).load(words_layout)  # (q, r, h) as _mask_chunk wrote them
+                mbarrier.arrive(m_empty)
+                keep = ((gl.expand_dims(gl.expand_dims(words, 3), 4) >> shift) & 1) != 0
+                acc5 = gl.where(keep, acc.reshape([BM, H, 16, 4, 2]).permute((3, 0, 1, 2, 4)), 0.0)
+                acc = gl.convert_layout(acc5.permute((1, 2, 3, 0, 4)).reshape([BM, BN]), acc_layout)
+            t += 1
+            acc, i = _mma_steps(acc, a_bufs, w_bufs, ready, empty, i, k_steps, False)
+            _store_tile(y_desc, c_smem, acc.to(dt), pid_m * BM, pid_n * BN)
+        tma.store_wait(pendings=0)
+
+    @gluon.jit
+    def lora_dgrad_ws_kernel(
+        dy_desc, w_desc, l_desc, r_desc, y_desc,  # TMA descriptors: dy [M, N] block [BM, BK]; W [N, K] block [BK, BN];
+                                                  # Gs [M, BR] block [BM, BR]; A [R, K] block [BR, BN];
+                                                  # dx [M, K] block [BM, BN / EPI_SPLIT]
+        seed_ptr, keep_thr, K_OUT,  # seed [1] int64; keep = 16 random bits >= keep_thr
+        MASKED: gl.constexpr, ROUNDS: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
+        TRIGGER: gl.constexpr, num_warps: gl.constexpr,
+    ):
+        """dx = dy @ W + keep * (Gs @ A), Gs = s / (1 - p) * (dy @ B) rounded to dy's dtype (zeros past r),
+        A in dy's dtype: persistent (one CTA per SM), 8 MMA warps beside 4 warps that issue the TMA
+        loads and (MASKED) draw the dropout mask between them.
+        TRIGGER: the next kernel, launched with programmatic dependent launch, may start now (its CTAs
+        take SMs as this kernel's CTAs end; see lora_linear._pdl_ok)."""
+        if TRIGGER:
+            gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
+                                      is_pure=False, pack=1)
+        BM: gl.constexpr = dy_desc.block_type.shape[0]
+        BK: gl.constexpr = dy_desc.block_type.shape[1]
+        BN: gl.constexpr = w_desc.block_type.shape[1]
+        dt: gl.constexpr = dy_desc.dtype
+        gl.static_assert(num_warps == 8, "two consumer warpgroups of 64 rows")
+        num_m = gl.cdiv(dy_desc.shape[0], BM)
+        num_n = gl.cdiv(K_OUT, BN)
+        k_steps = gl.cdiv(dy_desc.shape[1], BK)
+
+        a_bufs = gl.allocate_shared_memory(dt, [STAGES, BM, BK], dy_desc.layout)
+        w_bufs = gl.allocate_shared_memory(dt, [STAGES, BK, BN], w_desc.layout)
+        l_buf = gl.allocate_shared_memory(dt, l_desc.block_type.shape, l_desc.layout)
+        r_buf = gl.allocate_shared_memory(dt, r_desc.block_type.shape, r_desc.layout)
+        c_smem = gl.allocate_shared_memory(dt, y_desc.block_type.shape, y_desc.layout)
+        m_buf = gl.allocate_shared_memory(gl.int32, [4 * (BM // 16), 16, BN // 128],
+                                          gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        l_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        l_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        m_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        m_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        for s in gl.static_range(STAGES):
+            mbarrier.init(ready.index(s), count=1)
+            mbarrier.init(empty.index(s), count=1)
+        mbarrier.init(l_ready, count=1)
+        mbarrier.init(l_empty, count=1)
+        mbarrier.init(m_ready, count=1)
+        mbarrier.init(m_empty, count=1)
+
+        gl.warp_specialize([
+            (_dgrad_mma_partition, (y_desc, a_bufs, w_bufs, l_buf, r_buf, m_buf, c_smem, ready, empty, l_ready,
+                                    l_empty, m_ready, m_empty, num_m, num_n, k_steps, MASKED, GROUP_M, num_warps)),
+            (_dgrad_load_partition, (dy_desc, w_desc, l_desc, r_desc, a_bufs, w_bufs, l_buf, r_buf, m_buf, ready, empty,
+                                     l_ready, l_empty, m_ready, m_empty, seed_ptr, keep_thr, num_m, num_n, k_steps,
+                                     MASKED, GROUP_M, ROUNDS)),
+        ], [4], [88])
 
     @functools.lru_cache(maxsize=None)
     def _nvmma_layout(block_shape: tuple, gl_dtype):

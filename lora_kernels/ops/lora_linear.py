@@ -64,7 +64,7 @@ from .dropout import PHILOX_ROUNDS, draw_seed, dropout_mask, keep_scale, keep_th
 from .gluon_gemm import HAS_GLUON
 
 if HAS_GLUON:
-    from .gluon_gemm import GluonTensorDescriptor, gl, lora_gemm_ws_kernel, nvmma_desc
+    from .gluon_gemm import GluonTensorDescriptor, gl, lora_dgrad_ws_kernel, lora_gemm_ws_kernel, nvmma_desc
 
 try:
     import triton
@@ -346,14 +346,17 @@ if HAS_TRITON:
 
     @triton.jit
     def _lora_bwd_dy_kernel(
-        dy_ptr, b_ptr, s_ptr, g_ptr, db_ptr,  # dy [M, N], B [N, R], S [M, R] f32, G parts [SPLIT, M, R] f32, dB [N, R] f32
+        dy_ptr, b_ptr, s_ptr, g_ptr, db_ptr, gs_ptr,  # dy [M, N], B [N, R], S [M, R] f32, G parts [SPLIT, M, R] f32,
+                                                      # dB [N, R] f32, Gs [M, BLOCK_R] in dy's dtype
         M, N, R, N_PER_SPLIT,
         stride_dym, stride_dyn, stride_bn, stride_br,
-        scale,
-        COMPUTE_DB: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        scale, gs_scale,
+        COMPUTE_DB: tl.constexpr, WRITE_GS: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
         """One pass over dy: G[split] = dy[:, n-range] @ B[n-range]; dB[n-range] += s * dy.T @ S.
+        WRITE_GS (one split): also Gs = gs_scale * G rounded to dy's dtype, zeros past R: the Gluon
+        dgrad's LoRA operand, rounded as the Triton GEMM rounds G in its epilogue.
 
         dB is a sum over every row block, so programs add into it atomically (fp32); each program
         starts its sweep over N at a different block so that concurrent adds land on different rows.
@@ -385,6 +388,9 @@ if HAS_TRITON:
                               mask=col_ok[:, None] & r_ok[None, :], sem="relaxed")
         g_ptrs = g_ptr + pid_s.to(tl.int64) * M * R + rows[:, None] * R + offs_r[None, :]
         tl.store(g_ptrs, acc, mask=row_ok[:, None] & r_ok[None, :])
+        if WRITE_GS:  # (acc is 0 past R: B's columns there load as zeros)
+            tl.store(gs_ptr + rows[:, None] * BLOCK_R + offs_r[None, :], (acc * gs_scale).to(gs_ptr.dtype.element_ty),
+                     mask=row_ok[:, None])
 
     @triton.jit
     def _lora_bwd_x_kernel(
@@ -793,8 +799,11 @@ def _expand(S, B, scale, bias, y, cfg: _Cfg | None = None, p: float = 0.0, seed=
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def _bwd_dy(dy, B, S, scale, x_dtype, deterministic, cfg: _Cfg | None = None):
-    """One pass over dy -> (G = dy @ B [M, R] fp32, dB = scale * dy.T @ S [N, R] fp32)."""
+def _bwd_dy(dy, B, S, scale, x_dtype, deterministic, cfg: _Cfg | None = None, gs: torch.Tensor | None = None,
+            gs_scale: float = 1.0):
+    """One pass over dy -> (G = dy @ B [M, R] fp32, dB = scale * dy.T @ S [N, R] fp32).
+    gs: a [M, BLOCK_R] tensor in dy's dtype to fill with gs_scale * G rounded, zeros past R (the
+    pass writes it where it runs as one split; else it comes from the summed G)."""
     M, N = dy.shape
     R = B.shape[1]
     cfg = cfg or _dy_cfg(M, R, B.element_size() > dy.element_size())
@@ -804,15 +813,19 @@ def _bwd_dy(dy, B, S, scale, x_dtype, deterministic, cfg: _Cfg | None = None):
     split = _cdiv(N, n_per_split)
     g_parts = _new((split, M, R) if split > 1 else (M, R), torch.float32, dy.device)
     db = g_parts if deterministic else _new((N, R), torch.float32, dy.device, zero=True)
+    write_gs = gs is not None and split == 1
     _launch(_lora_bwd_dy_kernel, (n_m, split),
-            dy, B, S, g_parts, db,
+            dy, B, S, g_parts, db, gs if write_gs else g_parts,
             M, N, R, n_per_split,
             dy.stride(0), dy.stride(1), B.stride(0), B.stride(1),
-            scale,
-            COMPUTE_DB=not deterministic, DOT_PRECISION=_dot_precision(x_dtype),
+            scale, gs_scale,
+            COMPUTE_DB=not deterministic, WRITE_GS=write_gs, DOT_PRECISION=_dot_precision(x_dtype),
             BLOCK_M=cfg.block_a, BLOCK_N=cfg.block_b, BLOCK_R=_block_r(R),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     G = _sum0(g_parts) if split > 1 else g_parts
+    if gs is not None and not write_gs:
+        gs[:, R:].zero_()
+        torch.mul(G, gs_scale, out=gs[:, :R])  # (into dy's dtype: the kernel's rounding)
     if deterministic:  # no atomics: dB by one more (cuBLAS) read of dy
         db = torch.mm(dy.t().to(torch.float32), S).mul_(scale)
     return G, db
@@ -1078,6 +1091,48 @@ def _lora_gemm_ws(a, weight, Lb, Bq, bias, cfg: tuple[int, int] | None = None) -
     return out
 
 
+# The dgrad as the warp-specialized Gluon kernel (gluon_gemm.lora_dgrad_ws_kernel) at r <= 32 wherever
+# the fused dgrad runs on 16-bit activations: dx = dy @ W + keep * (Gs @ A), the dy pass writing Gs =
+# s / (1 - p) * G in dy's dtype. Its load warps draw each next tile's mask between their TMA loads,
+# where the Triton kernel draws it in the epilogue while the tensor cores wait.
+# LORA_KERNELS_GLUON_DGRAD=0: the Triton kernel.
+_GLUON_DGRAD = os.environ.get("LORA_KERNELS_GLUON_DGRAD", "1") != "0"
+
+
+def _gluon_dgrad_a(dy: torch.Tensor, A: torch.Tensor) -> torch.Tensor | None:
+    """A [r, K] as lora_dgrad_ws_kernel loads it (dy's dtype, TMA-readable), or None where the dgrad
+    stays the Triton kernel. The caller has checked _fused_gemm_ok(dy, weight, r, K)."""
+    if not (_GLUON_DGRAD and HAS_GLUON and dy.is_cuda and dy.dtype in (torch.float16, torch.bfloat16)
+            and _block_r(A.shape[0]) <= _GLUON_GEMM_MAX_BLOCK_R and not is_wrap_triton_enabled()):
+        return None
+    Aq = _cast(A, dy.dtype).contiguous()  # fp32 adapters: a [r, K] copy (128 KB at K = 4096, r16)
+    return Aq if _tma_ok(Aq) else None
+
+
+def _lora_dgrad_ws(dy, weight, Gs, Aq, p: float, seed, cfg: tuple[int, int] | None = None,
+                   trigger: bool = False) -> torch.Tensor:
+    """dx = dy @ W + keep * (Gs @ Aq) -> [M, K] in dy's dtype through lora_dgrad_ws_kernel (sm_90).
+    dy [M, N], weight [N, K] (TMA-readable), Gs [M, BLOCK_R] = s / (1 - p) * (dy @ B) in dy's dtype
+    (zeros past r), Aq [r, K] in dy's dtype (_gluon_dgrad_a); keep: the dropout mask of (p, seed),
+    none at p = 0. cfg: (stages, epilogue column slices) other than _gluon_gemm_cfg's, for sweeps
+    trigger: the next launch may start at once (programmatic dependent launch, see _pdl_ok)"""
+    M, K_OUT = dy.shape[0], weight.shape[1]
+    BR = Gs.shape[1]
+    BM, BN, BK = _GEMM_TILE.block_a, _GEMM_TILE.block_b, _GEMM_BK
+    out = _new((M, K_OUT), dy.dtype, dy.device)
+    tiles = _cdiv(M, BM) * _cdiv(K_OUT, BN)
+    grid = min(tiles, _sm_count_of(dy.device))
+    stages, epi = cfg or _gluon_gemm_cfg(BR, tiles <= grid)  # (+4 KB of mask bits: 225 KB at r16)
+    gdt = gl.bfloat16 if dy.dtype == torch.bfloat16 else gl.float16
+    _launch(lora_dgrad_ws_kernel, (grid, 1),
+            nvmma_desc(dy, [BM, BK], gdt), nvmma_desc(weight, [BK, BN], gdt), nvmma_desc(Gs, [BM, BR], gdt),
+            nvmma_desc(Aq, [BR, BN], gdt), nvmma_desc(out, [BM, BN // epi], gdt),
+            seed if seed is not None else out, keep_threshold(p), K_OUT,
+            MASKED=p > 0, ROUNDS=PHILOX_ROUNDS, GROUP_M=_GEMM_GROUP_M, STAGES=stages, TRIGGER=trigger,
+            num_warps=8, maxnreg=168)  # 8 MMA warps + 4 load / mask warps at 168 registers fill the SM's 64 K
+    return out
+
+
 def _lora_gemm(a, weight, L, rt, coef, bias, w_kmajor: bool, p: float = 0.0, seed=None,
                cfg: _Cfg | None = None, bk: int | None = None, epi_split: int | None = None,
                group_m: int | None = None, trigger: bool = False) -> torch.Tensor:
@@ -1240,13 +1295,18 @@ def _bwd_triton(dy, x, weight, A, B, S, seed, scale, p, need_dx):
     if _cublas_products_ok(x, R):
         return _bwd_cublas(dy, x, weight, A, B, S, seed, scale, p, need_dx)
     da = _da_buffer(R, K, x.device)
-    G, db = _bwd_dy(dy, B, S, scale, x.dtype, deterministic=da is None)
     fused = need_dx and _fused_gemm_ok(dy, weight, R, K)
+    Aq = _gluon_dgrad_a(dy, A) if fused else None
+    Gs = _new((dy.shape[0], _block_r(R)), dy.dtype, dy.device) if Aq is not None else None
+    G, db = _bwd_dy(dy, B, S, scale, x.dtype, deterministic=da is None, gs=Gs, gs_scale=scale * keep_scale(p))
     if fused:
         # the GEMM first, then the dA pass, which (with programmatic dependent launch) takes the SMs
         # of the GEMM's partly empty last wave as its CTAs end: the two share no written memory
         pdl = _pdl_ok()
-        dx = _lora_gemm(dy, weight, G, A, scale * keep_scale(p), None, w_kmajor=False, p=p, seed=seed, trigger=pdl)
+        if Aq is not None:
+            dx = _lora_dgrad_ws(dy, weight, Gs, Aq, p, seed, trigger=pdl)
+        else:
+            dx = _lora_gemm(dy, weight, G, A, scale * keep_scale(p), None, w_kmajor=False, p=p, seed=seed, trigger=pdl)
         da, _ = _bwd_x(x, A, G, seed, scale, p, False, da=da, pdl=pdl)
     else:
         da, dx = _bwd_x(x, A, G, seed, scale, p, need_dx, da=da)
