@@ -1,6 +1,6 @@
 """The fused LoRA GEMMs, the package's Gluon and Triton kernels against cuBLAS. (GPU, sm_90)
 
-    python benchmarks/probe_gluon_gemm.py [--shapes MxKxN,...] [--rounds 3] [--r 16] [--dgrad --p 0.05]
+    python benchmarks/probe_gluon_gemm.py [--shapes MxKxN,...] [--rounds 3] [--r 16] [--dgrad --p 0.05 [--clocks]]
 
 Forward: y = x W^T + s S B^T against F.linear(x, W). --dgrad: dx = dy W + keep * (c G A), dy [M, K]
 (K = the layer's N), W [K, N] (dx has the layer's K = N here columns), against torch.mm(dy, W), at p = 0 and --p.
@@ -18,13 +18,14 @@ dispatcher's pick marked), the median of interleaved rounds, its ratio to cuBLAS
 same rounds, and each kernel's largest difference from float64.
 """
 import argparse
+import importlib
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.testing
 
-from lora_kernels._bench import interleaved_ms, print_against
+from lora_kernels._bench import clocks_under_load, interleaved_ms, print_against
 
 
 def main():
@@ -38,6 +39,12 @@ def main():
     ap.add_argument("--configs", default="3x1,4x4", help="Gluon kernel (stages)x(epilogue slices) to time")
     ap.add_argument("--dgrad", action="store_true", help="the backward's dgrad GEMM instead of the forward's")
     ap.add_argument("--p", type=float, default=0.05, help="--dgrad: the dropout probability of the masked runs")
+    ap.add_argument("--before", default=None,
+                    help="--dgrad: also the Gluon dgrad of lora_kernels.ops.MODULE (a copy of lora_linear.py)")
+    ap.add_argument("--dgrad-configs", default="",
+                    help="--dgrad: also the Gluon dgrad at these (stages)x(epilogue slices), e.g. 4x4")
+    ap.add_argument("--clocks", action="store_true",
+                    help="--dgrad: also each kernel's SM clock and board power, run back to back for 2 s")
     args = ap.parse_args()
     if args.dgrad:
         return dgrad(args)
@@ -80,6 +87,8 @@ def dgrad(args):
     from lora_kernels.ops import lora_linear as LL
     from lora_kernels.ops.dropout import dropout_mask
 
+    before = importlib.import_module(f"lora_kernels.ops.{args.before}") if args.before else None
+    dgrad_cfgs = [tuple(int(v) for v in c.split("x")) for c in args.dgrad_configs.split(",") if c]
     torch.manual_seed(0)
     dev = "cuda"
     BR = LL._block_r(args.r)
@@ -100,6 +109,10 @@ def dgrad(args):
         for p in (0.0, args.p):
             cands[f"Triton p{p:g}"] = lambda p=p: LL._lora_gemm(dy, W, G, A, c, None, w_kmajor=False, p=p, seed=seed)
             cands[f"Gluon p{p:g}"] = lambda p=p: LL._lora_dgrad_ws(dy, W, Gs, A, p, seed)
+            for cfg in dgrad_cfgs:
+                cands[f"Gluon {cfg[0]}x{cfg[1]} p{p:g}"] = lambda p=p, cfg=cfg: LL._lora_dgrad_ws(dy, W, Gs, A, p, seed, cfg=cfg)
+            if before is not None:
+                cands[f"{args.before} p{p:g}"] = lambda p=p: before._lora_dgrad_ws(dy, W, Gs, A, p, seed)
         errs = {}
         with set_wrap_triton_enabled(False):
             for k in list(cands)[1:]:
@@ -111,6 +124,12 @@ def dgrad(args):
             times = interleaved_ms(cands, lambda fn: triton.testing.do_bench_cudagraph(fn, rep=50) * 1e3, args.rounds)
         print_against(f"dgrad {M}x{K}->{N} r{args.r} (largest |dx - float64|):", times, "cuBLAS dy @ W",
                       {k: f"max err {e:.3g}" for k, e in errs.items()})
+        if args.clocks:
+            with set_wrap_triton_enabled(False):
+                clocks = clocks_under_load(cands)
+            for k, (mhz, watts, us) in clocks.items():
+                print(f"  {k:28s} {us:8.1f} us back to back  {mhz:6.0f} MHz  {watts:5.0f} W  "
+                      f"{us * mhz / 1e3:8.0f} k cycles")
 
 
 if __name__ == "__main__":

@@ -98,3 +98,60 @@ def available() -> list[str]:
             continue
         found.append(name)
     return found
+
+
+def clocks_under_load(fns: dict, seconds: float = 2.0, calls: int = 20) -> dict:
+    """{name: (median SM MHz, median W, us per call)} with fns[name] replayed back to back from a CUDA
+    graph of `calls` calls for `seconds`, while nvidia-smi samples the SM clock and board power every
+    50 ms (the first quarter of the samples dropped: the clock settles). Back to back the H100 runs at
+    its power limit, so two kernels of equal cycle counts can differ in time through the clock alone:
+    this says whether a kernel's extra instructions cost cycles or clock. Empty when nvidia-smi is
+    missing."""
+    import shutil
+    import subprocess
+    import time
+
+    import torch
+
+    if shutil.which("nvidia-smi") is None:
+        return {}
+    out = {}
+    for name, fn in fns.items():
+        fn()
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s), torch.cuda.graph(g, stream=s):
+            for _ in range(calls):
+                fn()
+        torch.cuda.current_stream().wait_stream(s)
+        torch.cuda.synchronize()
+        time.sleep(0.5)  # a short rest, the same before each kernel
+        smi = subprocess.Popen(["nvidia-smi", f"--id={torch.cuda.current_device()}", "--query-gpu=clocks.sm,power.draw",
+                                "--format=csv,noheader,nounits", "-lms", "50"],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        t0, n = time.perf_counter(), 0
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        while time.perf_counter() - t0 < seconds:
+            g.replay()
+            n += 1
+            if n % 4 == 0:
+                torch.cuda.synchronize()  # the host stays near the GPU, so the samples cover the replays
+        end.record()
+        torch.cuda.synchronize()
+        smi.terminate()
+        text, _ = smi.communicate()
+        samples = []
+        for line in text.splitlines():
+            try:
+                mhz, watts = (float(v) for v in line.split(","))
+                samples.append((mhz, watts))
+            except ValueError:
+                continue
+        samples = samples[len(samples) // 4:]
+        if samples:
+            out[name] = (statistics.median(m for m, _ in samples), statistics.median(w for _, w in samples),
+                         start.elapsed_time(end) * 1e3 / (n * calls))
+    return out

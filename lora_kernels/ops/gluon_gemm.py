@@ -20,14 +20,15 @@ H100, graph us, ratio to cuBLAS F.linear in the same rounds (benchmarks/probe_gl
 8192 x 4096 -> 4096 0.998x (Triton kernel 1.076x), 8192 x 1024 -> 1024 1.033x (1.115x), 8192 x
 2048 -> 512 1.011x (1.096x).
 
-The dgrad, dx = dy @ W + keep * (Gs @ A) (lora_dgrad_ws_kernel), has the same tiles. Its 4 load
-warps also draw the dropout mask of the CTA's next tile between their loads, with Philox written
-here bit for bit as dropout.dropout_mask. The mask goes to shared memory as bits in the
+The dgrad, dx = dy @ W + keep * (Gs @ A) (lora_dgrad_ws_kernel), has the same tiles and load warp.
+Two more warps draw the dropout mask of the CTA's next tile (the MMA warps draw its first), with
+Philox written here bit for bit as dropout.dropout_mask, into shared memory as bits in the
 accumulator's order. A tile starts with its LoRA term, masked in registers, and the main loop
 accumulates onto it. The Triton kernel draws the mask in its epilogue while the tensor cores wait.
 H100, graph, ratio to cuBLAS dy @ W (probe_gluon_gemm.py --dgrad, r16), p0 / p0.05:
-8192 x 4096 -> 4096 0.970x / 1.066x (Triton kernel 1.036x / 1.095x), 8192 x 1024 -> 1024
-1.024x / 1.249x (1.094x / 1.326x).
+8192 x 4096 -> 4096 0.985x / 1.048x (Triton kernel 1.036x / 1.095x in an earlier call), 8192 x
+1024 -> 1024 1.040x / 1.178x (1.094x / 1.326x). The mask's cost left is its application at each
+tile's start (~3.5% of the MMA warps' samples in Nsight Compute) and the first tile's draw (~2.5%).
 
 Gluon does not run under TRITON_INTERPRET: the CPU tests run the Triton kernels; the GPU tests run these.
 """
@@ -243,16 +244,19 @@ if HAS_GLUON:
 
     @gluon.jit
     def _mask_chunk(m_buf, c, pid_m, pid_n, seed_lo, seed_hi, keep_thr, BM: gl.constexpr, BN: gl.constexpr,
-                    ROUNDS: gl.constexpr):
-        """Rows c RC .. c RC + RC - 1 of the keep mask of tile (pid_m, pid_n) into m_buf: 512 Philox calls,
-        4 a thread of the 4 load warps. m_buf [4 BM / RC, RC, BN / 128] int32, word (q BM / RC + c, r, h)
-        bit 2 jj + b = keep(row m0 + c RC + r, column n0 + 128 h + 8 jj + 2 q + b): in the wgmma
-        accumulator a thread with lane % 4 = q holds columns 8 J + 2 q + {0, 1}, the two 16-bit halves
-        of word q of group J's Philox call, so it reads 32 of its 64 bits of a row in one word."""
+                    ROUNDS: gl.constexpr, WARPS: gl.constexpr):
+        """Rows c RC .. c RC + RC - 1 of the keep mask of tile (pid_m, pid_n) into m_buf, drawn by WARPS
+        warps (RC a multiple of 4 WARPS; 32 RC Philox calls, RC / WARPS a thread). m_buf [4 BM / RC, RC, BN / 128] int32, word
+        (q BM / RC + c, r, h) bit 2 jj + b = keep(row m0 + c RC + r, column n0 + 128 h + 8 jj + 2 q + b):
+        in the wgmma accumulator a thread with lane % 4 = q holds columns 8 J + 2 q + {0, 1}, the two
+        16-bit halves of word q of group J's Philox call, so it reads 32 of its 64 bits of a row in one
+        word. The words of rows [c RC, c RC + RC) sit in the same place whatever RC (q-major, then rows),
+        so 16-row and 32-row chunks write one layout."""
         RC: gl.constexpr = m_buf.shape[1]
         H: gl.constexpr = BN // 128
         NC: gl.constexpr = BM // RC
-        layout: gl.constexpr = gl.BlockedLayout([1, 1, 4], [4, 2, 4], [4, 1, 1], [2, 1, 0])  # [RC, H, 16]
+        # [RC, H, 16]: RC / (4 WARPS) rows x 4 column groups a thread, as many independent Philox calls
+        layout: gl.constexpr = gl.BlockedLayout([RC // (4 * WARPS), 1, 4], [4, 2, 4], [WARPS, 1, 1], [2, 1, 0])
         r3 = gl.expand_dims(gl.expand_dims(gl.arange(0, RC, layout=gl.SliceLayout(1, gl.SliceLayout(2, layout))), 1), 2)
         h3 = gl.expand_dims(gl.expand_dims(gl.arange(0, H, layout=gl.SliceLayout(0, gl.SliceLayout(2, layout))), 0), 2)
         j3 = gl.expand_dims(gl.expand_dims(gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, layout))), 0), 1)
@@ -267,68 +271,31 @@ if HAS_GLUON:
         m_buf.index(3 * NC + c).store(gl.sum(_keep_pairs(r3w, keep_thr) << shift, axis=2))
 
     @gluon.jit
-    def _dgrad_load_partition(a_desc, w_desc, l_desc, r_desc, a_bufs, w_bufs, l_buf, r_buf, m_buf, ready, empty,
-                              l_ready, l_empty, m_ready, m_empty, seed_ptr, keep_thr, num_m, num_n, k_steps,
-                              MASKED: gl.constexpr, GROUP_M: gl.constexpr, ROUNDS: gl.constexpr):
-        """4 warps: the TMA loads as in _load_partition (the LoRA slot first), and between them the
-        dropout mask of the CTA's next tile, one row chunk every (K steps - STAGES) / 8 steps from the
-        STAGES-th on (the MMA warps have taken this tile's mask by then), the rest after the tile's loads. The first
-        tile's mask comes whole after its first STAGES loads. The mask's 4096 Philox calls a [128, 256]
-        tile would otherwise stall the tensor cores: the Triton dgrad GEMM draws it in its epilogue
-        and ran ~30 us over cuBLAS at 8192 x 4096 -> 4096 (H100)."""
-        STAGES: gl.constexpr = a_bufs.shape[0]
-        BM: gl.constexpr = a_desc.block_type.shape[0]
-        BK: gl.constexpr = a_desc.block_type.shape[1]
-        BN: gl.constexpr = w_desc.block_type.shape[1]
-        NC: gl.constexpr = BM // m_buf.shape[1]
-        seed = gl.load(seed_ptr).to(gl.int64)  # (no mask: any tensor, never used)
+    def _dgrad_mask_partition(m_buf, m_ready, m_empty, seed_ptr, keep_thr, num_m, num_n,
+                              BM: gl.constexpr, BN: gl.constexpr, GROUP_M: gl.constexpr, ROUNDS: gl.constexpr):
+        """2 warps: the dropout mask of each tile of this CTA but its first (the MMA warps draw that
+        one while the first loads arrive), drawn whole into m_buf once the MMA warps have taken the
+        previous tile's (they take it at the tile's start, so this runs a tile ahead). Warps of their
+        own: drawn by the load warps between their TMA loads, the mask held the ring back (a 16-row
+        chunk is ~300 instructions; a 3-stage ring holds ~3 K steps), and the masked dgrad took 15%
+        more cycles than the unmasked one (H100, 8192 x 4096 -> 4096, back to back: 656 k against
+        571 k); drawn here, 8% (620 k against 575 k)."""
+        seed = gl.load(seed_ptr).to(gl.int64)
         seed_lo = (seed & 0xFFFFFFFF).to(gl.uint32)
         seed_hi = ((seed >> 32) & 0xFFFFFFFF).to(gl.uint32)
-        first_loads = gl.minimum(k_steps, STAGES)
-        spread = gl.maximum((k_steps - STAGES) // NC, 1)  # K steps between chunks: ~1 chunk per step would drain the ring
-        i = 0
-        t = 0
-        for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
+        t = 1
+        for tile in range(gl.program_id(0) + gl.num_programs(0), num_m * num_n, gl.num_programs(0)):
             pid_m, pid_n = _tile_of(tile, num_m, num_n, GROUP_M)
-            nxt = tile + gl.num_programs(0)
-            next_m, next_n = _tile_of(nxt, num_m, num_n, GROUP_M)
-            has_next = nxt < num_m * num_n
-            _load_lora(l_desc, r_desc, l_buf, r_buf, l_ready, l_empty, pid_m * BM, pid_n * BN, t, True)
-            for kk in range(k_steps):
-                s = i % STAGES
-                mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
-                mbarrier.expect(ready.index(s), a_desc.block_type.nbytes + w_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(a_desc, [pid_m * BM, kk * BK], ready.index(s), a_bufs.index(s))
-                tma.async_copy_global_to_shared(w_desc, [kk * BK, pid_n * BN], ready.index(s), w_bufs.index(s))
-                i += 1
-                if MASKED:
-                    if t == 0 and kk == first_loads - 1:  # the first tile's mask: the MMA warps wait for it
-                        mbarrier.wait(m_empty, 1)
-                        for c in range(NC):
-                            _mask_chunk(m_buf, c, pid_m, pid_n, seed_lo, seed_hi, keep_thr, BM, BN, ROUNDS)
-                        mbarrier.arrive(m_ready)
-                    rel = kk - STAGES
-                    c = rel // spread
-                    if has_next and rel >= 0 and rel % spread == 0 and c < NC:
-                        if c == 0:
-                            mbarrier.wait(m_empty, (t & 1))  # the MMA warps took mask t (phase t + 1 ^ 1)
-                        _mask_chunk(m_buf, c, next_m, next_n, seed_lo, seed_hi, keep_thr, BM, BN, ROUNDS)
-                        if c == NC - 1:
-                            mbarrier.arrive(m_ready)
-            if MASKED and has_next:  # chunks the K steps left over (k_steps < STAGES + NC)
-                done = gl.minimum(gl.cdiv(gl.maximum(k_steps - STAGES, 0), spread), NC)
-                if done == 0:
-                    mbarrier.wait(m_empty, (t & 1))
-                for c in range(done, NC):
-                    _mask_chunk(m_buf, c, next_m, next_n, seed_lo, seed_hi, keep_thr, BM, BN, ROUNDS)
-                if done < NC:
-                    mbarrier.arrive(m_ready)
+            mbarrier.wait(m_empty, (t - 1) & 1)  # the MMA warps took mask t - 1
+            for c in range(BM // m_buf.shape[1]):
+                _mask_chunk(m_buf, c, pid_m, pid_n, seed_lo, seed_hi, keep_thr, BM, BN, ROUNDS, 2)
+            mbarrier.arrive(m_ready)
             t += 1
 
     @gluon.jit
     def _dgrad_mma_partition(y_desc, a_bufs, w_bufs, l_buf, r_buf, m_buf, c_smem, ready, empty, l_ready, l_empty,
-                             m_ready, m_empty, num_m, num_n, k_steps, MASKED: gl.constexpr, GROUP_M: gl.constexpr,
-                             num_warps: gl.constexpr):
+                             m_ready, m_empty, seed_ptr, keep_thr, num_m, num_n, k_steps, MASKED: gl.constexpr,
+                             GROUP_M: gl.constexpr, ROUNDS: gl.constexpr, num_warps: gl.constexpr):
         """The default partition, 8 warps: each tile starts with its LoRA term, acc = Gs [BM, BR] @
         A [BR, BN] (one MMA from shared memory), masked in registers from m_buf's bits, and then
         accumulates the main loop's dy @ W onto it: the mask touches the LoRA term only, at no
@@ -348,15 +315,27 @@ if HAS_GLUON:
         jj5 = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(jj, 0), 0), 0), 4)  # [1, 1, 1, 16, 1]
         bb5 = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(bb, 0), 0), 0), 0)  # [1, 1, 1, 1, 2]
         shift = 2 * jj5 + bb5  # [1, 1, 1, 16, 2]: the bit of column (jj, b) in its word
+        if MASKED:
+            seed = gl.load(seed_ptr).to(gl.int64)
+            seed_lo = (seed & 0xFFFFFFFF).to(gl.uint32)
+            seed_hi = ((seed >> 32) & 0xFFFFFFFF).to(gl.uint32)
         i = 0
         t = 0
         for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
             pid_m, pid_n = _tile_of(tile, num_m, num_n, GROUP_M)
+            if MASKED:
+                if t == 0:
+                    # the first tile's mask, while the first loads land: all 8 warps, 16 independent Philox
+                    # calls a thread (as 4 rounds of 4, the MMA warps stalled ~2.5% of the kernel here)
+                    m_all = m_buf._reinterpret(gl.int32, [4, BM, H], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
+                    _mask_chunk(m_all, 0, pid_m, pid_n, seed_lo, seed_hi, keep_thr, BM, BN, ROUNDS, num_warps)
+                    gl.thread_barrier()
+                else:
+                    mbarrier.wait(m_ready, (t - 1) & 1)
             mbarrier.wait(l_ready, t & 1)
             acc = warpgroup_mma(l_buf, r_buf, zeros)  # synchronous: the slot is read when it returns
             mbarrier.arrive(l_empty)
             if MASKED:
-                mbarrier.wait(m_ready, t & 1)
                 words = m_buf._reinterpret(gl.int32, [4, BM, H], gl.SwizzledSharedLayout(1, 1, 1, order=[2, 1, 0])).load(words_layout)  # (q, r, h) as _mask_chunk wrote them
                 mbarrier.arrive(m_empty)
                 keep = ((gl.expand_dims(gl.expand_dims(words, 3), 4) >> shift) & 1) != 0
@@ -377,8 +356,8 @@ if HAS_GLUON:
         TRIGGER: gl.constexpr, num_warps: gl.constexpr,
     ):
         """dx = dy @ W + keep * (Gs @ A), Gs = s / (1 - p) * (dy @ B) rounded to dy's dtype (zeros past r),
-        A in dy's dtype: persistent (one CTA per SM), 8 MMA warps beside 4 warps that issue the TMA
-        loads and (MASKED) draw the dropout mask between them.
+        A in dy's dtype: persistent (one CTA per SM), 8 MMA warps beside a warp that issues the TMA
+        loads and (MASKED) 2 warps that draw the dropout mask.
         TRIGGER: the next kernel, launched with programmatic dependent launch, may start now (its CTAs
         take SMs as this kernel's CTAs end; see lora_linear._pdl_ok)."""
         if TRIGGER:
@@ -414,13 +393,24 @@ if HAS_GLUON:
         mbarrier.init(m_ready, count=1)
         mbarrier.init(m_empty, count=1)
 
-        gl.warp_specialize([
-            (_dgrad_mma_partition, (y_desc, a_bufs, w_bufs, l_buf, r_buf, m_buf, c_smem, ready, empty, l_ready,
-                                    l_empty, m_ready, m_empty, num_m, num_n, k_steps, MASKED, GROUP_M, num_warps)),
-            (_dgrad_load_partition, (dy_desc, w_desc, l_desc, r_desc, a_bufs, w_bufs, l_buf, r_buf, m_buf, ready, empty,
-                                     l_ready, l_empty, m_ready, m_empty, seed_ptr, keep_thr, num_m, num_n, k_steps,
-                                     MASKED, GROUP_M, ROUNDS)),
-        ], [4], [88])
+        if MASKED:
+            gl.warp_specialize([
+                (_dgrad_mma_partition, (y_desc, a_bufs, w_bufs, l_buf, r_buf, m_buf, c_smem, ready, empty, l_ready,
+                                        l_empty, m_ready, m_empty, seed_ptr, keep_thr, num_m, num_n, k_steps, MASKED,
+                                        GROUP_M, ROUNDS, num_warps)),
+                (_load_partition, (dy_desc, w_desc, l_desc, r_desc, a_bufs, w_bufs, l_buf, r_buf, ready, empty,
+                                   l_ready, l_empty, num_m, num_n, k_steps, GROUP_M, True)),
+                (_dgrad_mask_partition, (m_buf, m_ready, m_empty, seed_ptr, keep_thr, num_m, num_n, BM, BN,
+                                         GROUP_M, ROUNDS)),
+            ], [1, 2], [40, 88])
+        else:
+            gl.warp_specialize([
+                (_dgrad_mma_partition, (y_desc, a_bufs, w_bufs, l_buf, r_buf, m_buf, c_smem, ready, empty, l_ready,
+                                        l_empty, m_ready, m_empty, seed_ptr, keep_thr, num_m, num_n, k_steps, MASKED,
+                                        GROUP_M, ROUNDS, num_warps)),
+                (_load_partition, (dy_desc, w_desc, l_desc, r_desc, a_bufs, w_bufs, l_buf, r_buf, ready, empty,
+                                   l_ready, l_empty, num_m, num_n, k_steps, GROUP_M, True)),
+            ], [1], [40])
 
     @functools.lru_cache(maxsize=None)
     def _nvmma_layout(block_shape: tuple, gl_dtype):

@@ -1095,7 +1095,7 @@ def _lora_gemm_ws(a, weight, Lb, Bq, bias, cfg: tuple[int, int] | None = None) -
 
 # The dgrad as the warp-specialized Gluon kernel (gluon_gemm.lora_dgrad_ws_kernel) at r <= 32 wherever
 # the fused dgrad runs on 16-bit activations: dx = dy @ W + keep * (Gs @ A), the dy pass writing Gs =
-# s / (1 - p) * G in dy's dtype. Its load warps draw each next tile's mask between their TMA loads,
+# s / (1 - p) * G in dy's dtype. Two warps of its own draw each next tile's mask beside the MMAs,
 # where the Triton kernel draws it in the epilogue while the tensor cores wait.
 # LORA_KERNELS_GLUON_DGRAD=0: the Triton kernel.
 _GLUON_DGRAD = os.environ.get("LORA_KERNELS_GLUON_DGRAD", "1") != "0"
@@ -1131,7 +1131,7 @@ def _lora_dgrad_ws(dy, weight, Gs, Aq, p: float, seed, cfg: tuple[int, int] | No
             nvmma_desc(Aq, [BR, BN], gdt), nvmma_desc(out, [BM, BN // epi], gdt),
             seed if seed is not None else out, keep_threshold(p), K_OUT,
             MASKED=p > 0, ROUNDS=PHILOX_ROUNDS, GROUP_M=_GEMM_GROUP_M, STAGES=stages, TRIGGER=trigger,
-            num_warps=8, maxnreg=168)  # 8 MMA warps + 4 load / mask warps at 168 registers fill the SM's 64 K
+            num_warps=8, maxnreg=168)  # 8 MMA warps + a warpgroup (load warp, 2 mask warps) at 168 registers fill the SM's 64 K
     return out
 
 
