@@ -23,6 +23,7 @@ import triton.testing
 from torch.profiler import ProfilerActivity, profile
 
 import lora_kernels as lk
+from lora_kernels._bench import training_inputs
 from lora_kernels.ops import replay
 
 
@@ -58,14 +59,8 @@ def main():
         replay._MODE = "0"
         replay._state["ok"] = False
         print("(--before: eager replay from C++ off, so that each module runs its own kernels)")
-    dt, dev = torch.bfloat16, "cuda"
     for shape in args.shapes:
-        M, K, N, r = (int(v) for v in shape.split("x"))
-        x = torch.randn(M, K, device=dev, dtype=dt, requires_grad=True)
-        W = torch.randn(N, K, device=dev, dtype=dt) / K**0.5
-        A = (torch.randn(r, K, device=dev, dtype=dt) / K**0.5).requires_grad_(True)
-        B = (torch.randn(N, r, device=dev, dtype=dt) / r**0.5).requires_grad_(True)
-        dy = torch.randn(M, N, device=dev, dtype=dt)
+        x, W, A, B, dy = training_inputs(shape)
         mods = {"fused": lk, "base": None}
         mods.update(others)
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 import lora_kernels as lk
+from lora_kernels._bench import training_inputs
 from lora_kernels.ops import replay
 
 
@@ -80,15 +81,9 @@ def main():
         replay._state["ok"] = False
         for name in args.before.split(","):
             mods[name] = importlib.import_module(f"lora_kernels.ops.{name}")
-    dt, dev = torch.bfloat16, "cuda"
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}; us, medians over {args.replays} graph replays")
     for shape in args.shapes:
-        M, K, N, r = (int(v) for v in shape.split("x"))
-        x = torch.randn(M, K, device=dev, dtype=dt, requires_grad=True)
-        W = torch.randn(N, K, device=dev, dtype=dt) / K**0.5
-        A = (torch.randn(r, K, device=dev, dtype=dt) / K**0.5).requires_grad_(True)
-        B = (torch.randn(N, r, device=dev, dtype=dt) / r**0.5).requires_grad_(True)
-        dy = torch.randn(M, N, device=dev, dtype=dt)
+        x, W, A, B, dy = training_inputs(shape)
         for name, mod in mods.items():
             runs = timeline(step_fn(mod, x, W, A, B, dy, args.p), args.replays, args.eager)
             if len({len(r_) for r_ in runs}) != 1:

@@ -155,3 +155,17 @@ def clocks_under_load(fns: dict, seconds: float = 2.0, calls: int = 20) -> dict:
             out[name] = (statistics.median(m for m, _ in samples), statistics.median(w for _, w in samples),
                          start.elapsed_time(end) * 1e3 / (n * calls))
     return out
+
+
+def training_inputs(shape: str, dtype=None, device: str = "cuda"):
+    """(x [M, K], W [N, K], A [r, K], B [N, r], dy [M, N]) for shape "MxKxNxr": random, x, A and B
+    requiring grad, W, A and B scaled so the products stay O(1); bf16 unless dtype says otherwise."""
+    import torch
+
+    M, K, N, r = (int(v) for v in shape.split("x"))
+    dt = dtype or torch.bfloat16
+    x = torch.randn(M, K, device=device, dtype=dt, requires_grad=True)
+    W = torch.randn(N, K, device=device, dtype=dt) / K**0.5
+    A = (torch.randn(r, K, device=device, dtype=dt) / K**0.5).requires_grad_(True)
+    B = (torch.randn(N, r, device=device, dtype=dt) / r**0.5).requires_grad_(True)
+    return x, W, A, B, torch.randn(M, N, device=device, dtype=dt)
