@@ -698,6 +698,17 @@ def test_gluon_dgrad_applies_the_documented_mask_bit_for_bit(p):
         assert torch.equal(dx, mask.to(dt)), (M, K_RED, K_OUT, dt, (dx != mask.to(dt)).sum().item())
 
 
+def _cases_with_launches(monkeypatch, shape, p):
+    """run_case at shape (M, K, N, r) and p, bf16 with bf16 adapters and a bias, then fp16 with fp32
+    adapters: yields (dtype, [(kernel, launch meta)] of that case, run_case's result)."""
+    launched = []
+    real_launch = op_mod._launch
+    monkeypatch.setattr(op_mod, "_launch", lambda kernel, *a, **k: launched.append((kernel, k)) or real_launch(kernel, *a, **k))
+    for dtype, adt, bias in ((torch.bfloat16, None, True), (torch.float16, torch.float32, False)):
+        launched.clear()
+        yield dtype, launched, run_case(*shape, dtype, p, bias=bias, adapter_dtype=adt)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not (ON_GPU and _gemm_kernel_runs_here() and op_mod.HAS_GLUON),
                     reason="the Gluon dgrad kernel runs on sm_90 only (Gluon has no interpreter)")
@@ -709,13 +720,8 @@ def test_lora_linear_backward_takes_the_gluon_dgrad(monkeypatch, shape, p):
     dtype, from the kernel or, with the N range split at these row counts, from the summed G) and then
     lora_dgrad_ws_kernel; every output and gradient against float64, with fp32
     adapters too. r = 40 keeps the Triton GEMM."""
-    launched = []
-    real_launch = op_mod._launch
-    monkeypatch.setattr(op_mod, "_launch", lambda kernel, *a, **k: launched.append((kernel, k)) or real_launch(kernel, *a, **k))
-    M, K, N, r = shape
-    for dtype, adt, bias in ((torch.bfloat16, None, True), (torch.float16, torch.float32, False)):
-        launched.clear()
-        y, y_ref, leaves, refs, y_abs = run_case(M, K, N, r, dtype, p, bias=bias, adapter_dtype=adt)
+    r = shape[3]
+    for dtype, launched, (y, y_ref, leaves, refs, y_abs) in _cases_with_launches(monkeypatch, shape, p):
         kernels = [k for k, _ in launched]
         gluon = r <= 32
         assert (op_mod.lora_dgrad_ws_kernel in kernels) == gluon, kernels
@@ -737,13 +743,8 @@ def test_lora_linear_forward_takes_the_gluon_gemm(monkeypatch, shape, p):
     against float64, with fp32 adapters too. r = 12 (B's rows not 16-byte multiples) keeps the
     Triton GEMM."""
     monkeypatch.setattr(op_mod, "_GLUON_GEMM", True)
-    launched = []
-    real_launch = op_mod._launch
-    monkeypatch.setattr(op_mod, "_launch", lambda kernel, *a, **k: launched.append((kernel, k)) or real_launch(kernel, *a, **k))
-    M, K, N, r = shape
-    for dtype, adt, bias in ((torch.bfloat16, None, True), (torch.float16, torch.float32, False)):
-        launched.clear()
-        y, y_ref, leaves, refs, y_abs = run_case(M, K, N, r, dtype, p, bias=bias, adapter_dtype=adt)
+    r = shape[3]
+    for dtype, launched, (y, y_ref, leaves, refs, y_abs) in _cases_with_launches(monkeypatch, shape, p):
         kernels = [k for k, _ in launched]
         gluon = r % 8 == 0
         assert (op_mod.lora_gemm_ws_kernel in kernels) == gluon, kernels

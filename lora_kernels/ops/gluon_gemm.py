@@ -147,6 +147,27 @@ if HAS_GLUON:
         return acc, i
 
     @gluon.jit
+    def _ring(a_desc, w_desc, l_desc, r_desc, y_desc, STAGES: gl.constexpr):
+        """Both kernels' shared memory: a STAGES-deep ring of x (dy) and W tiles, the LoRA slot (L, and
+        B or A), the output tile, and their barriers (ready / empty per stage, l_ready / l_empty)."""
+        dt: gl.constexpr = a_desc.dtype
+        a_bufs = gl.allocate_shared_memory(dt, [STAGES] + a_desc.block_type.shape, a_desc.layout)
+        w_bufs = gl.allocate_shared_memory(dt, [STAGES] + w_desc.block_type.shape, w_desc.layout)
+        l_buf = gl.allocate_shared_memory(dt, l_desc.block_type.shape, l_desc.layout)
+        r_buf = gl.allocate_shared_memory(dt, r_desc.block_type.shape, r_desc.layout)
+        c_smem = gl.allocate_shared_memory(dt, y_desc.block_type.shape, y_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        l_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        l_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        for s in gl.static_range(STAGES):
+            mbarrier.init(ready.index(s), count=1)
+            mbarrier.init(empty.index(s), count=1)
+        mbarrier.init(l_ready, count=1)
+        mbarrier.init(l_empty, count=1)
+        return a_bufs, w_bufs, l_buf, r_buf, c_smem, ready, empty, l_ready, l_empty
+
+    @gluon.jit
     def _mma_partition(y_desc, bias_ptr, a_bufs, w_bufs, l_buf, b_buf, c_smem, ready, empty, l_ready, l_empty,
                        N_OUT, num_m, num_n, k_steps, HAS_BIAS: gl.constexpr, GROUP_M: gl.constexpr,
                        num_warps: gl.constexpr):
@@ -194,20 +215,8 @@ if HAS_GLUON:
         num_n = gl.cdiv(N_OUT, BN)
         k_steps = gl.cdiv(a_desc.shape[1], BK)
 
-        a_bufs = gl.allocate_shared_memory(dt, [STAGES, BM, BK], a_desc.layout)
-        w_bufs = gl.allocate_shared_memory(dt, [STAGES, BN, BK], w_desc.layout)
-        l_buf = gl.allocate_shared_memory(dt, l_desc.block_type.shape, l_desc.layout)
-        b_buf = gl.allocate_shared_memory(dt, b_desc.block_type.shape, b_desc.layout)
-        c_smem = gl.allocate_shared_memory(dt, y_desc.block_type.shape, y_desc.layout)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        l_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        l_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        for s in gl.static_range(STAGES):
-            mbarrier.init(ready.index(s), count=1)
-            mbarrier.init(empty.index(s), count=1)
-        mbarrier.init(l_ready, count=1)
-        mbarrier.init(l_empty, count=1)
+        a_bufs, w_bufs, l_buf, b_buf, c_smem, ready, empty, l_ready, l_empty = _ring(a_desc, w_desc, l_desc, b_desc,
+                                                                                     y_desc, STAGES)
 
         gl.warp_specialize([
             (_mma_partition, (y_desc, bias_ptr, a_bufs, w_bufs, l_buf, b_buf, c_smem, ready, empty, l_ready, l_empty,
@@ -372,24 +381,12 @@ if HAS_GLUON:
         num_n = gl.cdiv(K_OUT, BN)
         k_steps = gl.cdiv(dy_desc.shape[1], BK)
 
-        a_bufs = gl.allocate_shared_memory(dt, [STAGES, BM, BK], dy_desc.layout)
-        w_bufs = gl.allocate_shared_memory(dt, [STAGES, BK, BN], w_desc.layout)
-        l_buf = gl.allocate_shared_memory(dt, l_desc.block_type.shape, l_desc.layout)
-        r_buf = gl.allocate_shared_memory(dt, r_desc.block_type.shape, r_desc.layout)
-        c_smem = gl.allocate_shared_memory(dt, y_desc.block_type.shape, y_desc.layout)
+        a_bufs, w_bufs, l_buf, r_buf, c_smem, ready, empty, l_ready, l_empty = _ring(dy_desc, w_desc, l_desc, r_desc,
+                                                                                     y_desc, STAGES)
         m_buf = gl.allocate_shared_memory(gl.int32, [4 * (BM // 16), 16, BN // 128],
                                           gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        l_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        l_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         m_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         m_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        for s in gl.static_range(STAGES):
-            mbarrier.init(ready.index(s), count=1)
-            mbarrier.init(empty.index(s), count=1)
-        mbarrier.init(l_ready, count=1)
-        mbarrier.init(l_empty, count=1)
         mbarrier.init(m_ready, count=1)
         mbarrier.init(m_empty, count=1)
 
