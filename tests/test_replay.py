@@ -148,6 +148,7 @@ bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
 # (M, K, N, r, dtype, adapter dtype, p, bias, x requires grad)
 CASES = [
     (4300, 512, 512, 16, bf16, bf16, 0.1, True, True),  # sm_90: fused GEMMs (68 tiles), TMA shrink and dA pass
+    (4300, 512, 512, 16, bf16, fp32, 0.1, False, True),  # the same with fp32 adapters (the dA pass's fp32 copies)
     (2176, 512, 512, 16, bf16, bf16, 0.0, False, True),  # 34 tiles: the cuBLAS GEMM (beta = 1)
     (1000, 1024, 1024, 128, bf16, fp32, 0.0, True, True),  # r > 64: the backward's products in cuBLAS
     (700, 512, 768, 96, fp16, fp16, 0.1, False, True),  # the same with dropout: Triton dA, masked expand
