@@ -147,6 +147,15 @@ if HAS_GLUON:
         return acc, i
 
     @gluon.jit
+    def _tiles(a_desc, n_out, BN: gl.constexpr, num_warps: gl.constexpr):
+        """(row tiles, column tiles, K steps) of out [M, n_out] = a [M, K_RED] @ W in [BM, BN] tiles and
+        BK steps, BM x BK a's block: the two Gluon kernels' persistent tile space."""
+        gl.static_assert(num_warps == 8, "two consumer warpgroups of 64 rows")
+        BM: gl.constexpr = a_desc.block_type.shape[0]
+        BK: gl.constexpr = a_desc.block_type.shape[1]
+        return gl.cdiv(a_desc.shape[0], BM), gl.cdiv(n_out, BN), gl.cdiv(a_desc.shape[1], BK)
+
+    @gluon.jit
     def _ring(a_desc, w_desc, l_desc, r_desc, y_desc, STAGES: gl.constexpr):
         """Both kernels' shared memory: a STAGES-deep ring of x (dy) and W tiles, the LoRA slot (L, and
         B or A), the output tile, and their barriers (ready / empty per stage, l_ready / l_empty)."""
@@ -206,15 +215,7 @@ if HAS_GLUON:
     ):
         """y = x @ W.T + L @ B.T + bias: persistent (one CTA per SM), a load warp beside 8 MMA warps.
         L and B are in x's dtype (L = the shrink's s S, rounded); R past the data reads as zeros."""
-        BM: gl.constexpr = a_desc.block_type.shape[0]
-        BK: gl.constexpr = a_desc.block_type.shape[1]
-        BN: gl.constexpr = w_desc.block_type.shape[0]
-        dt: gl.constexpr = a_desc.dtype
-        gl.static_assert(num_warps == 8, "two consumer warpgroups of 64 rows")
-        num_m = gl.cdiv(a_desc.shape[0], BM)
-        num_n = gl.cdiv(N_OUT, BN)
-        k_steps = gl.cdiv(a_desc.shape[1], BK)
-
+        num_m, num_n, k_steps = _tiles(a_desc, N_OUT, w_desc.block_type.shape[0], num_warps)
         a_bufs, w_bufs, l_buf, b_buf, c_smem, ready, empty, l_ready, l_empty = _ring(a_desc, w_desc, l_desc, b_desc,
                                                                                      y_desc, STAGES)
 
@@ -373,14 +374,8 @@ if HAS_GLUON:
             gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
                                       is_pure=False, pack=1)
         BM: gl.constexpr = dy_desc.block_type.shape[0]
-        BK: gl.constexpr = dy_desc.block_type.shape[1]
         BN: gl.constexpr = w_desc.block_type.shape[1]
-        dt: gl.constexpr = dy_desc.dtype
-        gl.static_assert(num_warps == 8, "two consumer warpgroups of 64 rows")
-        num_m = gl.cdiv(dy_desc.shape[0], BM)
-        num_n = gl.cdiv(K_OUT, BN)
-        k_steps = gl.cdiv(dy_desc.shape[1], BK)
-
+        num_m, num_n, k_steps = _tiles(dy_desc, K_OUT, BN, num_warps)
         a_bufs, w_bufs, l_buf, r_buf, c_smem, ready, empty, l_ready, l_empty = _ring(dy_desc, w_desc, l_desc, r_desc,
                                                                                      y_desc, STAGES)
         m_buf = gl.allocate_shared_memory(gl.int32, [4 * (BM // 16), 16, BN // 128],
