@@ -108,7 +108,8 @@ def dgrad(args):
         cands = {"cuBLAS dy @ W": lambda: torch.mm(dy, W)}
         for p in (0.0, args.p):
             cands[f"Triton p{p:g}"] = lambda p=p: LL._lora_gemm(dy, W, G, A, c, None, w_kmajor=False, p=p, seed=seed)
-            cands[f"Gluon p{p:g}"] = lambda p=p: LL._lora_dgrad_ws(dy, W, Gs, A, p, seed)
+            bits = LL._mask_bits(M, N, p, seed, dev) if p > 0 else None  # drawn once, as the backward does
+            cands[f"Gluon p{p:g}"] = lambda p=p, bits=bits: LL._lora_dgrad_ws(dy, W, Gs, A, p, seed, bits=bits)
             for cfg in dgrad_cfgs:
                 cands[f"Gluon {cfg[0]}x{cfg[1]} p{p:g}"] = lambda p=p, cfg=cfg: LL._lora_dgrad_ws(dy, W, Gs, A, p, seed, cfg=cfg)
             if before is not None:

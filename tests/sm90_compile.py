@@ -99,15 +99,14 @@ def _builds(ranks=(16, 64, 128, 256), dtypes=(("bf16", "bf16"), ("bf16", "fp32")
             ptrs["bias_ptr"] = xdt
             yield ("gemm_ws", R, xdt, adt, one_wave, c, ptrs,
                    {"HAS_BIAS": True, "GROUP_M": L._GEMM_GROUP_M, "STAGES": stages, "num_warps": 8})
-            # the dgrad (masked: the mask's bits beside the LoRA slot), in the same two configs
+            # the dgrad (masked: the mask bits loaded beside the LoRA slot), in the same two configs
             blocks = {"dy_desc": [128, 64], "w_desc": [64, 256], "l_desc": [128, BR], "r_desc": [BR, 256],
                       "y_desc": [128, 256 // split]}
             ptrs = {k: f"tensordesc<{xdt}[{v[0]},{v[1]}],{gl.NVMMASharedLayout.get_default_for(v, gdt[xdt])!r}>"
                     for k, v in blocks.items()}
-            ptrs["seed_ptr"] = "i64"
+            ptrs["m_desc"] = f"tensordesc<i32[4,256],{gl.NVMMASharedLayout.get_default_for([4, 256], gl.int32)!r}>"
             yield ("dgrad_ws", R, xdt, adt, one_wave, c, ptrs,
-                   {"MASKED": True, "ROUNDS": 7, "GROUP_M": L._GEMM_GROUP_M, "STAGES": stages, "TRIGGER": True,
-                    "num_warps": 8})
+                   {"MASKED": True, "GROUP_M": L._GEMM_GROUP_M, "STAGES": stages, "TRIGGER": True, "num_warps": 8})
 
     tma_ranks = sorted({R for R in ranks if R <= L._TMA_SHRINK_MAX_RANK} | {L._TMA_SHRINK_MAX_RANK})
     for R, (xdt, adt), drop in itertools.product(tma_ranks, dtypes, (False, True)):

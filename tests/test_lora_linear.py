@@ -639,8 +639,8 @@ def test_gluon_dgrad_kernel_matches_float64(shape, p):
     """lora_dgrad_ws_kernel: dx = dy @ W + keep * (Gs @ A) against float64 for both 16-bit dtypes, A in
     the activations' dtype or fp32 (cast by _gluon_dgrad_a), ragged M, K_RED and K_OUT, r 5 and 8
     (Gs and A read as zeros past r) to 32; one wave of tiles and several a CTA (4100 x 1024 -> 4104:
-    the next tiles' masks drawn between K steps; 72 or 136 deep: fewer K steps than stages, the
-    mask after the loads). It must agree with the Triton kernel, which rounds G the same way."""
+    each next tile's LoRA operands and mask bits loaded during this one; 72 or 136 deep: fewer K
+    steps than stages). It must agree with the Triton kernel, which rounds G the same way."""
     from torch._library.triton import set_wrap_triton_enabled
 
     M, K_RED, K_OUT, r = shape
@@ -681,7 +681,7 @@ def test_gluon_dgrad_kernel_matches_float64(shape, p):
 def test_gluon_dgrad_applies_the_documented_mask_bit_for_bit(p):
     """dy = 0 and Gs @ A = 1 make the Gluon dgrad's output its keep mask, which must be dropout_mask's
     bits exactly: thresholds on both sides of 2^15 and at both ends; one tile a CTA and several
-    (each next tile's mask drawn between the current tile's K steps or after them)."""
+    (each next tile's mask bits loaded during the current tile's K steps or after them)."""
     from torch._library.triton import set_wrap_triton_enabled
 
     seed = torch.tensor([13579], dtype=torch.int64, device=DEVICE)
@@ -693,7 +693,7 @@ def test_gluon_dgrad_applies_the_documented_mask_bit_for_bit(p):
         Gs[:, 0] = 1
         A = torch.ones(8, K_OUT, device=DEVICE, dtype=dt)
         with set_wrap_triton_enabled(False):
-            dx = op_mod._lora_dgrad_ws(dy, W, Gs, A, p, seed)
+            dx = op_mod._lora_dgrad_ws(dy, W, Gs, A, p, seed)  # (it draws the bits with _mask_bits)
         mask = lk.dropout_mask(seed, M, K_OUT, p, device=DEVICE)
         assert torch.equal(dx, mask.to(dt)), (M, K_RED, K_OUT, dt, (dx != mask.to(dt)).sum().item())
 
@@ -964,6 +964,30 @@ def test_masked_passes_apply_the_documented_mask_bit_for_bit(p):
             G = _bit_weights(first, M).t().contiguous().to(DEVICE)  # [M, 16] fp32
             dA = op_mod._bwd_xa_tma(x, G, seed, 0.5, p, op_mod._XPASS_TMA_CFG)  # [16, K]
             assert torch.equal(_flags(dA.t(), 0.5 * ks).t(), mask[first:first + 128]), (dt, first)
+
+
+def _decode_mask_bits(bits: torch.Tensor, M: int, K: int) -> torch.Tensor:
+    """_mask_bits' words -> the [M, K] keep mask, from the layout its docstring states: word (t, q, r,
+    h) of tile t = pid_m num_n + pid_n, bit jj + 16 b = keep(pid_m BM + r, pid_n BN + 128 h + 8 jj + 2 q + b)."""
+    BM, BN = op_mod._GEMM_TILE.block_a, op_mod._GEMM_TILE.block_b
+    num_m, num_n, H = -(-M // BM), -(-K // BN), BN // 128
+    assert bits.dtype == torch.int32 and bits.shape == (num_m * num_n * 4, BM * H)
+    w = bits.view(num_m, num_n, 4, BM, H).to(torch.int64) & 0xFFFFFFFF
+    bit = torch.arange(16, device=bits.device).view(16, 1) + 16 * torch.arange(2, device=bits.device).view(1, 2)
+    flags = (w[..., None, None] >> bit) & 1  # [num_m, num_n, q, r, h, jj, b]
+    return flags.permute(0, 3, 1, 4, 5, 2, 6).reshape(num_m * BM, num_n * BN)[:M, :K].bool()
+
+
+@pytest.mark.parametrize("M,K", [(200, 300), (128, 256), (70, 520)])
+@pytest.mark.parametrize("p", [1 / 2**16, 0.05, 0.5, 1 - 1 / 2**16])
+def test_mask_bits_are_the_documented_mask(M, K, p):
+    """_mask_bits_kernel draws dropout_mask's bits exactly, in the Gluon dgrad's tile order: ragged M
+    and K (the last tiles partly past the data), thresholds on both sides of 2^15 and at both ends."""
+    seed = lk.dropout_seed(DEVICE)
+    bits = op_mod._mask_bits(M, K, p, seed, DEVICE)
+    mask = lk.dropout_mask(seed, M, K, p, device=DEVICE)
+    assert torch.equal(_decode_mask_bits(bits, M, K), mask)
+    assert 0 < mask.sum() < mask.numel() or p in (1 / 2**16, 1 - 1 / 2**16)
 
 
 @pytest.mark.gpu

@@ -21,14 +21,14 @@ H100, graph us, ratio to cuBLAS F.linear in the same rounds (benchmarks/probe_gl
 2048 -> 512 1.011x (1.096x).
 
 The dgrad, dx = dy @ W + keep * (Gs @ A) (lora_dgrad_ws_kernel), has the same tiles and load warp.
-Two more warps draw the dropout mask of the CTA's next tile (the MMA warps draw its first), with
-Philox written here bit for bit as dropout.dropout_mask, into shared memory as bits in the
-accumulator's order. A tile starts with its LoRA term, masked in registers, and the main loop
-accumulates onto it. The Triton kernel draws the mask in its epilogue while the tensor cores wait.
-H100, graph, ratio to cuBLAS dy @ W (probe_gluon_gemm.py --dgrad, r16), p0 / p0.05:
-8192 x 4096 -> 4096 0.985x / 1.048x (Triton kernel 1.036x / 1.095x in an earlier call), 8192 x
-1024 -> 1024 1.040x / 1.178x (1.094x / 1.326x). The mask's cost left is its application at each
-tile's start (~3.5% of the MMA warps' samples in Nsight Compute) and the first tile's draw (~2.5%).
+The load warp brings each tile's dropout mask as bits (4 KB, drawn beforehand by
+lora_linear._mask_bits_kernel) beside its LoRA operands; a tile starts with its LoRA term, masked
+in registers, and the main loop accumulates onto it. The mask used to be drawn here, by two warps
+of its own a tile ahead (the MMA warps drew the first): at short K the Philox work did not keep
+up. H100, back-to-back k cycles (cuBLAS / p0 / p0.05 drawn here / p0.05 with no Philox, the bits'
+cost): 8192 x 512 -> 2048 57 / 56 / 80 / 57; 8192 x 1024 -> 1024 46 / 49 / 58 / 50; 8192 x 4096 ->
+4096 571 / 577 / 616 / 587. Nsight Compute at 512 -> 2048: the MMA warps waited for the mask warps
+11% of the kernel and drew the first tile another 9%; a third mask warp took 80 k to 73 k.
 
 Gluon does not run under TRITON_INTERPRET: the CPU tests run the Triton kernels; the GPU tests run these.
 """
@@ -86,17 +86,24 @@ if HAS_GLUON:
                 tma.async_copy_shared_to_global(y_desc, [m0, n0 + h * (BN // EPI_SPLIT)], c_smem)
 
     @gluon.jit
-    def _load_lora(l_desc, r_desc, l_buf, r_buf, l_ready, l_empty, m0, n0, t, DGRAD: gl.constexpr):
+    def _load_lora(l_desc, r_desc, m_desc, l_buf, r_buf, m_buf, l_ready, l_empty, m0, n0, tile, t,
+                   DGRAD: gl.constexpr, MASK_BITS: gl.constexpr):
         """The LoRA slot of tile number t: L [BM, BR] at rows m0 and the up-projection's tile at
-        columns n0 (forward: B [BN, BR] rows; dgrad: A [BR, BN] columns), once the MMA warps freed it."""
+        columns n0 (forward: B [BN, BR] rows; dgrad: A [BR, BN] columns), and with MASK_BITS the
+        tile's dropout mask bits (persistent tile number `tile`), once the MMA warps freed it."""
         mbarrier.wait(l_empty, (t & 1) ^ 1)
-        mbarrier.expect(l_ready, l_desc.block_type.nbytes + r_desc.block_type.nbytes)
+        if MASK_BITS:
+            mbarrier.expect(l_ready, l_desc.block_type.nbytes + r_desc.block_type.nbytes + m_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(m_desc, [tile * m_desc.block_type.shape[0], 0], l_ready, m_buf)
+        else:
+            mbarrier.expect(l_ready, l_desc.block_type.nbytes + r_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(l_desc, [m0, 0], l_ready, l_buf)
         tma.async_copy_global_to_shared(r_desc, [0, n0] if DGRAD else [n0, 0], l_ready, r_buf)
 
     @gluon.jit
-    def _load_partition(a_desc, w_desc, l_desc, r_desc, a_bufs, w_bufs, l_buf, r_buf, ready, empty, l_ready, l_empty,
-                        num_m, num_n, k_steps, GROUP_M: gl.constexpr, DGRAD: gl.constexpr):
+    def _load_partition(a_desc, w_desc, l_desc, r_desc, m_desc, a_bufs, w_bufs, l_buf, r_buf, m_buf, ready, empty,
+                        l_ready, l_empty, num_m, num_n, k_steps, GROUP_M: gl.constexpr, DGRAD: gl.constexpr,
+                        MASK_BITS: gl.constexpr):
         """One warp: the TMA loads of every tile of this CTA, up to STAGES steps ahead of the MMAs,
         and each tile's LoRA operands (one slot): after its K steps in the forward (the epilogue adds
         them), before them in the dgrad (the MMA warps start the tile with them).
@@ -110,7 +117,8 @@ if HAS_GLUON:
         for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
             pid_m, pid_n = _tile_of(tile, num_m, num_n, GROUP_M)
             if DGRAD:
-                _load_lora(l_desc, r_desc, l_buf, r_buf, l_ready, l_empty, pid_m * BM, pid_n * BN, t, DGRAD)
+                _load_lora(l_desc, r_desc, m_desc, l_buf, r_buf, m_buf, l_ready, l_empty, pid_m * BM, pid_n * BN,
+                           pid_m * num_n + pid_n, t, DGRAD, MASK_BITS)
             for kk in range(k_steps):
                 s = i % STAGES
                 # a slot is free once its MMA retired; a barrier starts in phase 0, so the first pass
@@ -124,7 +132,8 @@ if HAS_GLUON:
             if not DGRAD:
                 # after the tile's K loads: waiting here for the MMA warps to free the LoRA slot (they
                 # do when the tile's main loop is over) never holds the ring back
-                _load_lora(l_desc, r_desc, l_buf, r_buf, l_ready, l_empty, pid_m * BM, pid_n * BN, t, DGRAD)
+                _load_lora(l_desc, r_desc, m_desc, l_buf, r_buf, m_buf, l_ready, l_empty, pid_m * BM, pid_n * BN,
+                           tile, t, DGRAD, False)
             t += 1
 
     @gluon.jit
@@ -222,94 +231,24 @@ if HAS_GLUON:
         gl.warp_specialize([
             (_mma_partition, (y_desc, bias_ptr, a_bufs, w_bufs, l_buf, b_buf, c_smem, ready, empty, l_ready, l_empty,
                               N_OUT, num_m, num_n, k_steps, HAS_BIAS, GROUP_M, num_warps)),
-            (_load_partition, (a_desc, w_desc, l_desc, b_desc, a_bufs, w_bufs, l_buf, b_buf, ready, empty,
-                               l_ready, l_empty, num_m, num_n, k_steps, GROUP_M, False)),
+            (_load_partition, (a_desc, w_desc, l_desc, b_desc, l_desc, a_bufs, w_bufs, l_buf, b_buf, l_buf, ready,
+                               empty, l_ready, l_empty, num_m, num_n, k_steps, GROUP_M, False, False)),
         ], [1], [40])
 
     # ------------------------------------------------------------------------------------------
-    # The dgrad: dx = dy @ W + keep * (Gs @ A), the mask drawn by warps of its own
+    # The dgrad: dx = dy @ W + keep * (Gs @ A), the mask's bits loaded beside the LoRA operands
     # ------------------------------------------------------------------------------------------
     @gluon.jit
-    def _philox(seed_lo, seed_hi, c0, c1, c2, c3, ROUNDS: gl.constexpr):
-        """Philox4x32 on uint32 tensors, bit for bit tl.philox and dropout._philox4x32."""
-        k0 = seed_lo
-        k1 = seed_hi
-        for _ in gl.static_range(ROUNDS):
-            a0 = c0
-            a2 = c2
-            c0 = gl.umulhi(a2, 0xCD9E8D57) ^ c1 ^ k0
-            c2 = gl.umulhi(a0, 0xD2511F53) ^ c3 ^ k1
-            c1 = a2 * 0xCD9E8D57
-            c3 = a0 * 0xD2511F53
-            k0 = k0 + 0x9E3779B9
-            k1 = k1 + 0xBB67AE85
-        return c0, c1, c2, c3
-
-    @gluon.jit
-    def _keep_pairs(r, keep_thr):
-        """2 bits per 32-bit Philox word: bit 0 keeps the column of its low 16 bits, bit 1 the high's."""
-        lo = ((r & 0xFFFF).to(gl.int32) >= keep_thr).to(gl.int32)
-        hi = ((r >> 16).to(gl.int32) >= keep_thr).to(gl.int32)
-        return lo + 2 * hi
-
-    @gluon.jit
-    def _mask_chunk(m_buf, c, pid_m, pid_n, seed_lo, seed_hi, keep_thr, BM: gl.constexpr, BN: gl.constexpr,
-                    ROUNDS: gl.constexpr, WARPS: gl.constexpr):
-        """Rows c RC .. c RC + RC - 1 of the keep mask of tile (pid_m, pid_n) into m_buf, drawn by WARPS
-        warps (RC a multiple of 4 WARPS; 32 RC Philox calls, RC / WARPS a thread). m_buf [4 BM / RC, RC, BN / 128] int32, word
-        (q BM / RC + c, r, h) bit 2 jj + b = keep(row m0 + c RC + r, column n0 + 128 h + 8 jj + 2 q + b):
-        in the wgmma accumulator a thread with lane % 4 = q holds columns 8 J + 2 q + {0, 1}, the two
-        16-bit halves of word q of group J's Philox call, so it reads 32 of its 64 bits of a row in one
-        word. The words of rows [c RC, c RC + RC) sit in the same place whatever RC (q-major, then rows),
-        so 16-row and 32-row chunks write one layout."""
-        RC: gl.constexpr = m_buf.shape[1]
-        H: gl.constexpr = BN // 128
-        NC: gl.constexpr = BM // RC
-        # [RC, H, 16]: RC / (4 WARPS) rows x 4 column groups a thread, as many independent Philox calls
-        layout: gl.constexpr = gl.BlockedLayout([RC // (4 * WARPS), 1, 4], [4, 2, 4], [WARPS, 1, 1], [2, 1, 0])
-        r3 = gl.expand_dims(gl.expand_dims(gl.arange(0, RC, layout=gl.SliceLayout(1, gl.SliceLayout(2, layout))), 1), 2)
-        h3 = gl.expand_dims(gl.expand_dims(gl.arange(0, H, layout=gl.SliceLayout(0, gl.SliceLayout(2, layout))), 0), 2)
-        j3 = gl.expand_dims(gl.expand_dims(gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, layout))), 0), 1)
-        c0 = (pid_n * (BN // 8) + h3 * 16 + j3 + 0 * r3).to(gl.uint32)  # [RC, H, 16]: the 8-column group
-        rows = pid_m.to(gl.int64) * BM + c * RC + r3  # [RC, 1, 1]
-        c1 = (rows & 0xFFFFFFFF).to(gl.uint32)
-        r0, r1, r2, r3w = _philox(seed_lo, seed_hi, c0, c1, (rows >> 32).to(gl.uint32), 0 * c1, ROUNDS)
-        shift = 2 * j3
-        m_buf.index(c).store(gl.sum(_keep_pairs(r0, keep_thr) << shift, axis=2))
-        m_buf.index(NC + c).store(gl.sum(_keep_pairs(r1, keep_thr) << shift, axis=2))
-        m_buf.index(2 * NC + c).store(gl.sum(_keep_pairs(r2, keep_thr) << shift, axis=2))
-        m_buf.index(3 * NC + c).store(gl.sum(_keep_pairs(r3w, keep_thr) << shift, axis=2))
-
-    @gluon.jit
-    def _dgrad_mask_partition(m_buf, m_ready, m_empty, seed_ptr, keep_thr, num_m, num_n,
-                              BM: gl.constexpr, BN: gl.constexpr, GROUP_M: gl.constexpr, ROUNDS: gl.constexpr):
-        """2 warps: the dropout mask of each tile of this CTA but its first (the MMA warps draw that
-        one while the first loads arrive), drawn whole into m_buf once the MMA warps have taken the
-        previous tile's (they take it at the tile's start, so this runs a tile ahead). Warps of their
-        own: drawn by the load warps between their TMA loads, the mask held the ring back (a 16-row
-        chunk is ~300 instructions; a 3-stage ring holds ~3 K steps), and the masked dgrad took 15%
-        more cycles than the unmasked one (H100, 8192 x 4096 -> 4096, back to back: 656 k against
-        571 k); drawn here, 8% (620 k against 575 k)."""
-        seed = gl.load(seed_ptr).to(gl.int64)
-        seed_lo = (seed & 0xFFFFFFFF).to(gl.uint32)
-        seed_hi = ((seed >> 32) & 0xFFFFFFFF).to(gl.uint32)
-        t = 1
-        for tile in range(gl.program_id(0) + gl.num_programs(0), num_m * num_n, gl.num_programs(0)):
-            pid_m, pid_n = _tile_of(tile, num_m, num_n, GROUP_M)
-            mbarrier.wait(m_empty, (t - 1) & 1)  # the MMA warps took mask t - 1
-            for c in range(BM // m_buf.shape[1]):
-                _mask_chunk(m_buf, c, pid_m, pid_n, seed_lo, seed_hi, keep_thr, BM, BN, ROUNDS, 2)
-            mbarrier.arrive(m_ready)
-            t += 1
-
-    @gluon.jit
     def _dgrad_mma_partition(y_desc, a_bufs, w_bufs, l_buf, r_buf, m_buf, c_smem, ready, empty, l_ready, l_empty,
-                             m_ready, m_empty, seed_ptr, keep_thr, num_m, num_n, k_steps, MASKED: gl.constexpr,
-                             GROUP_M: gl.constexpr, ROUNDS: gl.constexpr, num_warps: gl.constexpr):
+                             num_m, num_n, k_steps, MASKED: gl.constexpr, GROUP_M: gl.constexpr,
+                             num_warps: gl.constexpr):
         """The default partition, 8 warps: each tile starts with its LoRA term, acc = Gs [BM, BR] @
         A [BR, BN] (one MMA from shared memory), masked in registers from m_buf's bits, and then
         accumulates the main loop's dy @ W onto it: the mask touches the LoRA term only, at no
-        register cost beside the accumulator."""
+        register cost beside the accumulator. m_buf [4, BM H] (H = BN / 128) holds word (q, r, h)
+        at q BM H + r H + h, bit jj + 16 b = keep(row r, column 128 h + 8 jj + 2 q + b) of the tile
+        (lora_linear._mask_bits_kernel): in the wgmma accumulator a thread with lane % 4 = q holds
+        columns 8 J + 2 q + {0, 1}, so its 64 columns of a row are in 2 words a 128-column half."""
         BM: gl.constexpr = a_bufs.shape[1]
         BN: gl.constexpr = w_bufs.shape[2]
         H: gl.constexpr = BN // 128
@@ -324,30 +263,17 @@ if HAS_GLUON:
         bb = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(0, gl.SliceLayout(0, gl.SliceLayout(0, p5)))))
         jj5 = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(jj, 0), 0), 0), 4)  # [1, 1, 1, 16, 1]
         bb5 = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(bb, 0), 0), 0), 0)  # [1, 1, 1, 1, 2]
-        shift = 2 * jj5 + bb5  # [1, 1, 1, 16, 2]: the bit of column (jj, b) in its word
-        if MASKED:
-            seed = gl.load(seed_ptr).to(gl.int64)
-            seed_lo = (seed & 0xFFFFFFFF).to(gl.uint32)
-            seed_hi = ((seed >> 32) & 0xFFFFFFFF).to(gl.uint32)
+        shift = jj5 + 16 * bb5  # [1, 1, 1, 16, 2]: the bit of column (jj, b) in its word
         i = 0
         t = 0
         for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
             pid_m, pid_n = _tile_of(tile, num_m, num_n, GROUP_M)
-            if MASKED:
-                if t == 0:
-                    # the first tile's mask, while the first loads land: all 8 warps, 16 independent Philox
-                    # calls a thread (as 4 rounds of 4, the MMA warps stalled ~2.5% of the kernel here)
-                    m_all = m_buf._reinterpret(gl.int32, [4, BM, H], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
-                    _mask_chunk(m_all, 0, pid_m, pid_n, seed_lo, seed_hi, keep_thr, BM, BN, ROUNDS, num_warps)
-                    gl.thread_barrier()
-                else:
-                    mbarrier.wait(m_ready, (t - 1) & 1)
             mbarrier.wait(l_ready, t & 1)
             acc = warpgroup_mma(l_buf, r_buf, zeros)  # synchronous: the slot is read when it returns
-            mbarrier.arrive(l_empty)
             if MASKED:
-                words = m_buf._reinterpret(gl.int32, [4, BM, H], gl.SwizzledSharedLayout(1, 1, 1, order=[2, 1, 0])).load(words_layout)  # (q, r, h) as _mask_chunk wrote them
-                mbarrier.arrive(m_empty)
+                words = m_buf._reinterpret(gl.int32, [4, BM, H], gl.SwizzledSharedLayout(1, 1, 1, order=[2, 1, 0])).load(words_layout)
+            mbarrier.arrive(l_empty)  # the slot (and the mask's bits) may take the next tile's
+            if MASKED:
                 keep = ((gl.expand_dims(gl.expand_dims(words, 3), 4) >> shift) & 1) != 0
                 acc5 = gl.where(keep, acc.reshape([BM, H, 16, 4, 2]).permute((3, 0, 1, 2, 4)), 0.0)
                 acc = gl.convert_layout(acc5.permute((1, 2, 3, 0, 4)).reshape([BM, BN]), acc_layout)
@@ -358,51 +284,33 @@ if HAS_GLUON:
 
     @gluon.jit
     def lora_dgrad_ws_kernel(
-        dy_desc, w_desc, l_desc, r_desc, y_desc,  # TMA descriptors: dy [M, N] block [BM, BK]; W [N, K] block [BK, BN];
-                                                  # Gs [M, BR] block [BM, BR]; A [R, K] block [BR, BN];
-                                                  # dx [M, K] block [BM, BN / EPI_SPLIT]
-        seed_ptr, keep_thr, K_OUT,  # seed [1] int64; keep = 16 random bits >= keep_thr
-        MASKED: gl.constexpr, ROUNDS: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
-        TRIGGER: gl.constexpr, num_warps: gl.constexpr,
+        dy_desc, w_desc, l_desc, r_desc, y_desc, m_desc,  # TMA descriptors: dy [M, N] block [BM, BK]; W [N, K] block
+                                                          # [BK, BN]; Gs [M, BR] block [BM, BR]; A [R, K] block [BR, BN];
+                                                          # dx [M, K] block [BM, BN / EPI_SPLIT]; MASKED: the mask's
+                                                          # bits [tiles * 4, BM BN / 128] int32 block [4, BM BN / 128]
+        K_OUT,
+        MASKED: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr, TRIGGER: gl.constexpr,
+        num_warps: gl.constexpr,
     ):
         """dx = dy @ W + keep * (Gs @ A), Gs = s / (1 - p) * (dy @ B) rounded to dy's dtype (zeros past r),
         A in dy's dtype: persistent (one CTA per SM), 8 MMA warps beside a warp that issues the TMA
-        loads and (MASKED) 2 warps that draw the dropout mask.
+        loads, which bring each tile's mask bits (4 KB, lora_linear._mask_bits) with its LoRA operands.
         TRIGGER: the next kernel, launched with programmatic dependent launch, may start now (its CTAs
         take SMs as this kernel's CTAs end; see lora_linear._pdl_ok)."""
         if TRIGGER:
             gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
                                       is_pure=False, pack=1)
-        BM: gl.constexpr = dy_desc.block_type.shape[0]
         BN: gl.constexpr = w_desc.block_type.shape[1]
         num_m, num_n, k_steps = _tiles(dy_desc, K_OUT, BN, num_warps)
         a_bufs, w_bufs, l_buf, r_buf, c_smem, ready, empty, l_ready, l_empty = _ring(dy_desc, w_desc, l_desc, r_desc,
                                                                                      y_desc, STAGES)
-        m_buf = gl.allocate_shared_memory(gl.int32, [4 * (BM // 16), 16, BN // 128],
-                                          gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
-        m_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        m_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        mbarrier.init(m_ready, count=1)
-        mbarrier.init(m_empty, count=1)
-
-        if MASKED:
-            gl.warp_specialize([
-                (_dgrad_mma_partition, (y_desc, a_bufs, w_bufs, l_buf, r_buf, m_buf, c_smem, ready, empty, l_ready,
-                                        l_empty, m_ready, m_empty, seed_ptr, keep_thr, num_m, num_n, k_steps, MASKED,
-                                        GROUP_M, ROUNDS, num_warps)),
-                (_load_partition, (dy_desc, w_desc, l_desc, r_desc, a_bufs, w_bufs, l_buf, r_buf, ready, empty,
-                                   l_ready, l_empty, num_m, num_n, k_steps, GROUP_M, True)),
-                (_dgrad_mask_partition, (m_buf, m_ready, m_empty, seed_ptr, keep_thr, num_m, num_n, BM, BN,
-                                         GROUP_M, ROUNDS)),
-            ], [1, 2], [40, 88])
-        else:
-            gl.warp_specialize([
-                (_dgrad_mma_partition, (y_desc, a_bufs, w_bufs, l_buf, r_buf, m_buf, c_smem, ready, empty, l_ready,
-                                        l_empty, m_ready, m_empty, seed_ptr, keep_thr, num_m, num_n, k_steps, MASKED,
-                                        GROUP_M, ROUNDS, num_warps)),
-                (_load_partition, (dy_desc, w_desc, l_desc, r_desc, a_bufs, w_bufs, l_buf, r_buf, ready, empty,
-                                   l_ready, l_empty, num_m, num_n, k_steps, GROUP_M, True)),
-            ], [1], [40])
+        m_buf = gl.allocate_shared_memory(gl.int32, m_desc.block_type.shape, m_desc.layout)
+        gl.warp_specialize([
+            (_dgrad_mma_partition, (y_desc, a_bufs, w_bufs, l_buf, r_buf, m_buf, c_smem, ready, empty, l_ready,
+                                    l_empty, num_m, num_n, k_steps, MASKED, GROUP_M, num_warps)),
+            (_load_partition, (dy_desc, w_desc, l_desc, r_desc, m_desc, a_bufs, w_bufs, l_buf, r_buf, m_buf, ready,
+                               empty, l_ready, l_empty, num_m, num_n, k_steps, GROUP_M, True, MASKED)),
+        ], [1], [40])
 
     @functools.lru_cache(maxsize=None)
     def _nvmma_layout(block_shape: tuple, gl_dtype):

@@ -199,6 +199,65 @@ if HAS_TRITON:
         odd = tl.interleave(tl.interleave(hi0, hi2), tl.interleave(hi1, hi3))  # j = 1, 3, 5, 7
         return tl.interleave(even, odd).to(tl.int32) >= keep_thr
 
+    @triton.jit(do_not_specialize=["keep_thr"])  # (1 at p = 2^-16: an int32 all the same)
+    def _mask_bits_kernel(
+        seed_ptr, bits_ptr,  # seed [1] int64; bits [tiles, 4, BM, BN / 128] int32
+        num_n, keep_thr,
+        BM: tl.constexpr, BN: tl.constexpr, ROWS: tl.constexpr, WAIT_END: tl.constexpr,
+    ):
+        """The dropout mask of an [M, K] output as bits in the Gluon dgrad's tile order: word (t, q, r, h),
+        t = pid_m num_n + pid_n a [BM, BN] tile, holds keep(pid_m BM + r, pid_n BN + 128 h + 8 jj + 2 q + b)
+        in bit jj + 16 b (jj < 16: b = 0 the low 16-bit half of Philox word q of group pid_n BN / 8 + 16 h
+        + jj, 1 its high half). One program: ROWS rows of one tile column, ROWS * BN / 8 Philox calls,
+        a thread's 16 groups (jj) unrolled, so its 4 words fill in registers. Rows and columns past M
+        and K are drawn too (the buffer holds whole tiles; the dgrad's stores clip them).
+
+        Both halves of a word compare with keep_thr in one subtraction (SWAR, Hacker's Delight 2-19):
+        with H = 0x80008000, d = (w | H) - (T & ~H) (T = keep_thr in both halves) cannot borrow
+        across halves, and a half's top bit of (w & ~T) | (~(w ^ T) & d) is (half >= keep_thr).
+        WAIT_END: launched while the kernel before it runs (programmatic dependent launch) and
+        touching nothing it writes; this kernel ends after it (see _pdl_ok)."""
+        H: tl.constexpr = BN // 128
+        r0 = tl.program_id(0) * ROWS  # the chunk's first row; ROWS divides BM
+        pid_n = tl.program_id(1)
+        rows = (r0.to(tl.int64) + tl.arange(0, ROWS))[:, None]  # [ROWS, 1]
+        g0 = (pid_n * (BN // 8) + 16 * tl.arange(0, H)).to(tl.uint32)[None, :]  # [1, H]: group of jj = 0
+        c1 = (rows & 0xFFFFFFFF).to(tl.uint32) + tl.zeros_like(g0)  # [ROWS, H]
+        c2 = (rows >> 32).to(tl.uint32) + tl.zeros_like(g0)
+        c3 = tl.zeros_like(c1)
+        seed = tl.load(seed_ptr)
+        thr = keep_thr.to(tl.uint32)
+        T = thr | (thr << 16)
+        TL = T & 0x7FFF7FFF
+        q0 = tl.zeros_like(c1)
+        q1 = tl.zeros_like(c1)
+        q2 = tl.zeros_like(c1)
+        q3 = tl.zeros_like(c1)
+        for jj in tl.static_range(16):
+            w0, w1, w2, w3 = tl.philox(seed, g0 + jj + c3, c1, c2, c3, _ROUNDS)
+            q0 |= _keep_bits(w0, T, TL, jj)
+            q1 |= _keep_bits(w1, T, TL, jj)
+            q2 |= _keep_bits(w2, T, TL, jj)
+            q3 |= _keep_bits(w3, T, TL, jj)
+        tile = (r0 // BM) * num_n + pid_n
+        offs = (tile.to(tl.int64) * (4 * BM * H) + (r0 % BM + tl.arange(0, ROWS))[:, None] * H
+                + tl.arange(0, H)[None, :])  # [ROWS, H] at q = 0
+        tl.store(bits_ptr + offs, q0.to(tl.int32, bitcast=True))
+        tl.store(bits_ptr + offs + BM * H, q1.to(tl.int32, bitcast=True))
+        tl.store(bits_ptr + offs + 2 * BM * H, q2.to(tl.int32, bitcast=True))
+        tl.store(bits_ptr + offs + 3 * BM * H, q3.to(tl.int32, bitcast=True))
+        if WAIT_END:
+            tl.extra.cuda.gdc_wait()
+
+    @triton.jit
+    def _keep_bits(w, T, TL, jj: tl.constexpr):
+        """uint32 Philox words w -> keep of the low 16-bit half in bit jj, of the high half in bit 16 + jj
+        (T: keep_thr in both halves, TL = T & 0x7fff7fff; see _mask_bits_kernel)."""
+        d = (w | 0x80008000) - TL
+        nT = T ^ 0xFFFFFFFF  # (not ~T: the interpreter's ~ on uint32 overflows)
+        ge = (w & nT) | ((w ^ nT) & d)  # bits 15 and 31: low half >= thr, high half >= thr
+        return (ge >> (15 - jj)) & ((1 << jj) | (1 << (16 + jj)))
+
     @triton.jit
     def _lora_shrink_kernel(
         x_ptr, a_ptr, s_ptr, seed_ptr,  # x [M, K], A [R, K], S partials [SPLIT, M, R] fp32, seed [1]
@@ -354,7 +413,7 @@ if HAS_TRITON:
         stride_dym, stride_dyn, stride_bn, stride_br,
         scale, gs_scale,
         COMPUTE_DB: tl.constexpr, WRITE_GS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, TRIGGER: tl.constexpr = False,
     ):
         """One pass over dy: G[split] = dy[:, n-range] @ B[n-range]; dB[n-range] += s * dy.T @ S.
         WRITE_GS (one split): also Gs = gs_scale * G rounded to dy's dtype, zeros past R: the Gluon
@@ -362,7 +421,10 @@ if HAS_TRITON:
 
         dB is a sum over every row block, so programs add into it atomically (fp32); each program
         starts its sweep over N at a different block so that concurrent adds land on different rows.
+        TRIGGER: the next kernel, launched with programmatic dependent launch, may start now (see _pdl_ok).
         """
+        if TRIGGER:
+            tl.extra.cuda.gdc_launch_dependents()
         pid_m = tl.program_id(0)
         pid_s = tl.program_id(1)
         rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -802,7 +864,7 @@ def _expand(S, B, scale, bias, y, cfg: _Cfg | None = None, p: float = 0.0, seed=
 
 
 def _bwd_dy(dy, B, S, scale, x_dtype, deterministic, cfg: _Cfg | None = None, gs: torch.Tensor | None = None,
-            gs_scale: float = 1.0):
+            gs_scale: float = 1.0, trigger: bool = False):
     """One pass over dy -> (G = dy @ B [M, R] fp32, dB = scale * dy.T @ S [N, R] fp32).
     gs: a [M, BLOCK_R] tensor in dy's dtype to fill with gs_scale * G rounded, zeros past R (the
     pass writes it where it runs as one split; else it comes from the summed G)."""
@@ -822,7 +884,7 @@ def _bwd_dy(dy, B, S, scale, x_dtype, deterministic, cfg: _Cfg | None = None, gs
             dy.stride(0), dy.stride(1), B.stride(0), B.stride(1),
             scale, gs_scale,
             COMPUTE_DB=not deterministic, WRITE_GS=write_gs, DOT_PRECISION=_dot_precision(x_dtype),
-            BLOCK_M=cfg.block_a, BLOCK_N=cfg.block_b, BLOCK_R=_block_r(R),
+            BLOCK_M=cfg.block_a, BLOCK_N=cfg.block_b, BLOCK_R=_block_r(R), TRIGGER=trigger,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     G = _sum0(g_parts) if split > 1 else g_parts
     if gs is not None and not write_gs:
@@ -1095,8 +1157,8 @@ def _lora_gemm_ws(a, weight, Lb, Bq, bias, cfg: tuple[int, int] | None = None) -
 
 # The dgrad as the warp-specialized Gluon kernel (gluon_gemm.lora_dgrad_ws_kernel) at r <= 32 wherever
 # the fused dgrad runs on 16-bit activations: dx = dy @ W + keep * (Gs @ A), the dy pass writing Gs =
-# s / (1 - p) * G in dy's dtype. Two warps of its own draw each next tile's mask beside the MMAs,
-# where the Triton kernel draws it in the epilogue while the tensor cores wait.
+# s / (1 - p) * G in dy's dtype. The mask comes in as bits that _mask_bits drew beforehand (the
+# Triton kernel draws it in its epilogue while the tensor cores wait).
 # LORA_KERNELS_GLUON_DGRAD=0: the Triton kernel.
 _GLUON_DGRAD = os.environ.get("LORA_KERNELS_GLUON_DGRAD", "1") != "0"
 
@@ -1111,16 +1173,52 @@ def _gluon_dgrad_a(dy: torch.Tensor, A: torch.Tensor) -> torch.Tensor | None:
     return Aq if _tma_ok(Aq) else None
 
 
+# The dropout mask of the backward's dgrad as bits (M K / 8 bytes, freed with the backward), drawn
+# by _mask_bits_kernel after the dy pass (programmatic dependent launch: it may start beside the
+# pass's last CTAs) and loaded by the Gluon dgrad beside each tile's LoRA operands. Drawn in the
+# dgrad by two warps of its own instead, the Philox work did not keep up at short K (gluon_gemm's
+# docstring). H100, r16, p0.05, graph us per training step against the mask-warp dgrad in the same
+# call (benchmarks/breakdown_lora_linear.py --before, three calls): 8192 x 4096 -> 4096 929.5 vs
+# 935.2, 920.2 vs 926.6, 923.8 vs 927.1; 8192 x 1024 -> 1024 107.0 vs 110.6, 108.1 vs 109.8, 104.7
+# vs 105.9; 8192 x 2048 -> 512 128.6 vs 129.6, 125.0 vs 127.5, 122.2 vs 127.8. The bits kernel alone
+# (eager): 7.8 us at 8192 x 2048 (12.4 with its words packed by warp shuffles), 5.3 at 8192 x 1024.
+# The TMA dA pass reading the bits too was no faster (-6.4 / -1.7 / -2.5 us against -3.3 / -1.2 /
+# -5.6 without, same call): it draws its own.
+_MASK_BITS_ROWS = 64  # rows a program of _mask_bits_kernel: 2048 Philox calls, 16 a thread at 4 warps
+
+
+@functools.lru_cache(maxsize=None)
+def _no_mask_bits(device: torch.device) -> torch.Tensor:
+    """One tile's worth of mask bits, the unmasked dgrad's (unread) mask operand."""
+    return torch.zeros(4, _GEMM_TILE.block_a * _GEMM_TILE.block_b // 128, dtype=torch.int32, device=device)
+
+
+def _mask_bits(M: int, K: int, p: float, seed, device, pdl: bool = False) -> torch.Tensor:
+    """The dropout mask of (p, seed) over an [M, K] output as bits in lora_dgrad_ws_kernel's tile
+    order (_mask_bits_kernel): int32 [tiles * 4, BM * BN / 128], tiles = cdiv(M, BM) * cdiv(K, BN).
+    pdl: launched with programmatic dependent launch beside the kernel before it (see _pdl_ok)."""
+    BM, BN = _GEMM_TILE.block_a, _GEMM_TILE.block_b
+    num_m, num_n = _cdiv(M, BM), _cdiv(K, BN)
+    bits = _new((num_m * num_n * 4, BM * BN // 128), torch.int32, device)
+    _launch(_mask_bits_kernel, (num_m * BM // _MASK_BITS_ROWS, num_n), seed, bits, num_n, keep_threshold(p),
+            BM=BM, BN=BN, ROWS=_MASK_BITS_ROWS, WAIT_END=pdl, num_warps=4, **_pdl_meta(pdl))
+    return bits
+
+
 def _lora_dgrad_ws(dy, weight, Gs, Aq, p: float, seed, cfg: tuple[int, int] | None = None,
-                   trigger: bool = False) -> torch.Tensor:
+                   trigger: bool = False, bits: torch.Tensor | None = None) -> torch.Tensor:
     """dx = dy @ W + keep * (Gs @ Aq) -> [M, K] in dy's dtype through lora_dgrad_ws_kernel (sm_90).
     dy [M, N], weight [N, K] (TMA-readable), Gs [M, BLOCK_R] = s / (1 - p) * (dy @ B) in dy's dtype
     (zeros past r), Aq [r, K] in dy's dtype (_gluon_dgrad_a); keep: the dropout mask of (p, seed),
     none at p = 0. cfg: (stages, epilogue column slices) other than _gluon_gemm_cfg's, for sweeps
-    trigger: the next launch may start at once (programmatic dependent launch, see _pdl_ok)"""
+    trigger: the next launch may start at once (programmatic dependent launch, see _pdl_ok)
+    bits: the mask as _mask_bits drew it (p > 0; drawn here when not given), loaded beside each
+    tile's LoRA operands"""
     M, K_OUT = dy.shape[0], weight.shape[1]
     BR = Gs.shape[1]
     BM, BN, BK = _GEMM_TILE.block_a, _GEMM_TILE.block_b, _GEMM_BK
+    if bits is None:
+        bits = _mask_bits(M, K_OUT, p, seed, dy.device) if p > 0 else _no_mask_bits(dy.device)
     out = _new((M, K_OUT), dy.dtype, dy.device)
     tiles = _cdiv(M, BM) * _cdiv(K_OUT, BN)
     grid = min(tiles, _sm_count_of(dy.device))
@@ -1129,9 +1227,9 @@ def _lora_dgrad_ws(dy, weight, Gs, Aq, p: float, seed, cfg: tuple[int, int] | No
     _launch(lora_dgrad_ws_kernel, (grid, 1),
             nvmma_desc(dy, [BM, BK], gdt), nvmma_desc(weight, [BK, BN], gdt), nvmma_desc(Gs, [BM, BR], gdt),
             nvmma_desc(Aq, [BR, BN], gdt), nvmma_desc(out, [BM, BN // epi], gdt),
-            seed if seed is not None else out, keep_threshold(p), K_OUT,
-            MASKED=p > 0, ROUNDS=PHILOX_ROUNDS, GROUP_M=_GEMM_GROUP_M, STAGES=stages, TRIGGER=trigger,
-            num_warps=8, maxnreg=168)  # 8 MMA warps + a warpgroup (load warp, 2 mask warps) at 168 registers fill the SM's 64 K
+            nvmma_desc(bits, [4, bits.shape[1]], gl.int32), K_OUT,
+            MASKED=p > 0, GROUP_M=_GEMM_GROUP_M, STAGES=stages, TRIGGER=trigger,
+            num_warps=8, maxnreg=168)  # 12 warps x 168 registers fill the SM's 64 K; the MMA warps take 232
     return out
 
 
@@ -1300,13 +1398,16 @@ def _bwd_triton(dy, x, weight, A, B, S, seed, scale, p, need_dx):
     fused = need_dx and _fused_gemm_ok(dy, weight, R, K)
     Aq = _gluon_dgrad_a(dy, A) if fused else None
     Gs = _new((dy.shape[0], _block_r(R)), dy.dtype, dy.device) if Aq is not None else None
-    G, db = _bwd_dy(dy, B, S, scale, x.dtype, deterministic=da is None, gs=Gs, gs_scale=scale * keep_scale(p))
+    draw_bits = Aq is not None and p > 0  # the Gluon dgrad reads the mask as bits (see _mask_bits)
+    G, db = _bwd_dy(dy, B, S, scale, x.dtype, deterministic=da is None, gs=Gs, gs_scale=scale * keep_scale(p),
+                    trigger=draw_bits and _pdl_ok())
+    bits = _mask_bits(dy.shape[0], K, p, seed, dy.device, pdl=_pdl_ok()) if draw_bits else None
     if fused:
         # the GEMM first, then the dA pass, which (with programmatic dependent launch) takes the SMs
         # of the GEMM's partly empty last wave as its CTAs end: the two share no written memory
         pdl = _pdl_ok()
         if Aq is not None:
-            dx = _lora_dgrad_ws(dy, weight, Gs, Aq, p, seed, trigger=pdl)
+            dx = _lora_dgrad_ws(dy, weight, Gs, Aq, p, seed, trigger=pdl, bits=bits)
         else:
             dx = _lora_gemm(dy, weight, G, A, scale * keep_scale(p), None, w_kmajor=False, p=p, seed=seed, trigger=pdl)
         da, _ = _bwd_x(x, A, G, seed, scale, p, False, da=da, pdl=pdl)
