@@ -111,7 +111,8 @@ def dgrad(args):
             bits = LL._mask_bits(M, N, p, seed, dev) if p > 0 else None  # drawn once, as the backward does
             cands[f"Gluon p{p:g}"] = lambda p=p, bits=bits: LL._lora_dgrad_ws(dy, W, Gs, A, p, seed, bits=bits)
             for cfg in dgrad_cfgs:
-                cands[f"Gluon {cfg[0]}x{cfg[1]} p{p:g}"] = lambda p=p, cfg=cfg: LL._lora_dgrad_ws(dy, W, Gs, A, p, seed, cfg=cfg)
+                cands[f"Gluon {cfg[0]}x{cfg[1]} p{p:g}"] = lambda p=p, cfg=cfg, bits=bits: LL._lora_dgrad_ws(
+                    dy, W, Gs, A, p, seed, cfg=cfg, bits=bits)
             if before is not None:
                 cands[f"{args.before} p{p:g}"] = lambda p=p: before._lora_dgrad_ws(dy, W, Gs, A, p, seed)
         errs = {}

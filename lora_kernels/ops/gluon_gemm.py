@@ -248,7 +248,7 @@ if HAS_GLUON:
         register cost beside the accumulator. m_buf [4, BM H] (H = BN / 128) holds word (q, r, h)
         at q BM H + r H + h, bit jj + 16 b = keep(row r, column 128 h + 8 jj + 2 q + b) of the tile
         (lora_linear._mask_bits_kernel): in the wgmma accumulator a thread with lane % 4 = q holds
-        columns 8 J + 2 q + {0, 1}, so its 64 columns of a row are in 2 words a 128-column half."""
+        columns 8 J + 2 q + {0, 1}: its 64 columns of a row are in 2 words, one per 128-column half."""
         BM: gl.constexpr = a_bufs.shape[1]
         BN: gl.constexpr = w_bufs.shape[2]
         H: gl.constexpr = BN // 128

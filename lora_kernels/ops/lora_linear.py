@@ -229,16 +229,17 @@ if HAS_TRITON:
         thr = keep_thr.to(tl.uint32)
         T = thr | (thr << 16)
         TL = T & 0x7FFF7FFF
+        nT = T ^ 0xFFFFFFFF  # (not ~T: the interpreter's ~ on uint32 overflows)
         q0 = tl.zeros_like(c1)
         q1 = tl.zeros_like(c1)
         q2 = tl.zeros_like(c1)
         q3 = tl.zeros_like(c1)
         for jj in tl.static_range(16):
             w0, w1, w2, w3 = tl.philox(seed, g0 + jj + c3, c1, c2, c3, _ROUNDS)
-            q0 |= _keep_bits(w0, T, TL, jj)
-            q1 |= _keep_bits(w1, T, TL, jj)
-            q2 |= _keep_bits(w2, T, TL, jj)
-            q3 |= _keep_bits(w3, T, TL, jj)
+            q0 |= _keep_bits(w0, nT, TL, jj)
+            q1 |= _keep_bits(w1, nT, TL, jj)
+            q2 |= _keep_bits(w2, nT, TL, jj)
+            q3 |= _keep_bits(w3, nT, TL, jj)
         tile = (r0 // BM) * num_n + pid_n
         offs = (tile.to(tl.int64) * (4 * BM * H) + (r0 % BM + tl.arange(0, ROWS))[:, None] * H
                 + tl.arange(0, H)[None, :])  # [ROWS, H] at q = 0
@@ -250,11 +251,10 @@ if HAS_TRITON:
             tl.extra.cuda.gdc_wait()
 
     @triton.jit
-    def _keep_bits(w, T, TL, jj: tl.constexpr):
+    def _keep_bits(w, nT, TL, jj: tl.constexpr):
         """uint32 Philox words w -> keep of the low 16-bit half in bit jj, of the high half in bit 16 + jj
-        (T: keep_thr in both halves, TL = T & 0x7fff7fff; see _mask_bits_kernel)."""
+        (T = keep_thr in both halves, nT = ~T, TL = T & 0x7fff7fff; see _mask_bits_kernel)."""
         d = (w | 0x80008000) - TL
-        nT = T ^ 0xFFFFFFFF  # (not ~T: the interpreter's ~ on uint32 overflows)
         ge = (w & nT) | ((w ^ nT) & d)  # bits 15 and 31: low half >= thr, high half >= thr
         return (ge >> (15 - jj)) & ((1 << jj) | (1 << (16 + jj)))
 
