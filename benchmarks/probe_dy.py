@@ -6,8 +6,9 @@ One pass over dy [M, N] computes G = dy @ B [M, r] and adds dB = s * dy.T @ S [N
 atomics, and writes Gs, the dgrad's LoRA operand. With dropout the dgrad also needs its mask over
 [M, K] as bits, which a kernel after the pass draws (_mask_bits, launched beside the pass's last
 CTAs). For each shape, CUDA-graph us (median of --rounds rounds taken in turn, so drift hits all
-alike) of the pass as dispatched, the bits kernel, and the two one after the other, with dy's read
-bandwidth; --variants adds the pass at other tiles and stages, and the bits kernel on a second
+alike) of the pass as dispatched, the bits kernel, and the two one after the other (the bits kernel
+launched beside the pass's CTAs, as the backward launches it, and after the pass ends), with dy's
+read bandwidth; --variants adds the pass at other tiles and stages, and the bits kernel on a second
 stream beside the pass.
 """
 import argparse
@@ -58,6 +59,8 @@ def main():
             "bits kernel": lambda: L._mask_bits(M, K, p, seed, dev),
             "pass, then bits": lambda: (dy_pass(trigger=pdl), L._mask_bits(M, K, p, seed, dev, pdl=pdl)),
         }
+        if pdl:  # (as the backward launches them: the bits kernel beside the pass's CTAs; here without that)
+            cases["pass, then bits, no PDL"] = lambda: (dy_pass(), L._mask_bits(M, K, p, seed, dev))
         if args.variants:
             c = L._dy_cfg(M, R)
             for bn, stages in ((c.block_b, 4), (c.block_b, 6), (2 * c.block_b, 3), (2 * c.block_b, 4)):
@@ -77,4 +80,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with L._raw_launches():  # direct launches, as the op makes them (programmatic dependent launch needs them)
+        main()
