@@ -147,11 +147,11 @@ def _specialized(kernel, name, drop, sig, consts):
     unit inner strides, every other int and every pointer divisible. Without this the compiler cannot
     prove loads contiguous, keeps them scalar and does not pipeline them, and the build's registers and
     shared memory are not the launch's (the dy pass: 22 KB unpipelined against 72 KB at 3 stages)."""
-    units = UNIT_STRIDES | ({"stride_rc"} if drop else {"stride_rr"} if name == "gemm" else set())
+    units = UNIT_STRIDES | ({("stride_rc" if drop else "stride_rr")} if name == "gemm" else set())
     consts = {**consts, **{n: 1 for n in kernel.arg_names if n in units}}
     sig = {n: ("constexpr" if n in consts else t) for n, t in sig.items()}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
-             if sig[n] == "i32" and n != "keep_thr" or sig[n].startswith("*")}
+             if (sig[n] == "i32" and n != "keep_thr") or sig[n].startswith("*")}
     return sig, consts, attrs
 
 
