@@ -120,6 +120,19 @@ def _builds(ranks=(16, 64, 128, 256), dtypes=(("bf16", "bf16"), ("bf16", "fp32")
                     "BLOCK_R": L._block_r(R)})
 
 
+    if L.HAS_GLUON:  # the Gluon dA pass beside the Gluon dgrad (r <= 32), with the mask's bits and without
+        for R, xdt, masked in itertools.product(sorted({min(R, 32) for R in ranks}), ("bf16", "fp16"), (False, True)):
+            c, BR = L._XPASS_GLUON_CFG, L._block_r(min(R, 32))
+            gdt = {"bf16": gl.bfloat16, "fp16": gl.float16}[xdt]
+            blocks = {"x_desc": [c.block_a, c.block_b], "g_desc": [c.block_a, BR]}
+            ptrs = {k: f"tensordesc<{xdt}[{v[0]},{v[1]}],{gl.NVMMASharedLayout.get_default_for(v, gdt)!r}>"
+                    for k, v in blocks.items()}
+            ptrs["m_desc"] = (f"tensordesc<i32[4,{2 * c.block_a}],"
+                              f"{gl.NVMMASharedLayout.get_default_for([4, 2 * c.block_a], gl.int32)!r}>")
+            ptrs["da_ptr"] = "fp32"
+            yield ("da_gluon", R, xdt, xdt, masked, c, ptrs,
+                   {"MASKED": masked, "STAGES": c.num_stages, "WAIT_END": True, "num_warps": c.num_warps})
+
     for R, (xdt, adt) in itertools.product(tma_ranks, dtypes):
         if xdt == "fp32":
             continue
@@ -131,7 +144,8 @@ def _builds(ranks=(16, 64, 128, 256), dtypes=(("bf16", "bf16"), ("bf16", "fp32")
                 "WAIT_END": True})
 
 
-KERNELS = {"gemm": "_lora_gemm_kernel", "gemm_ws": "lora_gemm_ws_kernel", "dgrad_ws": "lora_dgrad_ws_kernel", "xa_tma": "_lora_bwd_xa_tma_kernel", "shrink_tma": "_lora_shrink_tma_kernel", "shrink": "_lora_shrink_kernel", "x": "_lora_bwd_x_kernel", "expand": "_lora_expand_kernel",
+KERNELS = {"gemm": "_lora_gemm_kernel", "gemm_ws": "lora_gemm_ws_kernel", "dgrad_ws": "lora_dgrad_ws_kernel",
+           "da_gluon": "lora_da_kernel", "xa_tma": "_lora_bwd_xa_tma_kernel", "shrink_tma": "_lora_shrink_tma_kernel", "shrink": "_lora_shrink_kernel", "x": "_lora_bwd_x_kernel", "expand": "_lora_expand_kernel",
            "dy": "_lora_bwd_dy_kernel"}
 
 
@@ -161,6 +175,9 @@ def _compile(build):
     if name in ("gemm_ws", "dgrad_ws"):  # Gluon: its own source type; 12 warps at 168 registers, as launched
         src = GluonASTSource(kernel, _signature(kernel, ptrs, consts), constexprs=consts)
         options = {"num_warps": 8, "maxnreg": 168}
+    elif name == "da_gluon":
+        src = GluonASTSource(kernel, _signature(kernel, ptrs, consts), constexprs=consts)
+        options = {"num_warps": cfg.num_warps}
     else:
         sig, consts, attrs = _specialized(kernel, name, drop, _signature(kernel, ptrs, consts), consts)
         src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)

@@ -698,6 +698,59 @@ def test_gluon_dgrad_applies_the_documented_mask_bit_for_bit(p):
         assert torch.equal(dx, mask.to(dt)), (M, K_RED, K_OUT, dt, (dx != mask.to(dt)).sum().item())
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not (ON_GPU and _gemm_kernel_runs_here() and op_mod.HAS_GLUON),
+                    reason="the Gluon dA pass runs on sm_90 only (Gluon has no interpreter)")
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_gluon_da_pass_matches_float64(p):
+    """lora_da_kernel: dA = Gs.T @ (x * keep) into a zeroed fp32 buffer against float64, both 16-bit
+    dtypes, ragged M and K (K past the last 256-column strip, rows past M in the last step), r 5 to 32
+    (Gs's columns past r hold NaN: they must not reach dA), the rows split over several programs
+    or not, the mask read from the dgrad's bits."""
+    from torch._library.triton import set_wrap_triton_enabled
+
+    g = torch.Generator().manual_seed(torch.randint(0, 2**31, ()).item())
+    seed = torch.tensor([int(torch.randint(0, 2**62, (), generator=g))], dtype=torch.int64, device=DEVICE)
+    for (M, K, r), dt in itertools.product([(300, 136, 5), (8200, 264, 16), (130, 1032, 32), (4100, 1000, 8)],
+                                           (torch.bfloat16, torch.float16)):
+        x = torch.randn(M, K, generator=g).to(DEVICE, dt)
+        BR = op_mod._block_r(r)
+        Gs = torch.full((M, BR), float("nan"), device=DEVICE, dtype=dt)
+        Gs[:, :r] = torch.randn(M, r, generator=g).to(DEVICE, dt)
+        with set_wrap_triton_enabled(False):
+            bits = op_mod._mask_bits(M, K, p, seed, x.device) if p > 0 else None
+            da = torch.zeros(r, K, device=DEVICE)
+            dA = op_mod._bwd_xa_gluon(x, Gs, r, da, bits)
+        keep = lk.dropout_mask(seed, M, K, p, device=DEVICE).double() if p > 0 else 1.0
+        ref = Gs[:, :r].double().t() @ (x.double() * keep)
+        scale_ref = Gs[:, :r].double().abs().t() @ (x.double().abs() * keep)
+        assert dA is da and dA.shape == (r, K)
+        assert rel_err(dA, ref, scale_ref) < TOL[dt][1], (M, K, r, dt)
+        if p > 0:  # the mask matters
+            assert rel_err(dA, Gs[:, :r].double().t() @ x.double()) > 10 * TOL[dt][1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (ON_GPU and _gemm_kernel_runs_here() and op_mod.HAS_GLUON),
+                    reason="the Gluon dA pass runs on sm_90 only (Gluon has no interpreter)")
+@pytest.mark.parametrize("p", [1 / 2**16, 0.05, 0.5, 1 - 1 / 2**16])
+def test_gluon_da_pass_applies_the_documented_mask_bit_for_bit(p):
+    """x = 1 and Gs one-hot by row % 16 make dA[j, k] the count of kept rows m = j (mod 16) in column k,
+    exact in fp32: it must equal dropout_mask's, at thresholds on both sides of 2^15 and at both ends."""
+    from torch._library.triton import set_wrap_triton_enabled
+
+    seed = torch.tensor([24680], dtype=torch.int64, device=DEVICE)
+    for (M, K), dt in itertools.product([(1200, 264), (8200, 1032)], (torch.bfloat16, torch.float16)):
+        x = torch.ones(M, K, device=DEVICE, dtype=dt)
+        Gs = torch.nn.functional.one_hot(torch.arange(M, device=DEVICE) % 16, 16).to(dt)
+        with set_wrap_triton_enabled(False):
+            dA = op_mod._bwd_xa_gluon(x, Gs, 16, torch.zeros(16, K, device=DEVICE),
+                                      op_mod._mask_bits(M, K, p, seed, x.device))
+        keep = lk.dropout_mask(seed, M, K, p, device=DEVICE)
+        counts = torch.zeros(16, K, device=DEVICE).index_add_(0, torch.arange(M, device=DEVICE) % 16, keep.float())
+        assert torch.equal(dA, counts), (M, K, dt, (dA != counts).sum().item())
+
+
 def _cases_with_launches(monkeypatch, shape, p):
     """run_case at shape (M, K, N, r) and p, bf16 with bf16 adapters and a bias, then fp16 with fp32
     adapters: yields (dtype, [(kernel, launch meta)] of that case, run_case's result)."""
@@ -717,14 +770,15 @@ def _cases_with_launches(monkeypatch, shape, p):
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_lora_linear_backward_takes_the_gluon_dgrad(monkeypatch, shape, p):
     """lora_linear's backward at r <= 32 on the fused path runs the dy pass (with Gs = s/(1-p) G in x's
-    dtype, from the kernel or, with the N range split at these row counts, from the summed G) and then
-    lora_dgrad_ws_kernel; every output and gradient against float64, with fp32
-    adapters too. r = 40 keeps the Triton GEMM."""
+    dtype, from the kernel or, with the N range split at these row counts, from the summed G), then
+    lora_dgrad_ws_kernel and lora_da_kernel; every output and gradient against float64, with fp32
+    adapters too. r = 40 keeps the Triton GEMM and dA pass."""
     r = shape[3]
     for dtype, launched, (y, y_ref, leaves, refs, y_abs) in _cases_with_launches(monkeypatch, shape, p):
         kernels = [k for k, _ in launched]
         gluon = r <= 32
         assert (op_mod.lora_dgrad_ws_kernel in kernels) == gluon, kernels
+        assert (op_mod.lora_da_kernel in kernels) == gluon, kernels  # (the dA pass reads its Gs and bits)
         assert (op_mod._lora_gemm_kernel in kernels) == (not gluon), kernels  # (the forward: Gluon at r % 8 == 0)
         dy_pass = [meta for k, meta in launched if k is op_mod._lora_bwd_dy_kernel]
         assert len(dy_pass) == 1 and (gluon or not dy_pass[0]["WRITE_GS"]), kernels  # (split: Gs from the sum)

@@ -312,6 +312,115 @@ if HAS_GLUON:
                                empty, l_ready, l_empty, num_m, num_n, k_steps, GROUP_M, True, MASKED)),
         ], [1], [40])
 
+    # ------------------------------------------------------------------------------------------
+    # The dA pass: dA^T[strip] += (x[rows, strip] * keep)^T @ Gs[rows], x masked in place in shared memory
+    # ------------------------------------------------------------------------------------------
+    @gluon.jit
+    def _bits_mask(m_buf, BM: gl.constexpr, BK: gl.constexpr, layout: gl.constexpr):
+        """The int32 AND-mask [BM, BK / 2] of x's [BM, BK] tile viewed as 16-bit pairs (0xffff where kept), in
+        `layout` (4 pairs, 16 bytes, a thread), from m_buf: the step's mask bits as lora_linear._mask_bits
+        drew them, [4, BM 2] int32 = word (q, r, h), bit jj + 16 b = keep(row r, column 128 h + 8 jj + 2 q
+        + b). Pair q of a thread's 8 columns (128 h + 8 jj + 2 q + {0, 1}) takes bits jj and 16 + jj of
+        word q: both halves at once. The 16 threads of a row half load the same 4 words (a broadcast)."""
+        nw: gl.constexpr = layout.warps_per_cta[0]
+        p4: gl.constexpr = gl.BlockedLayout([1, 1, 1, 4], [1, 2, 16, 1], [nw, 1, 1, 1], [3, 2, 1, 0])  # [r, h, jj, q]
+        words = m_buf._reinterpret(gl.int32, [4, BM, 2], gl.SwizzledSharedLayout(1, 1, 1, order=[2, 1, 0])).permute(
+            (1, 2, 0)).load(gl.SliceLayout(2, p4))  # [BM, 2, 4]
+        jj = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, p4))))
+        sh = gl.expand_dims(gl.expand_dims(gl.expand_dims(jj, 0), 1), 3)  # [1, 1, 16, 1]
+        m = ((gl.expand_dims(words, 2) >> sh) & 0x10001) * 0xFFFF  # [BM, 2, 16, 4]
+        return gl.convert_layout(m.reshape([BM, BK // 2]), layout)
+
+    @gluon.jit
+    def lora_da_kernel(
+        x_desc, g_desc, m_desc, da_ptr,  # TMA descriptors x [M, K] block [BM, 256], Gs [M, BLOCK_R] block [BM, BLOCK_R]
+                                         # (x's dtype, s / (1 - p) folded in, zeros past r), the mask's bits
+                                         # [tiles * 4, 256] int32 block [4, 2 BM] (MASKED); dA [R, K] fp32, zeroed
+        M_PER_SPLIT, R, bits_n,  # bits_n: the bits' tile columns, cdiv(K, 256)
+        MASKED: gl.constexpr, STAGES: gl.constexpr, WAIT_END: gl.constexpr,
+        num_warps: gl.constexpr,
+    ):
+        """dA[:, strip] += Gs[rows].T @ (x[rows, strip] * keep) over this program's rows (fp32 atomics), one
+        256-column strip a program (a column of the bits' [128, 256] tiles), BM rows a step, written as
+        dA^T = (x keep)^T Gs so that one wgmma takes the masked tile straight from shared memory (M = 256,
+        N = BLOCK_R, K = BM; A is x's tile read column-major, which wgmma does for 16-bit types).
+        The mask (MASKED) is read from the bits the dgrad's was drawn as (lora_linear._mask_bits), which
+        TMA brings beside x, and applied where TMA left the tile: each thread reads 16 bytes of a row as
+        4 pairs of x, ANDs them with 0xffff per kept half and writes them back to the same swizzled
+        address, so the tile never changes layout. About 2 integer instructions an element, against ~10
+        for drawing the mask here with Philox, which made the pass integer-bound (H100, graph us,
+        8192 rows, K = 4096 / 1024 / 2048: 31.4 / 10.5 / 16.7 drawn, 30.2 / 8.7 / 11.7 read; p0 27.4 /
+        6.7 / 9.0). Triton's dA pass masks in x's load layout and converts the tile to the MMA operand's
+        through a second shared-memory buffer: 34.4 / 11.6 / 18.7.
+        WAIT_END: launched beside the kernel before it (programmatic dependent launch), touching nothing
+        it writes; this kernel ends after it."""
+        BM: gl.constexpr = x_desc.block_type.shape[0]
+        BK: gl.constexpr = x_desc.block_type.shape[1]
+        BR: gl.constexpr = g_desc.block_type.shape[1]
+        dt: gl.constexpr = x_desc.dtype
+        K = x_desc.shape[1]
+        M = x_desc.shape[0]
+        pid_k = gl.program_id(0)
+        k0 = pid_k * BK
+        m_first = gl.program_id(1) * M_PER_SPLIT
+        n_steps = gl.cdiv(gl.minimum(M - m_first, M_PER_SPLIT), BM)
+        acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                        instr_shape=[16, BR, 16])
+        x_bufs = gl.allocate_shared_memory(dt, [STAGES, BM, BK], x_desc.layout)
+        g_bufs = gl.allocate_shared_memory(dt, [STAGES, BM, BR], g_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for st in gl.static_range(STAGES):
+            mbarrier.init(ready.index(st), count=1)
+        gl.static_assert(BK == 256, "one strip per column of the bits' [128, 256] tiles")
+        if MASKED:
+            gl.static_assert(128 % BM == 0, "steps inside the bits' 128-row tiles")
+            m_bufs = gl.allocate_shared_memory(gl.int32, [STAGES] + m_desc.block_type.shape, m_desc.layout)
+            nbytes: gl.constexpr = x_desc.block_type.nbytes + g_desc.block_type.nbytes + m_desc.block_type.nbytes
+            x32_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=x_desc.layout.swizzle_byte_width,
+                                                            element_bitwidth=32, rank=2)
+            # a warp a row, a thread 16 bytes (4 pairs of x; the 8 columns of one bit position jj)
+            blk32: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [num_warps, 1], [1, 0])
+        else:
+            nbytes: gl.constexpr = x_desc.block_type.nbytes + g_desc.block_type.nbytes
+        for st in gl.static_range(STAGES - 1):
+            if st < n_steps:
+                mbarrier.expect(ready.index(st), nbytes)
+                tma.async_copy_global_to_shared(x_desc, [m_first + st * BM, k0], ready.index(st), x_bufs.index(st))
+                tma.async_copy_global_to_shared(g_desc, [m_first + st * BM, 0], ready.index(st), g_bufs.index(st))
+                if MASKED:
+                    mrow = m_first + st * BM
+                    tma.async_copy_global_to_shared(m_desc, [((mrow // 128) * bits_n + pid_k) * 4, (mrow % 128) * 2],
+                                                    ready.index(st), m_bufs.index(st))
+        acc = gl.zeros([BK, BR], gl.float32, acc_l)
+        for i in range(n_steps):
+            s = i % STAGES
+            mbarrier.wait(ready.index(s), (i // STAGES) & 1)
+            if MASKED:
+                x32 = x_bufs.index(s)._reinterpret(gl.int32, [BM, BK // 2], x32_layout)
+                x32.store(x32.load(blk32) & _bits_mask(m_bufs.index(s), BM, BK, blk32))
+                fence_async_shared()
+                gl.thread_barrier()  # the whole tile is masked before the warpgroup's MMA reads it
+            acc = warpgroup_mma(x_bufs.index(s).permute((1, 0)), g_bufs.index(s), acc, is_async=True)
+            acc = warpgroup_mma_wait(1, deps=(acc, ))  # step i - 1's MMA retired: its slot may be refilled
+            nxt = i + STAGES - 1
+            if nxt < n_steps:
+                sn = nxt % STAGES
+                mrow = m_first + nxt * BM
+                mbarrier.expect(ready.index(sn), nbytes)
+                tma.async_copy_global_to_shared(x_desc, [mrow, k0], ready.index(sn), x_bufs.index(sn))
+                tma.async_copy_global_to_shared(g_desc, [mrow, 0], ready.index(sn), g_bufs.index(sn))
+                if MASKED:
+                    tma.async_copy_global_to_shared(m_desc, [((mrow // 128) * bits_n + pid_k) * 4, (mrow % 128) * 2],
+                                                    ready.index(sn), m_bufs.index(sn))
+        acc = warpgroup_mma_wait(0, deps=(acc, ))
+        cols = k0 + gl.arange(0, BK, layout=gl.SliceLayout(1, acc_l))
+        rr = gl.arange(0, BR, layout=gl.SliceLayout(0, acc_l))
+        gl.atomic_add(da_ptr + rr[None, :] * K + cols[:, None], acc, mask=(rr < R)[None, :] & (cols < K)[:, None],
+                      sem="relaxed")
+        if WAIT_END:
+            gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False,
+                                      pack=1)
+
     @functools.lru_cache(maxsize=None)
     def _nvmma_layout(block_shape: tuple, gl_dtype):
         return gl.NVMMASharedLayout.get_default_for(list(block_shape), gl_dtype)

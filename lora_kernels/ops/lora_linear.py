@@ -66,7 +66,8 @@ from .dropout import PHILOX_ROUNDS, draw_seed, dropout_mask, keep_scale, keep_th
 from .gluon_gemm import HAS_GLUON
 
 if HAS_GLUON:
-    from .gluon_gemm import GluonTensorDescriptor, gl, lora_dgrad_ws_kernel, lora_gemm_ws_kernel, nvmma_desc
+    from .gluon_gemm import (GluonTensorDescriptor, gl, lora_da_kernel, lora_dgrad_ws_kernel, lora_gemm_ws_kernel,
+                             nvmma_desc)
 
 try:
     import triton
@@ -947,6 +948,41 @@ def _bwd_xa_tma(x, G, seed, scale, p, cfg: _Cfg, da: torch.Tensor | None = None,
     return _da_result(out)
 
 
+# The dA pass in Gluon (lora_da_kernel): 64 rows x 256 columns a step, 8 warps, 3 stages (108 KB of
+# shared memory, two CTAs an SM). It reads Gs and the mask's bits, the dgrad's operands, so it runs
+# beside the Gluon dgrad. H100, graph us alone (benchmarks/probe_da.py), 8192 rows, r16, p0.05,
+# K = 4096 / 1024 / 2048, against Triton's TMA pass: 30.2 / 8.7 / 11.7 vs 34.4 / 11.6 / 18.7; other
+# tiles: [32, 256] 29.5-29.7 / 8.8-9.4 / 12.3, 4 warps at 64 rows 30.4 / 9.6 / 12.3, 3 CTAs an SM
+# 31.8-31.9 / 9.5-10.4 / 13.1-13.6, [128, 256] at 2 stages 36.8 / 10.2 / 16.1.
+_XPASS_GLUON_CFG = _Cfg(64, 256, 8, 3)
+
+
+_GLUON_XPASS = os.environ.get("LORA_KERNELS_GLUON_DA", "1") != "0"
+
+
+def _gluon_xpass_ok(x: torch.Tensor) -> bool:
+    """Whether lora_da_kernel takes the dA pass (beside the Gluon dgrad, whose Gs it reads): TMA-readable
+    16-bit x of fewer than 2^31 rows (the kernel's row counter is 32-bit)."""
+    return _GLUON_XPASS and x.shape[0] < 2**31 and _sm90_tma_ok(x)
+
+
+def _bwd_xa_gluon(x, Gs, R: int, da: torch.Tensor, bits: torch.Tensor | None, cfg: _Cfg = _XPASS_GLUON_CFG,
+                  pdl: bool = False) -> torch.Tensor:
+    """dA += Gs.T @ (x * keep) [R, K] fp32 into `da` (zeroed, fp32 atomics) through lora_da_kernel (sm_90).
+    x [M, K] (TMA-readable, 16-bit), Gs [M, BLOCK_R] = s / (1 - p) * G in x's dtype (zeros past r),
+    keep: the dropout mask as _mask_bits drew it for the dgrad, `bits` (None at p = 0: no mask).
+    pdl: launched with programmatic dependent launch after a kernel it shares nothing written with"""
+    M, K = x.shape
+    split, m_per_split, out = _da_split(M, K, R, cfg, x.device, da)
+    gdt = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
+    _launch(lora_da_kernel, (_cdiv(K, cfg.block_b), split),
+            nvmma_desc(x, [cfg.block_a, cfg.block_b], gdt), nvmma_desc(Gs, [cfg.block_a, Gs.shape[1]], gdt),
+            nvmma_desc(bits if bits is not None else _no_mask_bits(x.device), [4, 2 * cfg.block_a], gl.int32),
+            out, m_per_split, R, _cdiv(K, _GEMM_TILE.block_b),
+            MASKED=bits is not None, STAGES=cfg.num_stages, WAIT_END=pdl, num_warps=cfg.num_warps, **_pdl_meta(pdl))
+    return out
+
+
 def _bwd_x(x, A, G, seed, scale, p, need_dx, cfg: _Cfg | None = None, split_dx: bool | None = None,
            da: torch.Tensor | None = None, pdl: bool = False):
     """One pass over x -> (dA = s/(1-p) * G.T @ (x*keep) [R, K] fp32,
@@ -1189,8 +1225,8 @@ _MASK_BITS_ROWS = 64  # rows a program of _mask_bits_kernel: 2048 Philox calls, 
 
 @functools.lru_cache(maxsize=None)
 def _no_mask_bits(device: torch.device) -> torch.Tensor:
-    """One tile's worth of mask bits, the unmasked dgrad's (unread) mask operand."""
-    return torch.zeros(4, _GEMM_TILE.block_a * _GEMM_TILE.block_b // 128, dtype=torch.int32, device=device)
+    """One tile's worth of mask bits, the unmasked kernels' (unread) mask operand: not filled."""
+    return torch.empty(4, _GEMM_TILE.block_a * _GEMM_TILE.block_b // 128, dtype=torch.int32, device=device)
 
 
 def _mask_bits(M: int, K: int, p: float, seed, device, pdl: bool = False) -> torch.Tensor:
@@ -1410,7 +1446,10 @@ def _bwd_triton(dy, x, weight, A, B, S, seed, scale, p, need_dx):
             dx = _lora_dgrad_ws(dy, weight, Gs, Aq, p, seed, trigger=pdl, bits=bits)
         else:
             dx = _lora_gemm(dy, weight, G, A, scale * keep_scale(p), None, w_kmajor=False, p=p, seed=seed, trigger=pdl)
-        da, _ = _bwd_x(x, A, G, seed, scale, p, False, da=da, pdl=pdl)
+        if Gs is not None and da is not None and _gluon_xpass_ok(x):
+            da = _bwd_xa_gluon(x, Gs, R, da, bits, pdl=pdl)
+        else:
+            da, _ = _bwd_x(x, A, G, seed, scale, p, False, da=da, pdl=pdl)
     else:
         da, dx = _bwd_x(x, A, G, seed, scale, p, need_dx, da=da)
         if need_dx:
