@@ -30,6 +30,9 @@ cost): 8192 x 512 -> 2048 57 / 56 / 80 / 57; 8192 x 1024 -> 1024 46 / 49 / 58 / 
 4096 571 / 577 / 616 / 587. Nsight Compute at 512 -> 2048: the MMA warps waited for the mask warps
 11% of the kernel and drew the first tile another 9%; a third mask warp took 80 k to 73 k.
 
+The dA pass beside that dgrad, dA^T = (x keep)^T Gs (lora_da_kernel), takes x's tile by TMA, masks it
+in place in shared memory with the dgrad's mask bits and feeds it to wgmma from there.
+
 Gluon does not run under TRITON_INTERPRET: the CPU tests run the Triton kernels; the GPU tests run these.
 """
 from __future__ import annotations
@@ -349,8 +352,8 @@ if HAS_GLUON:
         4 pairs of x, ANDs them with 0xffff per kept half and writes them back to the same swizzled
         address, so the tile never changes layout. About 2 integer instructions an element, against ~10
         for drawing the mask here with Philox, which made the pass integer-bound (H100, graph us,
-        8192 rows, K = 4096 / 1024 / 2048: 31.4 / 10.5 / 16.7 drawn, 30.2 / 8.7 / 11.7 read; p0 27.4 /
-        6.7 / 9.0). Triton's dA pass masks in x's load layout and converts the tile to the MMA operand's
+        8192 rows, K = 4096 / 1024 / 2048: 31.4 / 10.5 / 16.7 drawn, 30.2 / 8.7 / 11.7 read; p0 27.6 /
+        7.2 / 9.1). Triton's dA pass masks in x's load layout and converts the tile to the MMA operand's
         through a second shared-memory buffer: 34.4 / 11.6 / 18.7.
         WAIT_END: launched beside the kernel before it (programmatic dependent launch), touching nothing
         it writes; this kernel ends after it."""

@@ -39,7 +39,9 @@ than half the SMs: _GEMM_MIN_WAVE, under torch.compile) cuBLAS keeps the GEMM. T
 runs as a warp-specialized Gluon kernel (gluon_gemm.py) at r <= 32, r % 8 == 0, where the TMA shrink
 writes its L operand (see _gluon_gemm_b; LORA_KERNELS_GLUON_GEMM=0: the Triton kernel), and the
 backward's dgrad as another one at r <= 32, fed Gs = s/(1-p) G in x's dtype by the dy pass (see
-_gluon_dgrad_a; LORA_KERNELS_GLUON_DGRAD=0: the Triton kernel).
+_gluon_dgrad_a; LORA_KERNELS_GLUON_DGRAD=0: the Triton kernel). Beside that dgrad the x pass is a Gluon
+kernel too (lora_da_kernel), which reads the dgrad's Gs and mask bits instead of drawing the mask
+(_bwd_xa_gluon; LORA_KERNELS_GLUON_DA=0: the Triton pass).
 
 Precision: the LoRA products run on tensor cores with operands in the activations' dtype and fp32
 accumulation. With 16-bit activations and fp32 adapters (PEFT's default), A, B, S and G are rounded
