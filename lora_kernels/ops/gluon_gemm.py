@@ -335,6 +335,19 @@ if HAS_GLUON:
         return gl.convert_layout(m.reshape([BM, BK // 2]), layout)
 
     @gluon.jit
+    def _load_da_step(x_desc, g_desc, m_desc, x_buf, g_buf, m_buf, bar, m0, pid_k, bits_n, nbytes: gl.constexpr,
+                      MASKED: gl.constexpr):
+        """TMA loads of one step of lora_da_kernel onto barrier `bar`: x's [BM, 256] tile at rows m0 of
+        strip pid_k, Gs's rows, and with MASKED the step's words of the bits' tile (pid_m, pid_k)."""
+        BM: gl.constexpr = x_desc.block_type.shape[0]
+        mbarrier.expect(bar, nbytes)
+        tma.async_copy_global_to_shared(x_desc, [m0, pid_k * x_desc.block_type.shape[1]], bar, x_buf)
+        tma.async_copy_global_to_shared(g_desc, [m0, 0], bar, g_buf)
+        if MASKED:
+            tma.async_copy_global_to_shared(m_desc, [((m0 // 128) * bits_n + pid_k) * 4, (m0 % 128) * 2], bar, m_buf)
+        gl.static_assert(128 % BM == 0, "steps inside the bits' 128-row tiles")
+
+    @gluon.jit
     def lora_da_kernel(
         x_desc, g_desc, m_desc, da_ptr,  # TMA descriptors x [M, K] block [BM, 256], Gs [M, BLOCK_R] block [BM, BLOCK_R]
                                          # (x's dtype, s / (1 - p) folded in, zeros past r), the mask's bits
@@ -376,7 +389,6 @@ if HAS_GLUON:
             mbarrier.init(ready.index(st), count=1)
         gl.static_assert(BK == 256, "one strip per column of the bits' [128, 256] tiles")
         if MASKED:
-            gl.static_assert(128 % BM == 0, "steps inside the bits' 128-row tiles")
             m_bufs = gl.allocate_shared_memory(gl.int32, [STAGES] + m_desc.block_type.shape, m_desc.layout)
             nbytes: gl.constexpr = x_desc.block_type.nbytes + g_desc.block_type.nbytes + m_desc.block_type.nbytes
             x32_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=x_desc.layout.swizzle_byte_width,
@@ -384,16 +396,12 @@ if HAS_GLUON:
             # a warp a row, a thread 16 bytes (4 pairs of x; the 8 columns of one bit position jj)
             blk32: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [num_warps, 1], [1, 0])
         else:
+            m_bufs = x_bufs  # (not loaded)
             nbytes: gl.constexpr = x_desc.block_type.nbytes + g_desc.block_type.nbytes
         for st in gl.static_range(STAGES - 1):
             if st < n_steps:
-                mbarrier.expect(ready.index(st), nbytes)
-                tma.async_copy_global_to_shared(x_desc, [m_first + st * BM, k0], ready.index(st), x_bufs.index(st))
-                tma.async_copy_global_to_shared(g_desc, [m_first + st * BM, 0], ready.index(st), g_bufs.index(st))
-                if MASKED:
-                    mrow = m_first + st * BM
-                    tma.async_copy_global_to_shared(m_desc, [((mrow // 128) * bits_n + pid_k) * 4, (mrow % 128) * 2],
-                                                    ready.index(st), m_bufs.index(st))
+                _load_da_step(x_desc, g_desc, m_desc, x_bufs.index(st), g_bufs.index(st), m_bufs.index(st),
+                              ready.index(st), m_first + st * BM, pid_k, bits_n, nbytes, MASKED)
         acc = gl.zeros([BK, BR], gl.float32, acc_l)
         for i in range(n_steps):
             s = i % STAGES
@@ -408,13 +416,8 @@ if HAS_GLUON:
             nxt = i + STAGES - 1
             if nxt < n_steps:
                 sn = nxt % STAGES
-                mrow = m_first + nxt * BM
-                mbarrier.expect(ready.index(sn), nbytes)
-                tma.async_copy_global_to_shared(x_desc, [mrow, k0], ready.index(sn), x_bufs.index(sn))
-                tma.async_copy_global_to_shared(g_desc, [mrow, 0], ready.index(sn), g_bufs.index(sn))
-                if MASKED:
-                    tma.async_copy_global_to_shared(m_desc, [((mrow // 128) * bits_n + pid_k) * 4, (mrow % 128) * 2],
-                                                    ready.index(sn), m_bufs.index(sn))
+                _load_da_step(x_desc, g_desc, m_desc, x_bufs.index(sn), g_bufs.index(sn), m_bufs.index(sn),
+                              ready.index(sn), m_first + nxt * BM, pid_k, bits_n, nbytes, MASKED)
         acc = warpgroup_mma_wait(0, deps=(acc, ))
         cols = k0 + gl.arange(0, BK, layout=gl.SliceLayout(1, acc_l))
         rr = gl.arange(0, BR, layout=gl.SliceLayout(0, acc_l))
