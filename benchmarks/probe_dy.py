@@ -8,8 +8,8 @@ atomics, and writes Gs, the dgrad's LoRA operand. With dropout the dgrad also ne
 CTAs). For each shape, CUDA-graph us (median of --rounds rounds taken in turn, so drift hits all
 alike) of the pass as dispatched, the bits kernel, and the two one after the other (the bits kernel
 launched beside the pass's CTAs, as the backward launches it, and after the pass ends), with dy's
-read bandwidth; --variants adds the pass at other tiles and stages, and the bits kernel on a second
-stream beside the pass.
+read bandwidth (the bits kernel persistent or not as _mask_bits chooses); --variants adds the pass
+at other tiles and stages, and the bits kernel on a second stream beside the pass.
 """
 import argparse
 

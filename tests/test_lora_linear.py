@@ -766,13 +766,14 @@ def _cases_with_launches(monkeypatch, shape, p):
 @pytest.mark.skipif(not (ON_GPU and _gemm_kernel_runs_here() and op_mod.HAS_GLUON),
                     reason="the Gluon dgrad kernel runs on sm_90 only (Gluon has no interpreter)")
 @pytest.mark.parametrize("shape", [(4100, 1024, 512, 16), (3000, 1280, 768, 24), (2400, 1536, 1024, 8),
-                                   (3000, 1280, 768, 40)], ids=str)
+                                   (3000, 1280, 768, 40), (8500, 2048, 1024, 16)], ids=str)
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_lora_linear_backward_takes_the_gluon_dgrad(monkeypatch, shape, p):
     """lora_linear's backward at r <= 32 on the fused path runs the dy pass (with Gs = s/(1-p) G in x's
     dtype, from the kernel or, with the N range split at these row counts, from the summed G), then
     lora_dgrad_ws_kernel and lora_da_kernel; every output and gradient against float64, with fp32
-    adapters too. r = 40 keeps the Triton GEMM and dA pass."""
+    adapters too. r = 40 keeps the Triton GEMM and dA pass. At 8500 x 2048 -> 1024 the mask's bits
+    kernel runs persistent on an H100: 1072 items on 536 programs."""
     r = shape[3]
     for dtype, launched, (y, y_ref, leaves, refs, y_abs) in _cases_with_launches(monkeypatch, shape, p):
         kernels = [k for k, _ in launched]
@@ -1032,13 +1033,18 @@ def _decode_mask_bits(bits: torch.Tensor, M: int, K: int) -> torch.Tensor:
     return flags.permute(0, 3, 1, 4, 5, 2, 6).reshape(num_m * BM, num_n * BN)[:M, :K].bool()
 
 
-@pytest.mark.parametrize("M,K", [(200, 300), (128, 256), (70, 520)])
+@pytest.mark.parametrize("M,K", [(200, 300), (128, 256), (70, 520), (300, 520)] + ([(2000, 1032)] if ON_GPU else []))
 @pytest.mark.parametrize("p", [1 / 2**16, 0.05, 0.5, 1 - 1 / 2**16])
-def test_mask_bits_are_the_documented_mask(M, K, p):
+@pytest.mark.parametrize("per_sm", [None, 1])
+def test_mask_bits_are_the_documented_mask(monkeypatch, M, K, p, per_sm):
     """_mask_bits_kernel draws dropout_mask's bits exactly, in the Gluon dgrad's tile order: ragged M
-    and K (the last tiles partly past the data), thresholds on both sides of 2^15 and at both ends."""
+    and K (the last tiles partly past the data), thresholds on both sides of 2^15 and at both ends;
+    one program an SM (per_sm = 1), so that programs take several items each (18 items at 300 x 520
+    on the interpreter's 8 SMs, 160 at 2000 x 1032 on an H100's 132)."""
+    if per_sm is not None:
+        monkeypatch.setattr(op_mod, "_MASK_BITS_CTAS_PER_SM", per_sm)
     seed = lk.dropout_seed(DEVICE)
-    bits = op_mod._mask_bits(M, K, p, seed, DEVICE)
+    bits = op_mod._mask_bits(M, K, p, seed, DEVICE, persistent=per_sm is not None or None)
     mask = lk.dropout_mask(seed, M, K, p, device=DEVICE)
     assert torch.equal(_decode_mask_bits(bits, M, K), mask)
     assert 0 < mask.sum() < mask.numel() or p in (1 / 2**16, 1 - 1 / 2**16)

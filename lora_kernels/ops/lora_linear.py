@@ -205,15 +205,16 @@ if HAS_TRITON:
     @triton.jit(do_not_specialize=["keep_thr"])  # (1 at p = 2^-16: an int32 all the same)
     def _mask_bits_kernel(
         seed_ptr, bits_ptr,  # seed [1] int64; bits [tiles, 4, BM, BN / 128] int32
-        num_n, keep_thr,
+        num_n, n_items, keep_thr,
         BM: tl.constexpr, BN: tl.constexpr, ROWS: tl.constexpr, WAIT_END: tl.constexpr,
     ):
         """The dropout mask of an [M, K] output as bits in the Gluon dgrad's tile order: word (t, q, r, h),
         t = pid_m num_n + pid_n a [BM, BN] tile, holds keep(pid_m BM + r, pid_n BN + 128 h + 8 jj + 2 q + b)
         in bit jj + 16 b (jj < 16: b = 0 the low 16-bit half of Philox word q of group pid_n BN / 8 + 16 h
-        + jj, 1 its high half). One program: ROWS rows of one tile column, ROWS * BN / 8 Philox calls,
-        a thread's 16 groups (jj) unrolled, so its 4 words fill in registers. Rows and columns past M
-        and K are drawn too (the buffer holds whole tiles; the dgrad's stores clip them).
+        + jj, 1 its high half). One item: ROWS rows of one tile column, ROWS * BN / 8 Philox calls, a
+        thread's 16 groups (jj) unrolled, so its 4 words fill in registers. Rows and columns past M and
+        K are drawn too (the buffer holds whole tiles; the dgrad's stores clip them). Persistent: the
+        programs take items n_items / grid apart (see _MASK_BITS_CTAS_PER_SM).
 
         Both halves of a word compare with keep_thr in one subtraction (SWAR, Hacker's Delight 2-19):
         with H = 0x80008000, d = (w | H) - (T & ~H) (T = keep_thr in both halves) cannot borrow
@@ -221,35 +222,36 @@ if HAS_TRITON:
         WAIT_END: launched while the kernel before it runs (programmatic dependent launch) and
         touching nothing it writes; this kernel ends after it (see _pdl_ok)."""
         H: tl.constexpr = BN // 128
-        r0 = tl.program_id(0) * ROWS  # the chunk's first row; ROWS divides BM
-        pid_n = tl.program_id(1)
-        rows = (r0.to(tl.int64) + tl.arange(0, ROWS))[:, None]  # [ROWS, 1]
-        g0 = (pid_n * (BN // 8) + 16 * tl.arange(0, H)).to(tl.uint32)[None, :]  # [1, H]: group of jj = 0
-        c1 = (rows & 0xFFFFFFFF).to(tl.uint32) + tl.zeros_like(g0)  # [ROWS, H]
-        c2 = (rows >> 32).to(tl.uint32) + tl.zeros_like(g0)
-        c3 = tl.zeros_like(c1)
         seed = tl.load(seed_ptr)
         thr = keep_thr.to(tl.uint32)
         T = thr | (thr << 16)
         TL = T & 0x7FFF7FFF
         nT = T ^ 0xFFFFFFFF  # (not ~T: the interpreter's ~ on uint32 overflows)
-        q0 = tl.zeros_like(c1)
-        q1 = tl.zeros_like(c1)
-        q2 = tl.zeros_like(c1)
-        q3 = tl.zeros_like(c1)
-        for jj in tl.static_range(16):
-            w0, w1, w2, w3 = tl.philox(seed, g0 + jj + c3, c1, c2, c3, _ROUNDS)
-            q0 |= _keep_bits(w0, nT, TL, jj)
-            q1 |= _keep_bits(w1, nT, TL, jj)
-            q2 |= _keep_bits(w2, nT, TL, jj)
-            q3 |= _keep_bits(w3, nT, TL, jj)
-        tile = (r0 // BM) * num_n + pid_n
-        offs = (tile.to(tl.int64) * (4 * BM * H) + (r0 % BM + tl.arange(0, ROWS))[:, None] * H
-                + tl.arange(0, H)[None, :])  # [ROWS, H] at q = 0
-        tl.store(bits_ptr + offs, q0.to(tl.int32, bitcast=True))
-        tl.store(bits_ptr + offs + BM * H, q1.to(tl.int32, bitcast=True))
-        tl.store(bits_ptr + offs + 2 * BM * H, q2.to(tl.int32, bitcast=True))
-        tl.store(bits_ptr + offs + 3 * BM * H, q3.to(tl.int32, bitcast=True))
+        for item in range(tl.program_id(0), n_items, tl.num_programs(0)):
+            r0 = (item // num_n) * ROWS  # the chunk's first row; ROWS divides BM
+            pid_n = item % num_n
+            rows = (r0.to(tl.int64) + tl.arange(0, ROWS))[:, None]  # [ROWS, 1]
+            g0 = (pid_n * (BN // 8) + 16 * tl.arange(0, H)).to(tl.uint32)[None, :]  # [1, H]: group of jj = 0
+            c1 = (rows & 0xFFFFFFFF).to(tl.uint32) + tl.zeros_like(g0)  # [ROWS, H]
+            c2 = (rows >> 32).to(tl.uint32) + tl.zeros_like(g0)
+            c3 = tl.zeros_like(c1)
+            q0 = tl.zeros_like(c1)
+            q1 = tl.zeros_like(c1)
+            q2 = tl.zeros_like(c1)
+            q3 = tl.zeros_like(c1)
+            for jj in tl.static_range(16):
+                w0, w1, w2, w3 = tl.philox(seed, g0 + jj + c3, c1, c2, c3, _ROUNDS)
+                q0 |= _keep_bits(w0, nT, TL, jj)
+                q1 |= _keep_bits(w1, nT, TL, jj)
+                q2 |= _keep_bits(w2, nT, TL, jj)
+                q3 |= _keep_bits(w3, nT, TL, jj)
+            tile = (r0 // BM) * num_n + pid_n
+            offs = (tile.to(tl.int64) * (4 * BM * H) + (r0 % BM + tl.arange(0, ROWS))[:, None] * H
+                    + tl.arange(0, H)[None, :])  # [ROWS, H] at q = 0
+            tl.store(bits_ptr + offs, q0.to(tl.int32, bitcast=True))
+            tl.store(bits_ptr + offs + BM * H, q1.to(tl.int32, bitcast=True))
+            tl.store(bits_ptr + offs + 2 * BM * H, q2.to(tl.int32, bitcast=True))
+            tl.store(bits_ptr + offs + 3 * BM * H, q3.to(tl.int32, bitcast=True))
         if WAIT_END:
             tl.extra.cuda.gdc_wait()
 
@@ -1222,7 +1224,19 @@ def _gluon_dgrad_a(dy: torch.Tensor, A: torch.Tensor) -> torch.Tensor | None:
 # (eager): 7.8 us at 8192 x 2048 (12.4 with its words packed by warp shuffles), 5.3 at 8192 x 1024.
 # The TMA dA pass reading the bits too was no faster (-6.4 / -1.7 / -2.5 us against -3.3 / -1.2 /
 # -5.6 without, same call): it draws its own.
-_MASK_BITS_ROWS = 64  # rows a program of _mask_bits_kernel: 2048 Philox calls, 16 a thread at 4 warps
+_MASK_BITS_ROWS = 64  # rows an item of _mask_bits_kernel: 2048 Philox calls, 16 a thread at 4 warps
+# The bits kernel beside the dy pass (PDL): each of its programs waits for the pass's end before it
+# exits (its results are the dgrad's as much as the pass's), holding its SM's registers. With one
+# program an item, only the first resident wave ran beside the pass and the rest after it. So where
+# the items are more than two such waves, the kernel runs persistent: 4 programs an SM (70
+# registers at 4 warps, 9 K of the SM's 64 K, beside the pass's 14 K), the fewest rounds of items
+# each. H100, graph us, median of 3 (benchmarks/probe_dy.py, r16 p0.05, dy [M, N], bits [M, K]), the
+# pass then the bits kernel, one program an item -> persistent: M N K = 8192 4096 4096 (2048 items)
+# 43.9 -> 36.5 (3 or 6 programs an SM: 36.3, 40.0); 8192 4096 14336 (7168) 78.1 -> 70.7. At two
+# rounds it lost: 8192 512 2048 (1024 items) 12.2 -> 12.8 (the kernel alone 8.1 -> 8.3: fewer warps
+# to hide its integer chains); at one (8192 1024 1024, 2048 4096 4096: 512 items) the launch is the
+# same. LORA_KERNELS_BITS_CTAS: programs an SM (0: one program an item everywhere).
+_MASK_BITS_CTAS_PER_SM = int(os.environ.get("LORA_KERNELS_BITS_CTAS", "4"))
 
 
 @functools.lru_cache(maxsize=None)
@@ -1231,14 +1245,22 @@ def _no_mask_bits(device: torch.device) -> torch.Tensor:
     return torch.empty(4, _GEMM_TILE.block_a * _GEMM_TILE.block_b // 128, dtype=torch.int32, device=device)
 
 
-def _mask_bits(M: int, K: int, p: float, seed, device, pdl: bool = False) -> torch.Tensor:
+def _mask_bits(M: int, K: int, p: float, seed, device, pdl: bool = False,
+               persistent: bool | None = None) -> torch.Tensor:
     """The dropout mask of (p, seed) over an [M, K] output as bits in lora_dgrad_ws_kernel's tile
     order (_mask_bits_kernel): int32 [tiles * 4, BM * BN / 128], tiles = cdiv(M, BM) * cdiv(K, BN).
-    pdl: launched with programmatic dependent launch beside the kernel before it (see _pdl_ok)."""
+    pdl: launched with programmatic dependent launch beside the kernel before it (see _pdl_ok).
+    persistent: _MASK_BITS_CTAS_PER_SM programs an SM, each taking several items, or one program an
+    item; None: persistent where the items are more than two rounds of the resident programs."""
     BM, BN = _GEMM_TILE.block_a, _GEMM_TILE.block_b
     num_m, num_n = _cdiv(M, BM), _cdiv(K, BN)
     bits = _new((num_m * num_n * 4, BM * BN // 128), torch.int32, device)
-    _launch(_mask_bits_kernel, (num_m * BM // _MASK_BITS_ROWS, num_n), seed, bits, num_n, keep_threshold(p),
+    items = num_m * BM // _MASK_BITS_ROWS * num_n
+    grid = items
+    resident = _MASK_BITS_CTAS_PER_SM * _sm_count_of(bits.device)
+    if resident and (persistent or (persistent is None and items > 2 * resident)):
+        grid = _cdiv(items, _cdiv(items, resident))  # as many items each: the fewest rounds
+    _launch(_mask_bits_kernel, (grid, 1), seed, bits, num_n, items, keep_threshold(p),
             BM=BM, BN=BN, ROWS=_MASK_BITS_ROWS, WAIT_END=pdl, num_warps=4, **_pdl_meta(pdl))
     return bits
 
