@@ -47,6 +47,13 @@ def _signature(kernel, ptrs: dict, constexprs: dict) -> dict:
     return sig
 
 
+def _gluon_descs(blocks: dict, xdt: str) -> dict:
+    """{name: block shape} -> {name: the Gluon tensordesc signature type, with its default NVMMA layout}."""
+    gdt = {"bf16": gl.bfloat16, "fp16": gl.float16, "i32": gl.int32}[xdt]
+    return {k: f"tensordesc<{xdt}[{v[0]},{v[1]}],{gl.NVMMASharedLayout.get_default_for(v, gdt)!r}>"
+            for k, v in blocks.items()}
+
+
 def _builds(ranks=(16, 64, 128, 256), dtypes=(("bf16", "bf16"), ("bf16", "fp32"), ("fp32", "fp32"))):
     for R, (xdt, adt), drop in itertools.product(ranks, dtypes, (False, True)):
         prec = "ieee" if xdt == "fp32" else "tf32"
@@ -85,7 +92,6 @@ def _builds(ranks=(16, 64, 128, 256), dtypes=(("bf16", "bf16"), ("bf16", "fp32")
 
 
     if L.HAS_GLUON:  # the forward's warp-specialized Gluon GEMM at r <= 32, both of its configs
-        gdt = {"bf16": gl.bfloat16, "fp16": gl.float16}
         for R, (xdt, adt), one_wave in itertools.product(sorted({min(R, 32) for R in ranks}), dtypes, (False, True)):
             if xdt == "fp32":
                 continue  # (L and B come in x's dtype whatever the adapters')
@@ -94,17 +100,14 @@ def _builds(ranks=(16, 64, 128, 256), dtypes=(("bf16", "bf16"), ("bf16", "fp32")
             c = L._Cfg(128, 256, 8, stages)
             blocks = {"a_desc": [128, 64], "w_desc": [256, 64], "l_desc": [128, BR], "b_desc": [256, BR],
                       "y_desc": [128, 256 // split]}
-            ptrs = {k: f"tensordesc<{xdt}[{v[0]},{v[1]}],{gl.NVMMASharedLayout.get_default_for(v, gdt[xdt])!r}>"
-                    for k, v in blocks.items()}
+            ptrs = _gluon_descs(blocks, xdt)
             ptrs["bias_ptr"] = xdt
             yield ("gemm_ws", R, xdt, adt, one_wave, c, ptrs,
                    {"HAS_BIAS": True, "GROUP_M": L._GEMM_GROUP_M, "STAGES": stages, "num_warps": 8})
             # the dgrad (masked: the mask bits loaded beside the LoRA slot), in the same two configs
             blocks = {"dy_desc": [128, 64], "w_desc": [64, 256], "l_desc": [128, BR], "r_desc": [BR, 256],
                       "y_desc": [128, 256 // split]}
-            ptrs = {k: f"tensordesc<{xdt}[{v[0]},{v[1]}],{gl.NVMMASharedLayout.get_default_for(v, gdt[xdt])!r}>"
-                    for k, v in blocks.items()}
-            ptrs["m_desc"] = f"tensordesc<i32[4,256],{gl.NVMMASharedLayout.get_default_for([4, 256], gl.int32)!r}>"
+            ptrs = {**_gluon_descs(blocks, xdt), **_gluon_descs({"m_desc": [4, 256]}, "i32")}
             yield ("dgrad_ws", R, xdt, adt, one_wave, c, ptrs,
                    {"MASKED": True, "GROUP_M": L._GEMM_GROUP_M, "STAGES": stages, "TRIGGER": True, "num_warps": 8})
 
@@ -123,13 +126,8 @@ def _builds(ranks=(16, 64, 128, 256), dtypes=(("bf16", "bf16"), ("bf16", "fp32")
     if L.HAS_GLUON:  # the Gluon dA pass beside the Gluon dgrad (r <= 32), with the mask's bits and without
         for R, xdt, masked in itertools.product(sorted({min(R, 32) for R in ranks}), ("bf16", "fp16"), (False, True)):
             c, BR = L._XPASS_GLUON_CFG, L._block_r(min(R, 32))
-            gdt = {"bf16": gl.bfloat16, "fp16": gl.float16}[xdt]
             blocks = {"x_desc": [c.block_a, c.block_b], "g_desc": [c.block_a, BR]}
-            ptrs = {k: f"tensordesc<{xdt}[{v[0]},{v[1]}],{gl.NVMMASharedLayout.get_default_for(v, gdt)!r}>"
-                    for k, v in blocks.items()}
-            ptrs["m_desc"] = (f"tensordesc<i32[4,{2 * c.block_a}],"
-                              f"{gl.NVMMASharedLayout.get_default_for([4, 2 * c.block_a], gl.int32)!r}>")
-            ptrs["da_ptr"] = "fp32"
+            ptrs = {**_gluon_descs(blocks, xdt), **_gluon_descs({"m_desc": [4, 2 * c.block_a]}, "i32"), "da_ptr": "fp32"}
             yield ("da_gluon", R, xdt, xdt, masked, c, ptrs,
                    {"MASKED": masked, "STAGES": c.num_stages, "WAIT_END": True, "num_warps": c.num_warps})
 
@@ -172,12 +170,10 @@ def _specialized(kernel, name, drop, sig, consts):
 def _compile(build):
     name, R, xdt, adt, drop, cfg, ptrs, consts = build
     kernel = getattr(L, KERNELS[name])
-    if name in ("gemm_ws", "dgrad_ws"):  # Gluon: its own source type; 12 warps at 168 registers, as launched
+    if name in ("gemm_ws", "dgrad_ws", "da_gluon"):  # Gluon: its own source type
         src = GluonASTSource(kernel, _signature(kernel, ptrs, consts), constexprs=consts)
-        options = {"num_warps": 8, "maxnreg": 168}
-    elif name == "da_gluon":
-        src = GluonASTSource(kernel, _signature(kernel, ptrs, consts), constexprs=consts)
-        options = {"num_warps": cfg.num_warps}
+        # the GEMMs as launched: 12 warps at 168 registers
+        options = {"num_warps": cfg.num_warps} if name == "da_gluon" else {"num_warps": 8, "maxnreg": 168}
     else:
         sig, consts, attrs = _specialized(kernel, name, drop, _signature(kernel, ptrs, consts), consts)
         src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)

@@ -1044,7 +1044,7 @@ def test_mask_bits_are_the_documented_mask(monkeypatch, M, K, p, per_sm):
     if per_sm is not None:
         monkeypatch.setattr(op_mod, "_MASK_BITS_CTAS_PER_SM", per_sm)
     seed = lk.dropout_seed(DEVICE)
-    bits = op_mod._mask_bits(M, K, p, seed, DEVICE, persistent=per_sm is not None or None)
+    bits = op_mod._mask_bits(M, K, p, seed, DEVICE, persistent=True if per_sm else None)
     mask = lk.dropout_mask(seed, M, K, p, device=DEVICE)
     assert torch.equal(_decode_mask_bits(bits, M, K), mask)
     assert 0 < mask.sum() < mask.numel() or p in (1 / 2**16, 1 - 1 / 2**16)
