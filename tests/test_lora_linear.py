@@ -955,12 +955,13 @@ def test_tma_shrink_kernel_matches_float64(cfg, p):
 def test_dy_pass_matches_float64_and_writes_gs():
     """The dy pass: G = dy @ B and dB = s dy.T @ S against float64, and with gs also Gs = c G rounded to
     dy's dtype, zeros past r, bit for bit the rounding the Triton dgrad GEMM applies to G: written by
-    the kernel (one split) or from the summed G (few row blocks: the N range split)."""
+    the kernel (one split) or with G from the parts by _lora_g_sum_kernel (few row blocks: N split)."""
     from lora_kernels import _backend
 
     if not (ON_GPU or _backend.interpreting()):
         pytest.skip("needs a GPU or the Triton interpreter")
-    shapes = [(300, 136, 5), (8200, 264, 16), (130, 1032, 32)] if ON_GPU else [(300, 72, 5), (70, 136, 16)]
+    # split N (few row blocks; the interpreter counts 8 SMs): (300, 136, 5), (130, 1032, 32) / (70, 136, 16), (33, 1000, 3)
+    shapes = [(300, 136, 5), (8200, 264, 16), (130, 1032, 32)] if ON_GPU else [(300, 72, 5), (70, 136, 16), (33, 1000, 3)]
     for (M, N, r), dt in itertools.product(shapes, [torch.float16, torch.bfloat16] if ON_GPU else [torch.float16]):
         g = torch.Generator().manual_seed(torch.randint(0, 2**31, ()).item())
         dy = torch.randn(M, N, generator=g).to(DEVICE, dt)

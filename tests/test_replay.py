@@ -153,6 +153,9 @@ CASES = [
     (1000, 1024, 1024, 128, bf16, fp32, 0.0, True, True),  # r > 64: the backward's products in cuBLAS
     (700, 512, 768, 96, fp16, fp16, 0.1, False, True),  # the same with dropout: Triton dA, masked expand
     (1000, 1024, 1024, 16, bf16, bf16, 0.05, False, True),
+    # sm_90: the Gluon dgrad (128 tiles) after a dy pass split over N (16 row blocks), its G and Gs summed by a kernel
+    (2048, 2048, 512, 16, bf16, bf16, 0.0, False, True),
+    (2048, 2048, 1024, 16, bf16, fp32, 0.05, True, True),
     (300, 136, 520, 5, fp16, fp16, 0.1, True, False),  # x frozen: no dx; ragged N: cuBLAS beta = 1
     (2177, 520, 504, 16, bf16, fp32, 0.0, False, True),  # ragged N / K, fp32 adapters
     (64, 256, 256, 8, fp32, fp32, 0.1, True, True),  # fp32 activations: pointer kernels and cuBLAS

@@ -242,7 +242,11 @@ def run(quick: bool = False, shard: tuple[int, int] | None = None, graphs: bool 
     graphs = quick if graphs is None else graphs
     rows = []
     cases = shard_cases([Case(*c) for c in QUICK] if quick else list(full_grid()), shard)
+    n_cases = len(cases)
     cases = match_cases(cases, match)
+    if match and not cases:
+        print(f"[linear] --match {match!r} matched none of the {n_cases} case names (e.g. {Case(*QUICK[0]).name!r})",
+              file=sys.stderr, flush=True)
     t_start = time.perf_counter()
     for i, case in enumerate(cases, 1):
         t0 = time.perf_counter()

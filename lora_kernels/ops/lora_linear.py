@@ -462,6 +462,29 @@ if HAS_TRITON:
                      mask=row_ok[:, None])
 
     @triton.jit
+    def _lora_g_sum_kernel(
+        parts_ptr, g_ptr, gs_ptr,  # G parts [SPLIT, M, R] f32, G [M, R] f32, Gs [M, BLOCK_R] in dy's dtype
+        M, R, SPLIT, gs_scale,
+        BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        """The dy pass's partial products summed where it split N: G = sum over s of parts[s], and Gs =
+        gs_scale * G rounded to Gs's dtype, zeros past R (what the pass writes itself as one split).
+        One launch for what took a sum, a fill and a multiply (and eager replay records a launch)."""
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_r = tl.arange(0, BLOCK_R)
+        row_ok = rows < M
+        ok = row_ok[:, None] & (offs_r < R)[None, :]
+        offs = rows[:, None] * R + offs_r[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        part = parts_ptr + offs
+        for _ in range(SPLIT):
+            acc += tl.load(part, mask=ok, other=0.0)
+            part += M * R  # (64-bit pointer arithmetic: no int32 product of the split and the sizes)
+        tl.store(g_ptr + offs, acc, mask=ok)
+        tl.store(gs_ptr + rows[:, None] * BLOCK_R + offs_r[None, :], (acc * gs_scale).to(gs_ptr.dtype.element_ty),
+                 mask=row_ok[:, None])
+
+    @triton.jit
     def _lora_bwd_x_kernel(
         x_ptr, a_ptr, g_ptr, seed_ptr, dx_ptr, da_ptr,  # x [M, K], A [R, K], G [M, R] f32, dx [M, K],
                                                         # dA [R, K] f32 (ATOMIC) or parts [SPLIT, R, K]
@@ -868,6 +891,9 @@ def _expand(S, B, scale, bias, y, cfg: _Cfg | None = None, p: float = 0.0, seed=
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
+_G_SUM_ROWS = 64  # rows a program of _lora_g_sum_kernel (split passes have few row blocks: M <= ~4200)
+
+
 def _bwd_dy(dy, B, S, scale, x_dtype, deterministic, cfg: _Cfg | None = None, gs: torch.Tensor | None = None,
             gs_scale: float = 1.0, trigger: bool = False):
     """One pass over dy -> (G = dy @ B [M, R] fp32, dB = scale * dy.T @ S [N, R] fp32).
@@ -891,10 +917,14 @@ def _bwd_dy(dy, B, S, scale, x_dtype, deterministic, cfg: _Cfg | None = None, gs
             COMPUTE_DB=not deterministic, WRITE_GS=write_gs, DOT_PRECISION=_dot_precision(x_dtype),
             BLOCK_M=cfg.block_a, BLOCK_N=cfg.block_b, BLOCK_R=_block_r(R), TRIGGER=trigger,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    G = _sum0(g_parts) if split > 1 else g_parts
-    if gs is not None and not write_gs:
-        gs[:, R:].zero_()
-        torch.mul(G, gs_scale, out=gs[:, :R])  # (into dy's dtype: the kernel's rounding)
+    if split == 1:
+        G = g_parts
+    elif gs is None:
+        G = _sum0(g_parts)
+    else:  # G and Gs from the parts in one kernel
+        G = _new((M, R), torch.float32, dy.device)
+        _launch(_lora_g_sum_kernel, (_cdiv(M, _G_SUM_ROWS), 1), g_parts, G, gs, M, R, split, gs_scale,
+                BLOCK_M=_G_SUM_ROWS, BLOCK_R=_block_r(R), num_warps=4)
     if deterministic:  # no atomics: dB by one more (cuBLAS) read of dy
         db = torch.mm(dy.t().to(torch.float32), S).mul_(scale)
     return G, db
@@ -1239,10 +1269,12 @@ _MASK_BITS_ROWS = 64  # rows an item of _mask_bits_kernel: 2048 Philox calls, 16
 _MASK_BITS_CTAS_PER_SM = int(os.environ.get("LORA_KERNELS_BITS_CTAS", "4"))
 
 
-@functools.lru_cache(maxsize=None)
 def _no_mask_bits(device: torch.device) -> torch.Tensor:
-    """One tile's worth of mask bits, the unmasked kernels' (unread) mask operand: not filled."""
-    return torch.empty(4, _GEMM_TILE.block_a * _GEMM_TILE.block_b // 128, dtype=torch.int32, device=device)
+    """One tile's worth of mask bits, the unmasked kernels' (unread) mask operand: not filled. A fresh
+    4 KB buffer each call, not a cached one: eager replay names a launch's arguments as the call's
+    inputs or the buffers it made, so with a cached operand every p0 backward through the Gluon
+    dgrad was declined and took the Python path at every call."""
+    return _new((4, _GEMM_TILE.block_a * _GEMM_TILE.block_b // 128), torch.int32, device)
 
 
 def _mask_bits(M: int, K: int, p: float, seed, device, pdl: bool = False,
