@@ -952,6 +952,33 @@ def test_tma_shrink_kernel_matches_float64(cfg, p):
         assert torch.equal(lb[:, r:], torch.zeros_like(lb[:, r:])), (M, K, r, dt)
 
 
+def test_pair_kernels_zero_and_round_like_torch():
+    """_zero2_kernel zeroes both buffers (NaN-filled before) to their ends, and _cast2 rounds both fp32
+    buffers exactly as Tensor.to does, at sizes that end inside a program's block."""
+    from lora_kernels import _backend
+
+    if not (ON_GPU or _backend.interpreting()):
+        pytest.skip("needs a GPU or the Triton interpreter")
+    dtypes = [torch.float16, torch.bfloat16] if ON_GPU else [torch.float16]  # (interpreter: bf16 casts truncate)
+    for (sa, sb), dt in itertools.product([((5, 4099), (4097, 3)), ((1, 1), (16, 8192))], dtypes):
+        a = torch.full(sa, float("nan"), device=DEVICE)
+        b = torch.full(sb, float("nan"), device=DEVICE)
+        na, nb = a.numel(), b.numel()
+        blk = op_mod._PAIR_BLOCK
+        op_mod._launch(op_mod._zero2_kernel, (op_mod._cdiv(na, blk) + op_mod._cdiv(nb, blk), 1), a, na, b, nb,
+                       BLOCK=blk)
+        assert torch.equal(a, torch.zeros_like(a)) and torch.equal(b, torch.zeros_like(b)), (sa, sb)
+        za, zb = op_mod._zeros2(sa, sb, DEVICE)
+        assert za.shape == sa and zb.shape == sb and not za.any() and not zb.any()
+        a, b = torch.randn(sa, device=DEVICE) * 3, torch.randn(sb, device=DEVICE) / 7
+        ca, cb = op_mod._cast2(a, dt, b, dt)
+        assert ca.dtype == dt and cb.dtype == dt and ca.shape == sa and cb.shape == sb
+        assert torch.equal(ca, a.to(dt)) and torch.equal(cb, b.to(dt)), (sa, sb, dt)
+    a32 = torch.randn(3, 5, device=DEVICE)
+    same, other = op_mod._cast2(a32, torch.float32, torch.ones(2, 2, device=DEVICE), torch.float16)
+    assert same is a32 and torch.equal(other, torch.ones(2, 2, dtype=torch.float16, device=DEVICE))
+
+
 def test_dy_pass_matches_float64_and_writes_gs():
     """The dy pass: G = dy @ B and dB = s dy.T @ S against float64, and with gs also Gs = c G rounded to
     dy's dtype, zeros past r, bit for bit the rounding the Triton dgrad GEMM applies to G: written by

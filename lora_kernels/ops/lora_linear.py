@@ -462,6 +462,33 @@ if HAS_TRITON:
                      mask=row_ok[:, None])
 
     @triton.jit
+    def _zero2_kernel(a_ptr, n_a, b_ptr, n_b, BLOCK: tl.constexpr):
+        """a[:n_a] = 0 and b[:n_b] = 0 in one launch: the first cdiv(n_a, BLOCK) programs take a, the rest b."""
+        pid = tl.program_id(0)
+        blocks_a = tl.cdiv(n_a, BLOCK)
+        if pid < blocks_a:
+            offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+            tl.store(a_ptr + offs, tl.zeros((BLOCK,), a_ptr.dtype.element_ty), mask=offs < n_a)
+        else:
+            offs = (pid - blocks_a).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+            tl.store(b_ptr + offs, tl.zeros((BLOCK,), b_ptr.dtype.element_ty), mask=offs < n_b)
+
+    @triton.jit
+    def _cast2_kernel(a_ptr, a_out_ptr, n_a, b_ptr, b_out_ptr, n_b, BLOCK: tl.constexpr):
+        """a_out = a and b_out = b converted to the outputs' dtypes (round to nearest even), in one
+        launch: the first cdiv(n_a, BLOCK) programs take a, the rest b."""
+        pid = tl.program_id(0)
+        blocks_a = tl.cdiv(n_a, BLOCK)
+        if pid < blocks_a:
+            offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+            v = tl.load(a_ptr + offs, mask=offs < n_a)
+            tl.store(a_out_ptr + offs, v.to(a_out_ptr.dtype.element_ty), mask=offs < n_a)
+        else:
+            offs = (pid - blocks_a).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+            v = tl.load(b_ptr + offs, mask=offs < n_b)
+            tl.store(b_out_ptr + offs, v.to(b_out_ptr.dtype.element_ty), mask=offs < n_b)
+
+    @triton.jit
     def _lora_g_sum_kernel(
         parts_ptr, g_ptr, gs_ptr,  # G parts [SPLIT, M, R] f32, G [M, R] f32, Gs [M, BLOCK_R] in dy's dtype
         M, R, SPLIT, gs_scale,
@@ -696,6 +723,33 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
+# The backward's fp32 accumulators of dA and dB (fp32 atomics) are zeroed by one launch and, with
+# 16-bit adapters, rounded by one more, in place of two fills and two casts through ATen: each of those
+# cost ~19-38 us of the H100 host's time in an eager step (torch profiler: zeros ~19, a cast ~38 us;
+# an eager replay launches a kernel in ~7) and a kernel of its own in a CUDA graph.
+_PAIR_BLOCK = 4096  # elements a program of _zero2_kernel / _cast2_kernel
+
+
+def _zeros2(shape_a, shape_b, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two zeroed fp32 buffers of these shapes, zeroed by one launch."""
+    a, b = _new(shape_a, torch.float32, device), _new(shape_b, torch.float32, device)
+    na, nb = a.numel(), b.numel()
+    _launch(_zero2_kernel, (_cdiv(na, _PAIR_BLOCK) + _cdiv(nb, _PAIR_BLOCK), 1), a, na, b, nb,
+            BLOCK=_PAIR_BLOCK, num_warps=4)
+    return a, b
+
+
+def _cast2(a: torch.Tensor, dtype_a: torch.dtype, b: torch.Tensor, dtype_b: torch.dtype):
+    """(a.to(dtype_a), b.to(dtype_b)): one launch where both change dtype (contiguous a and b)."""
+    if a.dtype == dtype_a or b.dtype == dtype_b or not (a.is_contiguous() and b.is_contiguous()):
+        return _cast(a, dtype_a), _cast(b, dtype_b)
+    out_a, out_b = _new(a.shape, dtype_a, a.device), _new(b.shape, dtype_b, b.device)
+    na, nb = a.numel(), b.numel()
+    _launch(_cast2_kernel, (_cdiv(na, _PAIR_BLOCK) + _cdiv(nb, _PAIR_BLOCK), 1), a, out_a, na, b, out_b, nb,
+            BLOCK=_PAIR_BLOCK, num_warps=4)
+    return out_a, out_b
+
+
 # ================================================================================================
 # launchers
 # ================================================================================================
@@ -895,10 +949,11 @@ _G_SUM_ROWS = 64  # rows a program of _lora_g_sum_kernel (split passes have few 
 
 
 def _bwd_dy(dy, B, S, scale, x_dtype, deterministic, cfg: _Cfg | None = None, gs: torch.Tensor | None = None,
-            gs_scale: float = 1.0, trigger: bool = False):
+            gs_scale: float = 1.0, trigger: bool = False, db: torch.Tensor | None = None):
     """One pass over dy -> (G = dy @ B [M, R] fp32, dB = scale * dy.T @ S [N, R] fp32).
     gs: a [M, BLOCK_R] tensor in dy's dtype to fill with gs_scale * G rounded, zeros past R (the
-    pass writes it where it runs as one split; else it comes from the summed G)."""
+    pass writes it where it runs as one split; else it comes from the summed G).
+    db: the zeroed fp32 [N, R] for dB's atomic adds (not deterministic); made here when not given."""
     M, N = dy.shape
     R = B.shape[1]
     cfg = cfg or _dy_cfg(M, R, B.element_size() > dy.element_size())
@@ -907,7 +962,10 @@ def _bwd_dy(dy, B, S, scale, x_dtype, deterministic, cfg: _Cfg | None = None, gs
     n_per_split = _cdiv(_cdiv(N, split), cfg.block_b) * cfg.block_b
     split = _cdiv(N, n_per_split)
     g_parts = _new((split, M, R) if split > 1 else (M, R), torch.float32, dy.device)
-    db = g_parts if deterministic else _new((N, R), torch.float32, dy.device, zero=True)
+    if deterministic:
+        db = g_parts  # (not written: COMPUTE_DB is off)
+    elif db is None:
+        db = _new((N, R), torch.float32, dy.device, zero=True)
     write_gs = gs is not None and split == 1
     _launch(_lora_bwd_dy_kernel, (n_m, split),
             dy, B, S, g_parts, db, gs if write_gs else g_parts,
@@ -1486,13 +1544,16 @@ def _bwd_triton(dy, x, weight, A, B, S, seed, scale, p, need_dx):
     R, K = A.shape
     if _cublas_products_ok(x, R):
         return _bwd_cublas(dy, x, weight, A, B, S, seed, scale, p, need_dx)
-    da = _da_buffer(R, K, x.device)
+    # the zeroed fp32 dA and dB that the passes add into with atomics (see _da_buffer), by one launch
+    da = db = None
+    if not torch.are_deterministic_algorithms_enabled():
+        da, db = _zeros2((R, K), (dy.shape[1], R), x.device)
     fused = need_dx and _fused_gemm_ok(dy, weight, R, K)
     Aq = _gluon_dgrad_a(dy, A) if fused else None
     Gs = _new((dy.shape[0], _block_r(R)), dy.dtype, dy.device) if Aq is not None else None
     draw_bits = Aq is not None and p > 0  # the Gluon dgrad reads the mask as bits (see _mask_bits)
     G, db = _bwd_dy(dy, B, S, scale, x.dtype, deterministic=da is None, gs=Gs, gs_scale=scale * keep_scale(p),
-                    trigger=draw_bits and _pdl_ok())
+                    trigger=draw_bits and _pdl_ok(), db=db)
     bits = _mask_bits(dy.shape[0], K, p, seed, dy.device, pdl=_pdl_ok()) if draw_bits else None
     if fused:
         # the GEMM first, then the dA pass, which (with programmatic dependent launch) takes the SMs
@@ -1512,7 +1573,7 @@ def _bwd_triton(dy, x, weight, A, B, S, seed, scale, p, need_dx):
             _addmm_(dx, dy, weight, transpose=False)  # cuBLAS with beta = 1: dx = dy @ W + dx_lora
         else:
             dx = _new((0,), x.dtype, x.device)
-    return dx, _cast(da, A.dtype), _cast(db, B.dtype)
+    return (dx, *_cast2(da, A.dtype, db, B.dtype))
 
 
 def _masked_x(x, p, seed):
