@@ -289,3 +289,47 @@ def test_forced_pytorch_backend_is_not_replayed(monkeypatch):
     for name, g, w in zip(("y", "dx", "dA", "dB"), torch_path, kernels):
         err = ((g.double() - w.double()).norm() / w.double().norm()).item()
         assert err < 2e-2, (name, err)
+
+
+@_gpu
+def test_tma_descriptors_follow_their_tensors(monkeypatch):
+    """Replay reuses a TMA descriptor while its tensor's address is unchanged. Calls at one key with
+    new tensors (other addresses and values), and with the same tensors rewritten in place, each
+    give the Python path's results; with descriptor reuse off they are the same bits, and reuse
+    makes fewer descriptors than encoding each one every call."""
+    ops = torch.ops.lora_kernels_ext
+    M, K, N, r, dt, adt, p, bias, need_x = CASES[0]  # the Gluon GEMMs, TMA shrink and dA pass: ~15 descriptors
+    x, W, A, B, b, dy = _inputs(M, K, N, r, dt, adt, bias, need_x)
+    for _ in range(2):  # first sight, record: the key's next calls replay
+        _step(x, W, A, B, b, 0.5, p, dy, need_x)
+    g = torch.Generator().manual_seed(5)
+    for call in range(6):
+        if call % 2 == 0:  # new tensors: every input at another address
+            x = (torch.randn(M, K, generator=g).to("cuda", dt)).requires_grad_(True)
+            W = (torch.randn(N, K, generator=g) / K**0.5).to("cuda", dt)
+            dy = torch.randn(M, N, generator=g).to("cuda", dt)
+        else:  # the same tensors, new values
+            with torch.no_grad():
+                for t in (x, W, dy):
+                    t.copy_(torch.randn(t.shape, generator=g).to("cuda", dt) / (K**0.5 if t is W else 1.0))
+        args = (x, W, A, B, b, 0.5, p, dy, need_x)
+        want = _python_path(monkeypatch, *args)
+        before = replay.stats["replayed"]
+        got = _step(*args)
+        assert replay.stats["replayed"] == before + 2, (call, replay.last_declined)
+        _assert_same(got, want, need_x, call)
+    encodes = ops.replay_tma_encodes()
+    for _ in range(3):
+        _step(*args)
+    with_reuse = ops.replay_tma_encodes() - encodes
+    was_on = ops.replay_tma_cache(False)
+    try:
+        encodes = ops.replay_tma_encodes()
+        for _ in range(3):
+            got = _step(*args)
+        without = ops.replay_tma_encodes() - encodes
+    finally:
+        ops.replay_tma_cache(was_on)
+    assert was_on and without >= 3 * 10, without  # every descriptor of every replayed call
+    assert with_reuse < without, (with_reuse, without)
+    _assert_same(got, want, need_x, "reuse off")
