@@ -629,6 +629,19 @@ def test_gluon_gemm_kernel_matches_float64(monkeypatch, shape):
         assert rel_err(out, other.double(), scale_ref) < TOL[dt][0]
 
 
+@pytest.mark.parametrize("sms", [1, 7, 132, 144])
+def test_balanced_grid_keeps_the_busiest_cta_and_frees_the_rest(sms):
+    """_balanced_grid (the Gluon dgrad's persistent grid): no more CTAs than SMs or tiles, the busiest
+    CTA has no more tiles than with min(tiles, sms) CTAs, and one CTA fewer would give it more."""
+    for tiles in range(1, 5 * sms + 3):
+        g = op_mod._balanced_grid(tiles, sms)
+        rounds = -(-tiles // min(tiles, sms))
+        assert 1 <= g <= min(tiles, sms), (tiles, sms, g)
+        assert -(-tiles // g) == rounds, (tiles, sms, g)
+        assert g == 1 or -(-tiles // (g - 1)) > rounds, (tiles, sms, g)
+    assert op_mod._balanced_grid(512, 132) == 128  # 8192 x 4096 in 128 x 256 tiles: 4 each, 4 SMs free
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not (ON_GPU and _gemm_kernel_runs_here() and op_mod.HAS_GLUON),
                     reason="the Gluon dgrad kernel runs on sm_90 only (Gluon has no interpreter)")

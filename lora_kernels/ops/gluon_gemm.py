@@ -369,7 +369,7 @@ if HAS_GLUON:
         7.2 / 9.1). Triton's dA pass masks in x's load layout and converts the tile to the MMA operand's
         through a second shared-memory buffer: 34.4 / 11.6 / 18.7.
         WAIT_END: launched beside the kernel before it (programmatic dependent launch), touching nothing
-        it writes; this kernel ends after it."""
+        it writes; this kernel ends after it (its last program waits for it)."""
         BM: gl.constexpr = x_desc.block_type.shape[0]
         BK: gl.constexpr = x_desc.block_type.shape[1]
         BR: gl.constexpr = g_desc.block_type.shape[1]
@@ -423,9 +423,10 @@ if HAS_GLUON:
         rr = gl.arange(0, BR, layout=gl.SliceLayout(0, acc_l))
         gl.atomic_add(da_ptr + rr[None, :] * K + cols[:, None], acc, mask=(rr < R)[None, :] & (cols < K)[:, None],
                       sem="relaxed")
-        if WAIT_END:
-            gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False,
-                                      pack=1)
+        if WAIT_END:  # the last program only (see lora_linear._wait_end_program)
+            if (gl.program_id(0) == gl.num_programs(0) - 1) & (gl.program_id(1) == gl.num_programs(1) - 1):
+                gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32,
+                                          is_pure=False, pack=1)
 
     @functools.lru_cache(maxsize=None)
     def _nvmma_layout(block_shape: tuple, gl_dtype):
