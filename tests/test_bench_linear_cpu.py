@@ -47,6 +47,34 @@ def test_linear_rows_report_the_median_of_per_round_ratios(monkeypatch):
     assert len(by["fused"].extra["round_ratios"]) == 3 and "rounds" in by["fused"].note
 
 
+def test_decode_rows_are_timed_in_interleaved_rounds(monkeypatch):
+    """Decode rows (inference, host-bound and noisy) take the same rounds as the other cases: each
+    callable timed once per round, the ratio the median of the within-round ratios."""
+    cost = {"base": 2.0, "fused": 3.0, "naive": 5.0}
+    modes, timed = [], []
+
+    def fake_build(case, impls):
+        assert case.p == 0.0 and set(impls) == {"base", "fused", "naive"}
+        x, dy = torch.zeros(case.M, case.K), torch.zeros(case.M, case.N)
+        return x, dy, {impl: ((lambda x, impl=impl: impl), []) for impl in impls}
+
+    def timer(fn, *args, **kwargs):
+        timed.append(fn())
+        return cost[timed[-1]] * (1 + 0.1 * len(timed))  # a clock that drifts
+
+    monkeypatch.setattr(LB, "build", fake_build)
+    monkeypatch.setattr(LB, "step_fn", lambda fwd, params, x, dy, mode: modes.append(mode) or (lambda: fwd(x)))
+    monkeypatch.setattr(LB, "gpu_time_ms", timer)
+    monkeypatch.setattr(LB, "graph_time_ms", timer)
+    rows = LB.time_decode(16, 8, 8, 2, rounds=4)
+    assert set(modes) == {"infer"}
+    assert {r.case for r in rows} == {"16x8->8 r2 p0 decode"} and {r.impl for r in rows} == {"base", "fused", "naive"}
+    assert timed.count("fused") == 8  # 4 eager rounds, 4 graph rounds
+    by = {r.impl: r for r in rows}
+    assert len(by["fused"].extra["round_ratios"]) == 4 and len(by["naive"].extra["graph_round_ratios"]) == 4
+    assert 1.3 < by["fused"].ratio < 1.7 and 2.2 < by["naive"].ratio < 2.8  # 1.5x and 2.5x, drift within rounds
+
+
 def test_grid_shards_partition_the_grid_and_mix_sizes():
     grid = list(LB.full_grid())
     assert len(grid) == 3 * 6 * 3 * 3  # M x (K, N) x r x p, the issue's grid

@@ -14,7 +14,7 @@ in ROUNDS interleaved rounds (every implementation once per round, the order rot
 to the base taken within each round, and the note gives the rounds' range. "kept" is the memory
 one training forward leaves allocated (output + what autograd saved), the quantity the issue bounds
 by base + M * r * 4 bytes.
-Decode rows time inference (torch.no_grad, p = 0) at small M.
+Decode rows time inference (torch.no_grad, p = 0) at small M, in 5 interleaved rounds (see time_decode).
 """
 from __future__ import annotations
 
@@ -153,7 +153,8 @@ def time_case(case: Case, modes=("fwd", "fwd+bwd"), impls=IMPLS, warmup_ms=10, r
                                                  if impl != "base" else "")
             if impl != "base":
                 note += f"{'; ' if note else ''}eager rounds {min(q):.2f}-{max(q):.2f}"
-            rows.append(Row("linear", f"{case.name} {mode}", impl, statistics.median(eager[impl]),
+            rows.append(Row("linear", f"{case.name} {'decode' if mode == 'infer' else mode}", impl,
+                            statistics.median(eager[impl]),
                             statistics.median(q), note,
                             {"graph_ms": g_ms, "graph_ratio": g_ratio, "rounds_ms": eager[impl], "round_ratios": q,
                              "graph_rounds_ms": g, "graph_round_ratios": gq}))
@@ -170,19 +171,12 @@ def time_case(case: Case, modes=("fwd", "fwd+bwd"), impls=IMPLS, warmup_ms=10, r
     return rows
 
 
-def time_decode(M, K, N, r) -> list[Row]:
-    case = Case(M, K, N, r, 0.0)
-    x, dy, fns = build(case, impls=("base", "fused", "naive"))
-    base_fn = step_fn(*fns["base"], x, dy, "infer")
-    base_ms, base_g = gpu_time_ms(base_fn), graph_time_ms(base_fn)
-    rows = [Row("linear", f"{case.name} decode", "base", base_ms, 1.0, f"graph {base_g:.4f} ms" if base_g else "")]
-    for impl in ("fused", "naive"):
-        fn = step_fn(*fns[impl], x, dy, "infer")
-        ms, g = gpu_time_ms(fn), graph_time_ms(fn)
-        rows.append(Row("linear", f"{case.name} decode", impl, ms, ms / base_ms,
-                        f"graph {g:.4f} ms ({g / base_g:.2f}x)" if g and base_g else "",
-                        {"graph_ms": g, "graph_ratio": g / base_g if g and base_g else None}))
-    return rows
+def time_decode(M, K, N, r, rounds: int = 5) -> list[Row]:
+    """Decode rows: inference (torch.no_grad, p = 0) of base, fused and naive, timed like the other
+    cases in interleaved rounds (more of them: an eager call of a few rows is host-bound, and one
+    timing of it moved by up to 2x between calls, e.g. naive 0.082-0.136 ms at 1 x 4096 -> 4096)."""
+    return time_case(Case(M, K, N, r, 0.0), modes=("infer",), impls=("fused", "naive"), with_memory=False,
+                     rounds=rounds)
 
 
 def full_grid():
