@@ -640,6 +640,7 @@ def test_balanced_grid_keeps_the_busiest_cta_and_frees_the_rest(sms):
         assert -(-tiles // g) == rounds, (tiles, sms, g)
         assert g == 1 or -(-tiles // (g - 1)) > rounds, (tiles, sms, g)
     assert op_mod._balanced_grid(512, 132) == 128  # 8192 x 4096 in 128 x 256 tiles: 4 each, 4 SMs free
+    assert op_mod._balanced_grid(0, sms) == 0  # an empty output: no CTAs, as min(tiles, sms) gave
 
 
 @pytest.mark.gpu

@@ -1378,7 +1378,7 @@ def _balanced_grid(tiles: int, sms: int) -> int:
     so that the SMs left over are free for the whole kernel rather than for its last round only
     (512 tiles on 132 SMs: 128 CTAs of 4 tiles, 4 SMs free for the dA pass beside it; alone it did
     not move the step time, with the dA pass's last-program wait it takes ~1% off)."""
-    return _cdiv(tiles, _cdiv(tiles, sms))
+    return _cdiv(tiles, _cdiv(tiles, sms)) if tiles > 0 else 0  # (no tiles: no CTAs, as min(tiles, sms))
 
 
 def _lora_dgrad_ws(dy, weight, Gs, Aq, p: float, seed, cfg: tuple[int, int] | None = None,
