@@ -106,10 +106,10 @@ def _builds(ranks=(16, 64, 128, 256), dtypes=(("bf16", "bf16"), ("bf16", "fp32")
                    {"HAS_BIAS": True, "GROUP_M": L._GEMM_GROUP_M, "STAGES": stages, "num_warps": 8})
             # the dgrad (masked: the mask bits loaded beside the LoRA slot), in the same two configs
             blocks = {"dy_desc": [128, 64], "w_desc": [64, 256], "l_desc": [128, BR], "r_desc": [BR, 256],
-                      "y_desc": [128, 256 // split]}
+                      "y_desc": [64, 256 // split]}  # (one MMA warpgroup's half of a tile)
             ptrs = {**_gluon_descs(blocks, xdt), **_gluon_descs({"m_desc": [4, 256]}, "i32")}
             yield ("dgrad_ws", R, xdt, adt, one_wave, c, ptrs,
-                   {"MASKED": True, "GROUP_M": L._GEMM_GROUP_M, "STAGES": stages, "TRIGGER": True, "num_warps": 8})
+                   {"MASKED": True, "GROUP_M": L._GEMM_GROUP_M, "STAGES": stages, "TRIGGER": True, "num_warps": 4})
 
     tma_ranks = sorted({R for R in ranks if R <= L._TMA_SHRINK_MAX_RANK} | {L._TMA_SHRINK_MAX_RANK})
     for R, (xdt, adt), drop in itertools.product(tma_ranks, dtypes, (False, True)):
@@ -172,8 +172,9 @@ def _compile(build):
     kernel = getattr(L, KERNELS[name])
     if name in ("gemm_ws", "dgrad_ws", "da_gluon"):  # Gluon: its own source type
         src = GluonASTSource(kernel, _signature(kernel, ptrs, consts), constexprs=consts)
-        # the GEMMs as launched: 12 warps at 168 registers
-        options = {"num_warps": cfg.num_warps} if name == "da_gluon" else {"num_warps": 8, "maxnreg": 168}
+        # the GEMMs as launched: 12 warps at 168 registers (the dgrad's default partition: 4 of them)
+        options = ({"num_warps": cfg.num_warps} if name == "da_gluon" else
+                   {"num_warps": 4 if name == "dgrad_ws" else 8, "maxnreg": 168})
     else:
         sig, consts, attrs = _specialized(kernel, name, drop, _signature(kernel, ptrs, consts), consts)
         src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)

@@ -20,7 +20,14 @@ H100, graph us, ratio to cuBLAS F.linear in the same rounds (benchmarks/probe_gl
 8192 x 4096 -> 4096 0.998x (Triton kernel 1.076x), 8192 x 1024 -> 1024 1.033x (1.115x), 8192 x
 2048 -> 512 1.011x (1.096x).
 
-The dgrad, dx = dy @ W + keep * (Gs @ A) (lora_dgrad_ws_kernel), has the same tiles and load warp.
+The dgrad, dx = dy @ W + keep * (Gs @ A) (lora_dgrad_ws_kernel), has the same tiles and load warp,
+and its two MMA warpgroups are partitions of their own (4 warps each, 64 rows of every tile): each
+waits for and hands back the ring's slots by itself, so one's tile end (the store) and start (the
+masked LoRA term) need not wait for the other's. H100, r16, graph us per training step against one
+8-warp partition, same process, 8 interleaved rounds: 8192 x 1024 -> 1024 p0.05 94.4 vs 95.9, p0
+82.9 vs 83.7; 8192 x 2048 -> 512 p0.05 111.5 vs 111.9, p0 94.1 vs 95.0 (6 rounds in an earlier call:
+-0.5 and -1.2 us at p0.05); at 8192 x 4096 -> 4096 p0.05 within the rounds' spread of +-40 us
+(medians +12.1 us over 8 rounds, -6.9 and +2.9 over 12). dx is bitwise the same.
 The load warp brings each tile's dropout mask as bits (4 KB, drawn beforehand by
 lora_linear._mask_bits_kernel) beside its LoRA operands; a tile starts with its LoRA term, masked
 in registers, and the main loop accumulates onto it. The mask used to be drawn here, by two warps
@@ -140,16 +147,19 @@ if HAS_GLUON:
             t += 1
 
     @gluon.jit
-    def _mma_steps(acc, a_bufs, w_bufs, ready, empty, i, k_steps, W_KMAJOR: gl.constexpr = True):
+    def _mma_steps(acc, a_bufs, w_bufs, ready, empty, i, k_steps, W_KMAJOR: gl.constexpr = True,
+                   ROW0: gl.constexpr = 0, ROWS: gl.constexpr = 0):
         """acc + the tile's k_steps ring slots, a [BM, BK] @ (W [BN, BK]^T or W [BK, BN]) each, as the
         MMA warps run them: one MMA in flight, each slot handed back to the load warp as its MMA retires.
+        ROWS > 0: a's rows ROW0 .. ROW0 + ROWS - 1 only (one warpgroup's share of the tile).
         i: the ring step counter over the CTA's tiles; returns (acc, i advanced by k_steps)."""
         STAGES: gl.constexpr = a_bufs.shape[0]
         for kk in range(k_steps):
             s = i % STAGES
             mbarrier.wait(ready.index(s), (i // STAGES) & 1)
             w = w_bufs.index(s).permute((1, 0)) if W_KMAJOR else w_bufs.index(s)
-            acc = warpgroup_mma(a_bufs.index(s), w, acc, is_async=True)
+            a = a_bufs.index(s).slice(ROW0, ROWS) if ROWS > 0 else a_bufs.index(s)
+            acc = warpgroup_mma(a, w, acc, is_async=True)
             # the previous step's MMA has retired now: its slot goes back to the load warp
             acc = warpgroup_mma_wait(1, deps=(acc, ))
             mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), pred=kk > 0)
@@ -168,25 +178,26 @@ if HAS_GLUON:
         return gl.cdiv(a_desc.shape[0], BM), gl.cdiv(n_out, BN), gl.cdiv(a_desc.shape[1], BK)
 
     @gluon.jit
-    def _ring(a_desc, w_desc, l_desc, r_desc, y_desc, STAGES: gl.constexpr):
+    def _ring(a_desc, w_desc, l_desc, r_desc, y_desc, STAGES: gl.constexpr, CONSUMERS: gl.constexpr):
         """Both kernels' shared memory: a STAGES-deep ring of x (dy) and W tiles, the LoRA slot (L, and
-        B or A), the output tile, and their barriers (ready / empty per stage, l_ready / l_empty)."""
+        B or A), an output buffer per consumer partition ([CONSUMERS] + y's block), and their barriers
+        (ready / empty per stage, l_ready / l_empty; empty and l_empty count one arrival per consumer)."""
         dt: gl.constexpr = a_desc.dtype
         a_bufs = gl.allocate_shared_memory(dt, [STAGES] + a_desc.block_type.shape, a_desc.layout)
         w_bufs = gl.allocate_shared_memory(dt, [STAGES] + w_desc.block_type.shape, w_desc.layout)
         l_buf = gl.allocate_shared_memory(dt, l_desc.block_type.shape, l_desc.layout)
         r_buf = gl.allocate_shared_memory(dt, r_desc.block_type.shape, r_desc.layout)
-        c_smem = gl.allocate_shared_memory(dt, y_desc.block_type.shape, y_desc.layout)
+        c_bufs = gl.allocate_shared_memory(dt, [CONSUMERS] + y_desc.block_type.shape, y_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         l_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         l_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         for s in gl.static_range(STAGES):
             mbarrier.init(ready.index(s), count=1)
-            mbarrier.init(empty.index(s), count=1)
+            mbarrier.init(empty.index(s), count=CONSUMERS)
         mbarrier.init(l_ready, count=1)
-        mbarrier.init(l_empty, count=1)
-        return a_bufs, w_bufs, l_buf, r_buf, c_smem, ready, empty, l_ready, l_empty
+        mbarrier.init(l_empty, count=CONSUMERS)
+        return a_bufs, w_bufs, l_buf, r_buf, c_bufs, ready, empty, l_ready, l_empty
 
     @gluon.jit
     def _mma_partition(y_desc, bias_ptr, a_bufs, w_bufs, l_buf, b_buf, c_smem, ready, empty, l_ready, l_empty,
@@ -228,11 +239,11 @@ if HAS_GLUON:
         """y = x @ W.T + L @ B.T + bias: persistent (one CTA per SM), a load warp beside 8 MMA warps.
         L and B are in x's dtype (L = the shrink's s S, rounded); R past the data reads as zeros."""
         num_m, num_n, k_steps = _tiles(a_desc, N_OUT, w_desc.block_type.shape[0], num_warps)
-        a_bufs, w_bufs, l_buf, b_buf, c_smem, ready, empty, l_ready, l_empty = _ring(a_desc, w_desc, l_desc, b_desc,
-                                                                                     y_desc, STAGES)
+        a_bufs, w_bufs, l_buf, b_buf, c_bufs, ready, empty, l_ready, l_empty = _ring(a_desc, w_desc, l_desc, b_desc,
+                                                                                     y_desc, STAGES, 1)
 
         gl.warp_specialize([
-            (_mma_partition, (y_desc, bias_ptr, a_bufs, w_bufs, l_buf, b_buf, c_smem, ready, empty, l_ready, l_empty,
+            (_mma_partition, (y_desc, bias_ptr, a_bufs, w_bufs, l_buf, b_buf, c_bufs.index(0), ready, empty, l_ready, l_empty,
                               N_OUT, num_m, num_n, k_steps, HAS_BIAS, GROUP_M, num_warps)),
             (_load_partition, (a_desc, w_desc, l_desc, b_desc, l_desc, a_bufs, w_bufs, l_buf, b_buf, l_buf, ready,
                                empty, l_ready, l_empty, num_m, num_n, k_steps, GROUP_M, False, False)),
@@ -242,78 +253,91 @@ if HAS_GLUON:
     # The dgrad: dx = dy @ W + keep * (Gs @ A), the mask's bits loaded beside the LoRA operands
     # ------------------------------------------------------------------------------------------
     @gluon.jit
-    def _dgrad_mma_partition(y_desc, a_bufs, w_bufs, l_buf, r_buf, m_buf, c_smem, ready, empty, l_ready, l_empty,
-                             num_m, num_n, k_steps, MASKED: gl.constexpr, GROUP_M: gl.constexpr,
+    def _dgrad_mma_partition(y_desc, a_bufs, w_bufs, l_buf, r_buf, m_buf, c_bufs, ready, empty, l_ready, l_empty,
+                             num_m, num_n, k_steps, HALF: gl.constexpr, MASKED: gl.constexpr, GROUP_M: gl.constexpr,
                              num_warps: gl.constexpr):
-        """The default partition, 8 warps: each tile starts with its LoRA term, acc = Gs [BM, BR] @
-        A [BR, BN] (one MMA from shared memory), masked in registers from m_buf's bits, and then
-        accumulates the main loop's dy @ W onto it: the mask touches the LoRA term only, at no
-        register cost beside the accumulator. m_buf [4, BM H] (H = BN / 128) holds word (q, r, h)
-        at q BM H + r H + h, bit jj + 16 b = keep(row r, column 128 h + 8 jj + 2 q + b) of the tile
-        (lora_linear._mask_bits_kernel): in the wgmma accumulator a thread with lane % 4 = q holds
-        columns 8 J + 2 q + {0, 1}: its 64 columns of a row are in 2 words, one per 128-column half."""
+        """One MMA warpgroup: rows HALF * BM / 2 .. of every tile. Each tile starts with its LoRA term,
+        acc = Gs [BM / 2, BR] @ A [BR, BN] (one MMA from shared memory), masked in registers from
+        m_buf's bits, and then accumulates the main loop's dy @ W onto it: the mask touches the LoRA
+        term only, at no register cost beside the accumulator. m_buf [4, BM H] (H = BN / 128) holds
+        word (q, r, h) at q BM H + r H + h, bit jj + 16 b = keep(row r, column 128 h + 8 jj + 2 q + b)
+        of the tile (lora_linear._mask_bits_kernel): in the wgmma accumulator a thread with lane % 4 = q
+        holds columns 8 J + 2 q + {0, 1}: its 64 columns of a row are in 2 words, one per 128-column
+        half. The two warpgroups are partitions of their own and hand ring slots back on their own
+        (the slots' barriers count both), so one's tile end (the store) and start (LoRA term, mask)
+        can run while the other's MMAs keep the tensor cores busy."""
         BM: gl.constexpr = a_bufs.shape[1]
+        HM: gl.constexpr = BM // 2
         BN: gl.constexpr = w_bufs.shape[2]
         H: gl.constexpr = BN // 128
         dt: gl.constexpr = y_desc.dtype
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                              instr_shape=[16, BN, 16])
-        zeros = gl.zeros([BM, BN], gl.float32, acc_layout)
+        zeros = gl.zeros([HM, BN], gl.float32, acc_layout)
         # the accumulator viewed as [q, r, h, jj, b] (column 128 h + 8 jj + 2 q + b): a renaming
-        p5: gl.constexpr = zeros.reshape([BM, H, 16, 4, 2]).permute((3, 0, 1, 2, 4)).type.layout
-        words_layout: gl.constexpr = gl.SliceLayout(3, gl.SliceLayout(4, p5))  # [4, BM, H]
+        p5: gl.constexpr = zeros.reshape([HM, H, 16, 4, 2]).permute((3, 0, 1, 2, 4)).type.layout
+        words_layout: gl.constexpr = gl.SliceLayout(3, gl.SliceLayout(4, p5))  # [4, HM, H]
         jj = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(0, gl.SliceLayout(0, gl.SliceLayout(4, p5)))))
         bb = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(0, gl.SliceLayout(0, gl.SliceLayout(0, p5)))))
         jj5 = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(jj, 0), 0), 0), 4)  # [1, 1, 1, 16, 1]
         bb5 = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(bb, 0), 0), 0), 0)  # [1, 1, 1, 1, 2]
         shift = jj5 + 16 * bb5  # [1, 1, 1, 16, 2]: the bit of column (jj, b) in its word
+        l_half = l_buf.slice(HALF * HM, HM)
+        words_half = m_buf._reinterpret(gl.int32, [4, BM, H], gl.SwizzledSharedLayout(1, 1, 1, order=[2, 1, 0])).slice(
+            HALF * HM, HM, dim=1)
         i = 0
         t = 0
         for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
             pid_m, pid_n = _tile_of(tile, num_m, num_n, GROUP_M)
             mbarrier.wait(l_ready, t & 1)
-            acc = warpgroup_mma(l_buf, r_buf, zeros)  # synchronous: the slot is read when it returns
+            acc = warpgroup_mma(l_half, r_buf, zeros)  # synchronous: the slot is read when it returns
             if MASKED:
-                words = m_buf._reinterpret(gl.int32, [4, BM, H], gl.SwizzledSharedLayout(1, 1, 1, order=[2, 1, 0])).load(words_layout)
+                words = words_half.load(words_layout)
             mbarrier.arrive(l_empty)  # the slot (and the mask's bits) may take the next tile's
             if MASKED:
                 keep = ((gl.expand_dims(gl.expand_dims(words, 3), 4) >> shift) & 1) != 0
-                acc5 = gl.where(keep, acc.reshape([BM, H, 16, 4, 2]).permute((3, 0, 1, 2, 4)), 0.0)
-                acc = gl.convert_layout(acc5.permute((1, 2, 3, 0, 4)).reshape([BM, BN]), acc_layout)
+                acc5 = gl.where(keep, acc.reshape([HM, H, 16, 4, 2]).permute((3, 0, 1, 2, 4)), 0.0)
+                acc = gl.convert_layout(acc5.permute((1, 2, 3, 0, 4)).reshape([HM, BN]), acc_layout)
             t += 1
-            acc, i = _mma_steps(acc, a_bufs, w_bufs, ready, empty, i, k_steps, False)
-            _store_tile(y_desc, c_smem, acc.to(dt), pid_m * BM, pid_n * BN)
+            acc, i = _mma_steps(acc, a_bufs, w_bufs, ready, empty, i, k_steps, False, HALF * HM, HM)
+            _store_tile(y_desc, c_bufs.index(HALF), acc.to(dt), pid_m * BM + HALF * HM, pid_n * BN)
         tma.store_wait(pendings=0)
 
     @gluon.jit
     def lora_dgrad_ws_kernel(
         dy_desc, w_desc, l_desc, r_desc, y_desc, m_desc,  # TMA descriptors: dy [M, N] block [BM, BK]; W [N, K] block
                                                           # [BK, BN]; Gs [M, BR] block [BM, BR]; A [R, K] block [BR, BN];
-                                                          # dx [M, K] block [BM, BN / EPI_SPLIT]; MASKED: the mask's
+                                                          # dx [M, K] block [BM / 2, BN / EPI_SPLIT]; MASKED: the mask's
                                                           # bits [tiles * 4, BM BN / 128] int32 block [4, BM BN / 128]
         K_OUT,
         MASKED: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr, TRIGGER: gl.constexpr,
         num_warps: gl.constexpr,
     ):
         """dx = dy @ W + keep * (Gs @ A), Gs = s / (1 - p) * (dy @ B) rounded to dy's dtype (zeros past r),
-        A in dy's dtype: persistent (one CTA per SM), 8 MMA warps beside a warp that issues the TMA
-        loads, which bring each tile's mask bits (4 KB, lora_linear._mask_bits) with its LoRA operands.
+        A in dy's dtype: persistent (one CTA per SM), two MMA warpgroups (each a partition of 4 warps,
+        one the default) beside a warp that issues the TMA loads, which bring each tile's mask bits
+        (4 KB, lora_linear._mask_bits) with its LoRA operands.
         TRIGGER: the next kernel, launched with programmatic dependent launch, may start now (its CTAs
         take SMs as this kernel's CTAs end; see lora_linear._pdl_ok)."""
         if TRIGGER:
             gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
                                       is_pure=False, pack=1)
+        gl.static_assert(num_warps == 4, "the default partition is one of the two MMA warpgroups")
+        BM: gl.constexpr = dy_desc.block_type.shape[0]
+        BK: gl.constexpr = dy_desc.block_type.shape[1]
         BN: gl.constexpr = w_desc.block_type.shape[1]
-        num_m, num_n, k_steps = _tiles(dy_desc, K_OUT, BN, num_warps)
-        a_bufs, w_bufs, l_buf, r_buf, c_smem, ready, empty, l_ready, l_empty = _ring(dy_desc, w_desc, l_desc, r_desc,
-                                                                                     y_desc, STAGES)
+        num_m, num_n, k_steps = gl.cdiv(dy_desc.shape[0], BM), gl.cdiv(K_OUT, BN), gl.cdiv(dy_desc.shape[1], BK)
+        a_bufs, w_bufs, l_buf, r_buf, c_bufs, ready, empty, l_ready, l_empty = _ring(dy_desc, w_desc, l_desc, r_desc,
+                                                                                     y_desc, STAGES, 2)
         m_buf = gl.allocate_shared_memory(gl.int32, m_desc.block_type.shape, m_desc.layout)
         gl.warp_specialize([
-            (_dgrad_mma_partition, (y_desc, a_bufs, w_bufs, l_buf, r_buf, m_buf, c_smem, ready, empty, l_ready,
-                                    l_empty, num_m, num_n, k_steps, MASKED, GROUP_M, num_warps)),
+            (_dgrad_mma_partition, (y_desc, a_bufs, w_bufs, l_buf, r_buf, m_buf, c_bufs, ready, empty, l_ready,
+                                    l_empty, num_m, num_n, k_steps, 0, MASKED, GROUP_M, 4)),
+            (_dgrad_mma_partition, (y_desc, a_bufs, w_bufs, l_buf, r_buf, m_buf, c_bufs, ready, empty, l_ready,
+                                    l_empty, num_m, num_n, k_steps, 1, MASKED, GROUP_M, 4)),
             (_load_partition, (dy_desc, w_desc, l_desc, r_desc, m_desc, a_bufs, w_bufs, l_buf, r_buf, m_buf, ready,
                                empty, l_ready, l_empty, num_m, num_n, k_steps, GROUP_M, True, MASKED)),
-        ], [1], [40])
+        ], [4, 1], [232, 40])
 
     # ------------------------------------------------------------------------------------------
     # The dA pass: dA^T[strip] += (x[rows, strip] * keep)^T @ Gs[rows], x masked in place in shared memory

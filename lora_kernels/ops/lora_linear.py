@@ -1399,14 +1399,14 @@ def _lora_dgrad_ws(dy, weight, Gs, Aq, p: float, seed, cfg: tuple[int, int] | No
     tiles = _cdiv(M, BM) * _cdiv(K_OUT, BN)
     sms = _sm_count_of(dy.device)
     grid = _balanced_grid(tiles, sms) if _DGRAD_BALANCED else min(tiles, sms)
-    stages, epi = cfg or _gluon_gemm_cfg(BR, tiles <= sms)  # (+4 KB of mask bits: 225 KB at r16)
+    stages, epi = cfg or _gluon_gemm_cfg(BR, tiles <= sms)  # (+4 KB of mask bits: 229.7 KB at r16)
     gdt = gl.bfloat16 if dy.dtype == torch.bfloat16 else gl.float16
     _launch(lora_dgrad_ws_kernel, (grid, 1),
             nvmma_desc(dy, [BM, BK], gdt), nvmma_desc(weight, [BK, BN], gdt), nvmma_desc(Gs, [BM, BR], gdt),
-            nvmma_desc(Aq, [BR, BN], gdt), nvmma_desc(out, [BM, BN // epi], gdt),
+            nvmma_desc(Aq, [BR, BN], gdt), nvmma_desc(out, [BM // 2, BN // epi], gdt),
             nvmma_desc(bits, [4, bits.shape[1]], gl.int32), K_OUT,
             MASKED=p > 0, GROUP_M=_GEMM_GROUP_M, STAGES=stages, TRIGGER=trigger,
-            num_warps=8, maxnreg=168)  # 12 warps x 168 registers fill the SM's 64 K; the MMA warps take 232
+            num_warps=4, maxnreg=168)  # 12 warps x 168 registers fill the SM's 64 K; the MMA warpgroups take 232
     return out
 
 
