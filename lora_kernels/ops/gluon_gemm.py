@@ -169,10 +169,9 @@ if HAS_GLUON:
         return acc, i
 
     @gluon.jit
-    def _tiles(a_desc, n_out, BN: gl.constexpr, num_warps: gl.constexpr):
+    def _tiles(a_desc, n_out, BN: gl.constexpr):
         """(row tiles, column tiles, K steps) of out [M, n_out] = a [M, K_RED] @ W in [BM, BN] tiles and
         BK steps, BM x BK a's block: the two Gluon kernels' persistent tile space."""
-        gl.static_assert(num_warps == 8, "two consumer warpgroups of 64 rows")
         BM: gl.constexpr = a_desc.block_type.shape[0]
         BK: gl.constexpr = a_desc.block_type.shape[1]
         return gl.cdiv(a_desc.shape[0], BM), gl.cdiv(n_out, BN), gl.cdiv(a_desc.shape[1], BK)
@@ -238,13 +237,14 @@ if HAS_GLUON:
     ):
         """y = x @ W.T + L @ B.T + bias: persistent (one CTA per SM), a load warp beside 8 MMA warps.
         L and B are in x's dtype (L = the shrink's s S, rounded); R past the data reads as zeros."""
-        num_m, num_n, k_steps = _tiles(a_desc, N_OUT, w_desc.block_type.shape[0], num_warps)
+        gl.static_assert(num_warps == 8, "two consumer warpgroups of 64 rows")
+        num_m, num_n, k_steps = _tiles(a_desc, N_OUT, w_desc.block_type.shape[0])
         a_bufs, w_bufs, l_buf, b_buf, c_bufs, ready, empty, l_ready, l_empty = _ring(a_desc, w_desc, l_desc, b_desc,
                                                                                      y_desc, STAGES, 1)
 
         gl.warp_specialize([
-            (_mma_partition, (y_desc, bias_ptr, a_bufs, w_bufs, l_buf, b_buf, c_bufs.index(0), ready, empty, l_ready, l_empty,
-                              N_OUT, num_m, num_n, k_steps, HAS_BIAS, GROUP_M, num_warps)),
+            (_mma_partition, (y_desc, bias_ptr, a_bufs, w_bufs, l_buf, b_buf, c_bufs.index(0), ready, empty, l_ready,
+                              l_empty, N_OUT, num_m, num_n, k_steps, HAS_BIAS, GROUP_M, num_warps)),
             (_load_partition, (a_desc, w_desc, l_desc, b_desc, l_desc, a_bufs, w_bufs, l_buf, b_buf, l_buf, ready,
                                empty, l_ready, l_empty, num_m, num_n, k_steps, GROUP_M, False, False)),
         ], [1], [40])
@@ -323,10 +323,7 @@ if HAS_GLUON:
             gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
                                       is_pure=False, pack=1)
         gl.static_assert(num_warps == 4, "the default partition is one of the two MMA warpgroups")
-        BM: gl.constexpr = dy_desc.block_type.shape[0]
-        BK: gl.constexpr = dy_desc.block_type.shape[1]
-        BN: gl.constexpr = w_desc.block_type.shape[1]
-        num_m, num_n, k_steps = gl.cdiv(dy_desc.shape[0], BM), gl.cdiv(K_OUT, BN), gl.cdiv(dy_desc.shape[1], BK)
+        num_m, num_n, k_steps = _tiles(dy_desc, K_OUT, w_desc.block_type.shape[1])
         a_bufs, w_bufs, l_buf, r_buf, c_bufs, ready, empty, l_ready, l_empty = _ring(dy_desc, w_desc, l_desc, r_desc,
                                                                                      y_desc, STAGES, 2)
         m_buf = gl.allocate_shared_memory(gl.int32, m_desc.block_type.shape, m_desc.layout)
